@@ -1,0 +1,85 @@
+//! `misp`: the command line of MISP-DPO. One sub-command per pipeline stage (DESIGN.md §1):
+//! `embed -> sae -> mine -> train -> eval`, plus `score`, `world`, `demo` and `bench`.
+//!
+//! This crate only parses arguments, resolves configs and calls the `misp` library; it holds no
+//! method code. Stages that have not landed yet answer with a clear error naming the issue that
+//! brings them, and accept (and ignore) any arguments so the message is what the user sees.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "misp",
+    version,
+    about = "MISP-DPO: align vision-language models with multi-negative image preferences",
+    long_about = "MISP-DPO: multi-negative multimodal Direct Preference Optimization.\n\n\
+        Pipeline: `misp embed` (CLIP embeddings) -> `misp sae train` (sparse autoencoder) -> \
+        `misp mine` (diverse negatives) -> `misp train` (LoRA on LLaVA) -> `misp eval` \
+        (POPE, CHAIR). `misp demo` runs all of it on the synthetic ShapesWorld, on CPU."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Arguments of a stage that has not landed yet: everything is accepted so that the user sees
+/// the "not yet available" message rather than a parse error about a flag.
+#[derive(clap::Args)]
+struct Pending {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    args: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stage 0: CLIP embeddings of an image pool and of preference records.
+    Embed(Pending),
+    /// Stage 1a: train the sparse autoencoder on fused CLIP difference vectors (Eq. 11).
+    Sae(Pending),
+    /// Stage 1b: mine K diverse negative images per record (Eq. 12, Algorithm 1).
+    Mine(Pending),
+    /// Score responses: summed log-probabilities under a LLaVA model (+ adapter).
+    Score(Pending),
+    /// Stage 2: train LoRA on a LLaVA checkpoint with the MISP-DPO objective (Eq. 6-10).
+    Train(Pending),
+    /// Stage 3: hallucination benchmarks (POPE, CHAIR) with per-item audit files.
+    Eval(Pending),
+    /// ShapesWorld: the synthetic world and its tiny CLIP / LLaVA checkpoints.
+    World(Pending),
+    /// Every stage end to end on ShapesWorld, on CPU, with a report.
+    Demo(Pending),
+    /// Speed and memory benchmarks of the stages, printed as tables.
+    Bench(Pending),
+}
+
+impl Command {
+    /// `(sub-command, issue that brings it)` for stages still pending.
+    fn pending(&self) -> Option<(&'static str, u32)> {
+        Some(match self {
+            Command::Embed(_) => ("embed", 4),
+            Command::Sae(_) => ("sae", 3),
+            Command::Mine(_) => ("mine", 3),
+            Command::Score(_) => ("score", 5),
+            Command::Train(_) => ("train", 6),
+            Command::Eval(_) => ("eval", 7),
+            Command::World(_) => ("world", 8),
+            Command::Demo(_) => ("demo", 8),
+            Command::Bench(_) => ("bench", 3),
+        })
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some((name, issue)) = cli.command.pending() {
+        anyhow::bail!("`misp {name}` is not yet available in this version of misp (it arrives with issue #{issue})");
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(err) = run(cli) {
+        eprintln!("misp: error: {err:#}");
+        std::process::exit(1);
+    }
+}
