@@ -1,1 +1,13 @@
+//! `misp`: MISP-DPO, multi-negative multimodal Direct Preference Optimization with
+//! importance sampling over negatives mined by a CLIP + sparse-autoencoder sampler.
+//!
+//! This library holds the method and the models; the `misp` binary (crate `misp-cli`) only
+//! parses arguments and calls in here. Modules follow the pipeline of DESIGN.md §1:
+//!
+//! | stage | module | reads -> writes |
+//! |---|---|---|
+//! | train | [`objective`] | sequence log-probs -> loss, gradient, metrics (Eq. 6-10) |
+//!
+//! Later stages (embed, sae, mine, model, eval, world) arrive as modules of their own.
+
 pub mod objective;
