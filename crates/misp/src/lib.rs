@@ -6,8 +6,10 @@
 //!
 //! | stage | module | reads -> writes |
 //! |---|---|---|
+//! | sae, mine | [`sae`] | CLIP embeddings -> SAE checkpoint; per-candidate reconstruction error and L1 (Eq. 11-12) |
 //! | train | [`objective`] | sequence log-probs -> loss, gradient, metrics (Eq. 6-10) |
 //!
-//! Later stages (embed, sae, mine, model, eval, world) arrive as modules of their own.
+//! Later stages (embed, mine, model, eval, world) arrive as modules of their own.
 
 pub mod objective;
+pub mod sae;

@@ -1,0 +1,858 @@
+//! Training the SAE on the difference vectors of every record's candidate set (Eq. 11).
+//!
+//! Stage: sae (`misp sae train`). Reads a [`TrainingSet`] (embeddings the CLI has loaded),
+//! writes into `out_dir`: the SAE (`model.safetensors` + `config.json`, after every epoch),
+//! `metrics.jsonl` (one [`EpochMetrics`] object per epoch) and the resume state
+//! (`train_state.safetensors`: parameters, Adam moments, epoch and step counters;
+//! `train_state.json`: the run's configs and data shape, checked on resume).
+//!
+//! The loop: fix the input scale from the data, initialise (or resume), then per epoch shuffle
+//! the records with a seed derived from `(seed, epoch)`, and per batch of records compute the
+//! Eq. 11 loss and its factorised gradient ([`super::factor`]), stop on NaN/Inf, take an Adam
+//! step, log, checkpoint. Because the shuffle depends only on the seed and epoch, and the
+//! checkpoint holds every bit of state, a resumed run ends with the same weights as an
+//! uninterrupted one.
+
+use std::cell::RefCell;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use super::factor::{self, Batch, DecoderGram, Params};
+use super::io::{self, TensorFile};
+use super::{Result, Sae, SaeConfig, SaeError};
+
+/// A latent "fires" on a pair when `z > 0.5` (sigmoid latents are never exactly 0, so L0 needs
+/// a threshold). Used by mean L0, the dead fraction and the firing histogram.
+pub const FIRING_THRESHOLD: f64 = 0.5;
+
+/// Upper edges of the firing-frequency histogram's bins after the first: bin 0 counts latents
+/// that never fired in the epoch, bin `k` (1..=5) those with frequency below
+/// `HISTOGRAM_EDGES[k-1]` (and at least the previous edge), bin 6 those at `1e-1` or above.
+pub const HISTOGRAM_EDGES: [f64; 5] = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1];
+
+const METRICS_FILE: &str = "metrics.jsonl";
+const STATE_TENSORS: &str = "train_state.safetensors";
+const STATE_JSON: &str = "train_state.json";
+const STATE_FORMAT: u32 = 1;
+
+/// Embeddings to train on: every record's positive and prompt, and the rows of the pool that
+/// form its candidate set. All `f32`, row-major, `d` columns.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainingSet<'a> {
+    /// `[N_pool, d]` candidate image embeddings.
+    pub pool: &'a [f32],
+    /// `[R, d]` prompt (text) embeddings `t`.
+    pub prompts: &'a [f32],
+    /// `[R, d]` positive image embeddings `p`.
+    pub positives: &'a [f32],
+    /// Per record, its candidates as rows of `pool`. Records with none are skipped.
+    pub candidates: &'a [Vec<u32>],
+    pub d: usize,
+}
+
+impl TrainingSet<'_> {
+    /// Number of records `R`.
+    pub fn records(&self) -> usize {
+        self.candidates.len()
+    }
+
+    /// Number of (record, candidate) pairs.
+    pub fn pairs(&self) -> usize {
+        self.candidates.iter().map(Vec::len).sum()
+    }
+
+    /// Lengths agree with `d` and `R`, candidate rows exist, every value is finite.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let d = self.d;
+        if d == 0 {
+            return Err(SaeError::Data("`d` is 0".into()));
+        }
+        let r = self.records();
+        let check = |field: &'static str, v: &[f32], rows: Option<usize>| -> Result<()> {
+            let ok = match rows {
+                Some(rows) => v.len() == rows * d,
+                None => v.len() % d == 0,
+            };
+            if !ok {
+                return Err(SaeError::InputLength {
+                    field,
+                    got: v.len(),
+                    expected: match rows {
+                        Some(rows) => format!("{rows} x {d}"),
+                        None => format!("a multiple of {d}"),
+                    },
+                });
+            }
+            if let Some(row) = v
+                .chunks_exact(d)
+                .position(|x| x.iter().any(|a| !a.is_finite()))
+            {
+                return Err(SaeError::NonFiniteInput { field, row });
+            }
+            Ok(())
+        };
+        check("pool", self.pool, None)?;
+        check("prompts", self.prompts, Some(r))?;
+        check("positives", self.positives, Some(r))?;
+        let pool = self.pool.len() / d;
+        for (record, cands) in self.candidates.iter().enumerate() {
+            if let Some(&index) = cands.iter().find(|&&i| i as usize >= pool) {
+                return Err(SaeError::CandidateIndex {
+                    record,
+                    index,
+                    pool,
+                });
+            }
+        }
+        if self.pairs() == 0 {
+            return Err(SaeError::Data(
+                "no record has a candidate: nothing to train on".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Optimisation settings of `misp sae train`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SaeTrainConfig {
+    /// Total epochs; a resumed run continues up to this number.
+    pub epochs: usize,
+    /// Records per Adam step (each brings its whole candidate set, 256 pairs by default).
+    /// Per-step cost has a part that does not shrink with the batch (`G = D D^T`, `S D`, Adam
+    /// over `2 H d^2` weights), so 32-64 records keeps it small against the pairs' GEMMs.
+    pub batch_records: usize,
+    /// Adam learning rate. In parameter units: weights start at `O(1/d)`, so the default suits
+    /// `d` in 512-768; tiny `d` wants a larger rate.
+    pub lr: f64,
+    pub seed: u64,
+    /// `H`.
+    pub hidden: usize,
+    /// `gamma` and `rho` of Eq. 11.
+    pub gamma: f64,
+    pub rho: f64,
+    /// Adam's `beta1`, `beta2`, `eps` (PyTorch's defaults).
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+impl Default for SaeTrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 10,
+            batch_records: 64,
+            lr: 1e-4,
+            seed: 0,
+            hidden: 128,
+            gamma: 1.0,
+            rho: 0.05,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+}
+
+impl SaeTrainConfig {
+    /// Equal in everything that shapes the trajectory (all but `epochs`), or the first field
+    /// that differs.
+    fn differs_from(&self, other: &Self) -> Option<&'static str> {
+        let pairs: [(&'static str, bool); 9] = [
+            ("batch_records", self.batch_records == other.batch_records),
+            ("lr", self.lr == other.lr),
+            ("seed", self.seed == other.seed),
+            ("hidden", self.hidden == other.hidden),
+            ("gamma", self.gamma == other.gamma),
+            ("rho", self.rho == other.rho),
+            ("beta1", self.beta1 == other.beta1),
+            ("beta2", self.beta2 == other.beta2),
+            ("eps", self.eps == other.eps),
+        ];
+        pairs.iter().find(|(_, same)| !same).map(|(name, _)| *name)
+    }
+}
+
+/// One line of `metrics.jsonl`: what a modern SAE library logs, over one epoch's batches
+/// (measured with the weights of the moment, as the epoch went).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// 1-based.
+    pub epoch: usize,
+    /// Mean over pairs of the batch loss of Eq. 11 (each batch weighted by its pairs).
+    pub loss: f64,
+    /// Mean over pairs of `||x - x_hat||^2`.
+    pub recon: f64,
+    /// Fraction of variance unexplained: `sum recon / sum ||x - mean x||^2`, the mean over all
+    /// training pairs (centred, as SAE libraries report it).
+    pub fvu: f64,
+    /// Mean number of latents with `z > FIRING_THRESHOLD` per pair.
+    pub mean_l0: f64,
+    /// Mean of `z` over pairs and latents (the average `rho_hat`).
+    pub mean_activation: f64,
+    /// Mean over batches (pair-weighted) of `sum_j KL(rho || rho_hat_j)`, without `gamma`.
+    pub kl: f64,
+    /// Share of latents that never exceeded `FIRING_THRESHOLD` in the epoch.
+    pub dead_fraction: f64,
+    /// Latents per firing-frequency bin (see [`HISTOGRAM_EDGES`]; 7 bins).
+    pub activation_histogram: Vec<u64>,
+    /// The bin edges, repeated so that each line explains itself.
+    pub histogram_edges: Vec<f64>,
+    pub steps: usize,
+    pub pairs: usize,
+    pub seconds: f64,
+}
+
+/// `train_state.json`: what a resumed run must agree with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct StateFile {
+    format: u32,
+    train: SaeTrainConfig,
+    sae: SaeConfig,
+    records: usize,
+    pairs: usize,
+    /// Informational; the authoritative counter is in `train_state.safetensors`.
+    epochs_done: usize,
+}
+
+/// Fixed facts about the training data.
+struct DataStats {
+    input_scale: f64,
+    /// `sum_i ||x_i - mean x||^2` at the chosen scale, the FVU denominator.
+    total_variance: f64,
+}
+
+/// The input scale `s` and the FVU denominator, exactly (in `f64`, over all pairs).
+///
+/// `s = 1 / sqrt(mean_i ||p_r - v_i||^2 ||t_r||^2)`, so that `mean ||x||^2 = 1` and the
+/// reconstruction term of Eq. 11 is `O(1)` against the KL term whatever the embeddings' norm.
+/// The mean `x` is `(s/N) sum_r w_r t_r^T` with `w_r = sum_{i in r} (p_r - v_i)`.
+fn data_stats(data: &TrainingSet<'_>) -> Result<DataStats> {
+    let d = data.d;
+    let r_count = data.records();
+    let mut sum_sq = 0.0;
+    let mut w = vec![0.0f64; r_count * d];
+    for (r, cands) in data.candidates.iter().enumerate() {
+        let p = &data.positives[r * d..(r + 1) * d];
+        let t = &data.prompts[r * d..(r + 1) * d];
+        let tn: f64 = t.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+        let w_r = &mut w[r * d..(r + 1) * d];
+        for &i in cands {
+            let v = &data.pool[i as usize * d..(i as usize + 1) * d];
+            let mut un = 0.0;
+            for ((&pa, &va), wa) in p.iter().zip(v).zip(w_r.iter_mut()) {
+                let ua = f64::from(pa) - f64::from(va);
+                un += ua * ua;
+                *wa += ua;
+            }
+            sum_sq += un * tn;
+        }
+    }
+    let pairs = data.pairs();
+    let mean_sq = sum_sq / pairs as f64;
+    if !(mean_sq > 0.0 && mean_sq.is_finite()) {
+        return Err(SaeError::Data(format!(
+            "mean ||p - v||^2 ||t||^2 over the pairs is {mean_sq}: every candidate equals its positive or every prompt is zero"
+        )));
+    }
+    let input_scale = 1.0 / mean_sq.sqrt();
+    let w = Tensor::from_vec(w, (r_count, d), &Device::Cpu)?;
+    let t: Vec<f64> = data.prompts.iter().map(|&x| f64::from(x)).collect();
+    let t = Tensor::from_vec(t, (r_count, d), &Device::Cpu)?;
+    let mean_unscaled = w.t()?.matmul(&t)?; // N * mean x / s
+    let m_sq = mean_unscaled.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    // sum ||x||^2 = N at this scale; sum ||x - mean||^2 = sum ||x||^2 - N ||mean||^2.
+    let total_variance = pairs as f64 - input_scale * input_scale * m_sq / pairs as f64;
+    Ok(DataStats {
+        input_scale,
+        total_variance,
+    })
+}
+
+/// Adam (Kingma & Ba, PyTorch's form with bias correction), `f32` moments, updating the
+/// parameter tensors in place.
+struct Adam {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    step: u64,
+    /// First and second moments of encoder, encoder bias, decoder, decoder bias.
+    m: [Vec<f32>; 4],
+    v: [Vec<f32>; 4],
+}
+
+const PARAM_NAMES: [&str; 4] = ["encoder", "encoder_bias", "decoder", "decoder_bias"];
+
+fn param_tensors(p: &Params) -> [&Tensor; 4] {
+    [&p.encoder, &p.encoder_bias, &p.decoder, &p.decoder_bias]
+}
+
+fn grad_tensors(g: &factor::Gradients) -> [&Tensor; 4] {
+    [&g.encoder, &g.encoder_bias, &g.decoder, &g.decoder_bias]
+}
+
+impl Adam {
+    fn new(cfg: &SaeTrainConfig, params: &Params) -> Self {
+        let zeros = |t: &Tensor| vec![0.0f32; t.elem_count()];
+        let p = param_tensors(params);
+        Self {
+            lr: cfg.lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            step: 0,
+            m: p.map(zeros),
+            v: p.map(zeros),
+        }
+    }
+
+    /// One step. Returns `false` (and leaves the parameters partly updated, to be discarded)
+    /// when a gradient holds NaN or Inf.
+    fn step(&mut self, params: &Params, grads: &factor::Gradients) -> Result<bool> {
+        self.step += 1;
+        let t = self.step as f64;
+        let bc1 = 1.0 - self.beta1.powf(t);
+        let bc2 = 1.0 - self.beta2.powf(t);
+        let coefs = AdamCoefs {
+            beta1: self.beta1 as f32,
+            beta2: self.beta2 as f32,
+            step_size: (self.lr / bc1) as f32,
+            inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+            eps: self.eps as f32,
+        };
+        let mut finite = true;
+        for (((p, g), m), v) in param_tensors(params)
+            .into_iter()
+            .zip(grad_tensors(grads))
+            .zip(self.m.iter_mut())
+            .zip(self.v.iter_mut())
+        {
+            let g = g.to_dtype(DType::F32)?.contiguous()?;
+            let (storage, layout) = g.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                return Err(
+                    candle_core::Error::Msg("the SAE trains on the CPU device".into()).into(),
+                );
+            };
+            let (lo, hi) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("gradient is not contiguous".into()))?;
+            let grad = &cpu.as_slice::<f32>()?[lo..hi];
+            let op = AdamUpdate {
+                grad,
+                m: RefCell::new(m),
+                v: RefCell::new(v),
+                coefs,
+                finite: RefCell::new(true),
+            };
+            p.inplace_op1(&op)?;
+            finite &= *op.finite.borrow();
+        }
+        Ok(finite)
+    }
+
+    fn to_tensors(&self, params: &Params) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (((name, p), m), v) in PARAM_NAMES
+            .iter()
+            .zip(param_tensors(params))
+            .zip(&self.m)
+            .zip(&self.v)
+        {
+            out.push((
+                format!("adam.exp_avg.{name}"),
+                Tensor::from_slice(m, p.shape(), &Device::Cpu)?,
+            ));
+            out.push((
+                format!("adam.exp_avg_sq.{name}"),
+                Tensor::from_slice(v, p.shape(), &Device::Cpu)?,
+            ));
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct AdamCoefs {
+    beta1: f32,
+    beta2: f32,
+    step_size: f32,
+    inv_sqrt_bc2: f32,
+    eps: f32,
+}
+
+/// The Adam update of one parameter, applied in place to its tensor's storage.
+struct AdamUpdate<'a> {
+    grad: &'a [f32],
+    m: RefCell<&'a mut Vec<f32>>,
+    v: RefCell<&'a mut Vec<f32>>,
+    coefs: AdamCoefs,
+    finite: RefCell<bool>,
+}
+
+impl InplaceOp1 for AdamUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "sae-adam"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(p) = storage else {
+            candle_core::bail!("SAE training keeps its parameters in f32")
+        };
+        let (lo, hi) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("parameter is not contiguous".into()))?;
+        let p = &mut p[lo..hi];
+        let mut m = self.m.borrow_mut();
+        let mut v = self.v.borrow_mut();
+        if p.len() != self.grad.len() || p.len() != m.len() || p.len() != v.len() {
+            candle_core::bail!("adam: parameter, gradient and moments differ in length");
+        }
+        let finite = adam_kernel(p, self.grad, m.as_mut_slice(), v.as_mut_slice(), self.coefs);
+        *self.finite.borrow_mut() = finite;
+        Ok(())
+    }
+}
+
+/// The element-wise update, split over the available cores for large tensors (the result is
+/// the same for any split). Returns whether every gradient entry was finite.
+fn adam_kernel(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamCoefs) -> bool {
+    fn run(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamCoefs) -> bool {
+        let mut finite = true;
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            finite &= g.is_finite();
+            *m = c.beta1 * *m + (1.0 - c.beta1) * g;
+            *v = c.beta2 * *v + (1.0 - c.beta2) * g * g;
+            let denom = v.sqrt() * c.inv_sqrt_bc2 + c.eps;
+            *p -= c.step_size * *m / denom;
+        }
+        finite
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads == 1 || p.len() < 1 << 16 {
+        return run(p, g, m, v, c);
+    }
+    let chunk = p.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = p
+            .chunks_mut(chunk)
+            .zip(g.chunks(chunk))
+            .zip(m.chunks_mut(chunk))
+            .zip(v.chunks_mut(chunk))
+            .map(|(((p, g), m), v)| s.spawn(move || run(p, g, m, v, c)))
+            .collect();
+        handles.into_iter().all(|h| h.join().unwrap_or(false))
+    })
+}
+
+/// Everything that evolves during training.
+struct TrainState {
+    params: Params,
+    adam: Adam,
+    epochs_done: usize,
+}
+
+/// The seed of epoch `epoch`'s shuffle: a fixed function of the run seed, so a resumed run
+/// shuffles exactly as an uninterrupted one.
+fn epoch_seed(seed: u64, epoch: usize) -> u64 {
+    seed ^ (epoch as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Trains the SAE of Eq. 11 on `data` and returns it; see the module docs for the files
+/// written to `out_dir`. `base` supplies `d`, `clip_model` and `normalized`; `hidden`, `gamma`
+/// and `rho` come from `cfg`, and the input scale from the data. If `out_dir` holds the state
+/// of an earlier run with the same configs and data shape, training resumes after its last
+/// completed epoch.
+pub fn train(
+    cfg: &SaeTrainConfig,
+    data: &TrainingSet<'_>,
+    base: SaeConfig,
+    out_dir: &Path,
+    progress: bool,
+) -> Result<Sae> {
+    let (sae_config, stats) = prepare(cfg, data, base)?;
+    std::fs::create_dir_all(out_dir).map_err(|source| SaeError::Io {
+        path: out_dir.to_path_buf(),
+        source,
+    })?;
+    let mut state = match resume(cfg, data, &sae_config, out_dir)? {
+        Some(state) => {
+            tracing::info!(
+                epochs_done = state.epochs_done,
+                "resuming SAE training from {}",
+                out_dir.display()
+            );
+            state
+        }
+        None => {
+            let params = Sae::init(sae_config.clone(), cfg.seed)?.params;
+            TrainState {
+                adam: Adam::new(cfg, &params),
+                params,
+                epochs_done: 0,
+            }
+        }
+    };
+    let metrics_path = out_dir.join(METRICS_FILE);
+    keep_metrics_before(&metrics_path, state.epochs_done + 1)?;
+    if state.epochs_done == 0 && cfg.epochs == 0 {
+        io::save(out_dir, &sae_config, &state.params)?;
+    }
+
+    while state.epochs_done < cfg.epochs {
+        let epoch = state.epochs_done + 1;
+        let metrics = run_epoch(cfg, data, &sae_config, &stats, &mut state, epoch, progress)?;
+        tracing::info!(
+            epoch,
+            loss = metrics.loss,
+            fvu = metrics.fvu,
+            mean_l0 = metrics.mean_l0,
+            dead_fraction = metrics.dead_fraction,
+            seconds = metrics.seconds,
+            "SAE epoch done"
+        );
+        // Metrics first, state last: a crash in between re-runs the epoch, and the resume
+        // drops this line before writing it again.
+        append_metrics(&metrics_path, &metrics)?;
+        state.epochs_done = epoch;
+        io::save(out_dir, &sae_config, &state.params)?;
+        save_state(cfg, data, &sae_config, &state, out_dir)?;
+    }
+    Sae::from_params(sae_config, state.params)
+}
+
+/// Runs one epoch of training in memory, writing nothing: the timing helper of
+/// `misp bench mine` (5,700 records x 256 candidates at `d = 768` on synthetic embeddings).
+/// Starts from [`Sae::init`] with `cfg.seed`.
+pub fn bench_epoch(
+    cfg: &SaeTrainConfig,
+    data: &TrainingSet<'_>,
+    base: SaeConfig,
+    progress: bool,
+) -> Result<EpochMetrics> {
+    let (sae_config, stats) = prepare(cfg, data, base)?;
+    let params = Sae::init(sae_config.clone(), cfg.seed)?.params;
+    let mut state = TrainState {
+        adam: Adam::new(cfg, &params),
+        params,
+        epochs_done: 0,
+    };
+    run_epoch(cfg, data, &sae_config, &stats, &mut state, 1, progress)
+}
+
+/// Validates the inputs and fixes the SAE config (with its input scale).
+fn prepare(
+    cfg: &SaeTrainConfig,
+    data: &TrainingSet<'_>,
+    base: SaeConfig,
+) -> Result<(SaeConfig, DataStats)> {
+    if base.d != data.d {
+        return Err(SaeError::Config {
+            field: "d",
+            problem: format!(
+                "is {} in the SAE config but {} in the training data",
+                base.d, data.d
+            ),
+        });
+    }
+    if cfg.batch_records == 0 {
+        return Err(SaeError::Config {
+            field: "batch_records",
+            problem: "must be positive".into(),
+        });
+    }
+    if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
+        return Err(SaeError::Config {
+            field: "lr",
+            problem: format!("is {}, must be finite and > 0", cfg.lr),
+        });
+    }
+    data.validate()?;
+    let stats = data_stats(data)?;
+    let sae_config = SaeConfig {
+        hidden: cfg.hidden,
+        gamma: cfg.gamma,
+        rho: cfg.rho,
+        input_scale: stats.input_scale,
+        ..base
+    };
+    sae_config.validate()?;
+    Ok((sae_config, stats))
+}
+
+/// One pass over the shuffled records; updates `state.params` and the Adam state.
+fn run_epoch(
+    cfg: &SaeTrainConfig,
+    data: &TrainingSet<'_>,
+    sae_config: &SaeConfig,
+    stats: &DataStats,
+    state: &mut TrainState,
+    epoch: usize,
+    progress: bool,
+) -> Result<EpochMetrics> {
+    let start = Instant::now();
+    let h = sae_config.hidden;
+    let mut order: Vec<usize> = (0..data.records())
+        .filter(|&r| !data.candidates[r].is_empty())
+        .collect();
+    order.shuffle(&mut StdRng::seed_from_u64(epoch_seed(cfg.seed, epoch)));
+    let batches: Vec<&[usize]> = order.chunks(cfg.batch_records).collect();
+
+    let bar = if progress {
+        let style = ProgressStyle::with_template(
+            "sae epoch {prefix} [{bar:30}] {pos}/{len} steps {per_sec} eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        let bar = ProgressBar::new(batches.len() as u64).with_style(style);
+        bar.set_prefix(format!("{epoch}/{}", cfg.epochs));
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let (mut pairs, mut loss_sum, mut kl_sum, mut recon_sum, mut z_total) = (0, 0.0, 0.0, 0.0, 0.0);
+    let mut fired = vec![0u64; h];
+    for (step, records) in batches.iter().enumerate() {
+        let batch = Batch::build(data, records, sae_config.input_scale, DType::F32)?;
+        let gram = DecoderGram::new(&state.params)?;
+        let (b, grads) = factor::loss_and_grads(
+            &state.params,
+            &gram,
+            sae_config.gamma,
+            sae_config.rho,
+            &batch,
+        )?;
+        if !b.loss.is_finite() {
+            return Err(SaeError::Diverged {
+                what: "loss",
+                epoch,
+                step: step + 1,
+            });
+        }
+        if !state.adam.step(&state.params, &grads)? {
+            return Err(SaeError::Diverged {
+                what: "gradient",
+                epoch,
+                step: step + 1,
+            });
+        }
+        pairs += b.pairs;
+        loss_sum += b.loss * b.pairs as f64;
+        kl_sum += b.kl * b.pairs as f64;
+        recon_sum += b.recon_sum;
+        z_total += b.z_sum.iter().sum::<f64>();
+        fired.iter_mut().zip(&b.fired).for_each(|(f, n)| *f += n);
+        bar.set_message(format!("loss {:.4}", b.loss));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    let pf = pairs as f64;
+    let mut histogram = vec![0u64; HISTOGRAM_EDGES.len() + 2];
+    for &f in &fired {
+        let freq = f as f64 / pf;
+        let bin = if f == 0 {
+            0
+        } else {
+            1 + HISTOGRAM_EDGES.iter().filter(|&&e| freq >= e).count()
+        };
+        histogram[bin] += 1;
+    }
+    Ok(EpochMetrics {
+        epoch,
+        loss: loss_sum / pf,
+        recon: recon_sum / pf,
+        fvu: recon_sum / stats.total_variance,
+        mean_l0: fired.iter().sum::<u64>() as f64 / pf,
+        mean_activation: z_total / (pf * h as f64),
+        kl: kl_sum / pf,
+        dead_fraction: fired.iter().filter(|&&f| f == 0).count() as f64 / h as f64,
+        activation_histogram: histogram,
+        histogram_edges: HISTOGRAM_EDGES.to_vec(),
+        steps: batches.len(),
+        pairs,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Writes `train_state.safetensors` (the commit point: parameters, moments, counters) and
+/// then `train_state.json`.
+fn save_state(
+    cfg: &SaeTrainConfig,
+    data: &TrainingSet<'_>,
+    sae_config: &SaeConfig,
+    state: &TrainState,
+    out_dir: &Path,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = PARAM_NAMES
+        .iter()
+        .zip(param_tensors(&state.params))
+        .map(|(name, t)| (format!("param.{name}"), t.clone()))
+        .collect();
+    tensors.extend(state.adam.to_tensors(&state.params)?);
+    tensors.push((
+        "epochs_done".into(),
+        Tensor::new(&[state.epochs_done as i64], &Device::Cpu)?,
+    ));
+    tensors.push((
+        "adam.step".into(),
+        Tensor::new(&[state.adam.step as i64], &Device::Cpu)?,
+    ));
+    let map = tensors
+        .iter()
+        .map(|(k, t)| (k.as_str(), t.clone()))
+        .collect();
+    io::write_safetensors(&out_dir.join(STATE_TENSORS), &map)?;
+    io::write_json(
+        &out_dir.join(STATE_JSON),
+        &StateFile {
+            format: STATE_FORMAT,
+            train: cfg.clone(),
+            sae: sae_config.clone(),
+            records: data.records(),
+            pairs: data.pairs(),
+            epochs_done: state.epochs_done,
+        },
+    )
+}
+
+/// The state of an earlier run in `out_dir`, if there is one, after checking that it belongs
+/// to this run (same configs but `epochs`, same data shape and input scale).
+fn resume(
+    cfg: &SaeTrainConfig,
+    data: &TrainingSet<'_>,
+    sae_config: &SaeConfig,
+    out_dir: &Path,
+) -> Result<Option<TrainState>> {
+    let json_path = out_dir.join(STATE_JSON);
+    let tensors_path = out_dir.join(STATE_TENSORS);
+    if !json_path.exists() || !tensors_path.exists() {
+        return Ok(None);
+    }
+    let file: StateFile = io::read_json(&json_path)?;
+    let mismatch = |reason: String| SaeError::ResumeMismatch {
+        path: json_path.clone(),
+        reason,
+    };
+    if file.format != STATE_FORMAT {
+        return Err(SaeError::Format {
+            path: json_path.clone(),
+            got: file.format,
+            supported: STATE_FORMAT,
+        });
+    }
+    if let Some(field) = cfg.differs_from(&file.train) {
+        return Err(mismatch(format!(
+            "training setting `{field}` differs from the saved run's; use a fresh output folder"
+        )));
+    }
+    if file.records != data.records() || file.pairs != data.pairs() {
+        return Err(mismatch(format!(
+            "the saved run trained on {} records / {} pairs, this data has {} / {}",
+            file.records,
+            file.pairs,
+            data.records(),
+            data.pairs()
+        )));
+    }
+    if &file.sae != sae_config {
+        return Err(mismatch(format!(
+            "the saved SAE config {:?} differs from this run's {:?} (other embeddings?)",
+            file.sae, sae_config
+        )));
+    }
+
+    let (h, d) = (sae_config.hidden, sae_config.d);
+    let shapes: [Vec<usize>; 4] = [vec![h, d, d], vec![h], vec![h, d, d], vec![d, d]];
+    let mut st = TensorFile::open(&tensors_path)?;
+    let mut take = |name: String, shape: &[usize]| st.take(&name, shape);
+    let mut loaded = Vec::new();
+    for (name, shape) in PARAM_NAMES.iter().zip(&shapes) {
+        loaded.push(take(format!("param.{name}"), shape)?);
+    }
+    let params = Params {
+        encoder: loaded[0].clone(),
+        encoder_bias: loaded[1].clone(),
+        decoder: loaded[2].clone(),
+        decoder_bias: loaded[3].clone(),
+    };
+    let mut adam = Adam::new(cfg, &params);
+    for (i, (name, shape)) in PARAM_NAMES.iter().zip(&shapes).enumerate() {
+        adam.m[i] = take(format!("adam.exp_avg.{name}"), shape)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        adam.v[i] = take(format!("adam.exp_avg_sq.{name}"), shape)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+    }
+    let counter = |st: &mut TensorFile, name: &str| -> Result<usize> {
+        let v = st.take_as(name, &[1], DType::I64)?.to_vec1::<i64>()?;
+        usize::try_from(v[0]).map_err(|_| SaeError::ResumeMismatch {
+            path: tensors_path.clone(),
+            reason: format!("counter `{name}` is negative"),
+        })
+    };
+    let epochs_done = counter(&mut st, "epochs_done")?;
+    adam.step = counter(&mut st, "adam.step")? as u64;
+    Ok(Some(TrainState {
+        params,
+        adam,
+        epochs_done,
+    }))
+}
+
+/// Rewrites `metrics.jsonl` keeping only the lines of epochs before `first_epoch` (those of a
+/// crashed epoch are written again when it re-runs). Unparsable lines are dropped.
+fn keep_metrics_before(path: &Path, first_epoch: usize) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(source) => {
+            return Err(SaeError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let mut kept = String::new();
+    for line in text.lines() {
+        if let Ok(m) = serde_json::from_str::<EpochMetrics>(line) {
+            if m.epoch < first_epoch {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+    }
+    io::write_bytes(path, kept.as_bytes())
+}
+
+/// Appends one JSON line and flushes it to disk.
+fn append_metrics(path: &Path, metrics: &EpochMetrics) -> Result<()> {
+    let io_err = |source| SaeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut line = serde_json::to_string(metrics).map_err(|source| SaeError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    line.push('\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err)?;
+    f.write_all(line.as_bytes()).map_err(io_err)?;
+    f.sync_all().map_err(io_err)
+}
