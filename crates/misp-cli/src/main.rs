@@ -5,6 +5,10 @@
 //! method code. Stages that have not landed yet answer with a clear error naming the issue that
 //! brings them, and accept (and ignore) any arguments so the message is what the user sees.
 
+mod bench_mine;
+mod mine_cmd;
+mod sae_cmd;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -35,9 +39,10 @@ enum Command {
     /// Stage 0: CLIP embeddings of an image pool and of preference records.
     Embed(Pending),
     /// Stage 1a: train the sparse autoencoder on fused CLIP difference vectors (Eq. 11).
-    Sae(Pending),
+    #[command(subcommand)]
+    Sae(sae_cmd::SaeCommand),
     /// Stage 1b: mine K diverse negative images per record (Eq. 12, Algorithm 1).
-    Mine(Pending),
+    Mine(mine_cmd::MineArgs),
     /// Score responses: summed log-probabilities under a LLaVA model (+ adapter).
     Score(Pending),
     /// Stage 2: train LoRA on a LLaVA checkpoint with the MISP-DPO objective (Eq. 6-10).
@@ -49,35 +54,51 @@ enum Command {
     /// Every stage end to end on ShapesWorld, on CPU, with a report.
     Demo(Pending),
     /// Speed and memory benchmarks of the stages, printed as tables.
-    Bench(Pending),
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Factorised vs dense SAE scoring, scoring vs plain GEMMs, one SAE epoch (issue #3).
+    Mine(bench_mine::BenchMineArgs),
 }
 
 impl Command {
     /// `(sub-command, issue that brings it)` for stages still pending.
     fn pending(&self) -> Option<(&'static str, u32)> {
-        Some(match self {
-            Command::Embed(_) => ("embed", 4),
-            Command::Sae(_) => ("sae", 3),
-            Command::Mine(_) => ("mine", 3),
-            Command::Score(_) => ("score", 5),
-            Command::Train(_) => ("train", 6),
-            Command::Eval(_) => ("eval", 7),
-            Command::World(_) => ("world", 8),
-            Command::Demo(_) => ("demo", 8),
-            Command::Bench(_) => ("bench", 3),
-        })
+        match self {
+            Command::Embed(_) => Some(("embed", 4)),
+            Command::Score(_) => Some(("score", 5)),
+            Command::Train(_) => Some(("train", 6)),
+            Command::Eval(_) => Some(("eval", 7)),
+            Command::World(_) => Some(("world", 8)),
+            Command::Demo(_) => Some(("demo", 8)),
+            Command::Sae(_) | Command::Mine(_) | Command::Bench(_) => None,
+        }
     }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Some((name, issue)) = cli.command.pending() {
-        anyhow::bail!("`misp {name}` is not yet available in this version of misp (it arrives with issue #{issue})");
+    match cli.command {
+        Command::Sae(cmd) => sae_cmd::run(cmd),
+        Command::Mine(args) => mine_cmd::run(args),
+        Command::Bench(BenchCommand::Mine(args)) => bench_mine::run(args),
+        pending => match pending.pending() {
+            Some((name, issue)) => anyhow::bail!(
+                "`misp {name}` is not yet available in this version of misp (it arrives with issue #{issue})"
+            ),
+            None => Ok(()),
+        },
     }
-    Ok(())
 }
 
 fn main() {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
     if let Err(err) = run(cli) {
         eprintln!("misp: error: {err:#}");
         std::process::exit(1);
