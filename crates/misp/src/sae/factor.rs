@@ -25,7 +25,7 @@
 //! `[H d, R] x [R, d]`, so a step costs about four `H d^2 R` GEMMs (projections and two
 //! gradients), two `H^2 d^2` (`G = D D^T` and `S D`) and `N d H` for the pairs.
 
-use candle_core::{DType, Device, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, WithDType};
 
 use super::train::{TrainingSet, FIRING_THRESHOLD};
 use super::{CandidateCodes, Result, Sae, SaeError};
@@ -90,17 +90,21 @@ impl DecoderGram {
 }
 
 /// `[R, 2H + 1, d]`: for each prompt `t_r` (a row of `prompts` `[R, d]`) the rows
-/// `A = [E_j t]_j`, `C = [D_j t]_j` and `(B t)^T`. Three GEMMs, two of `H d^2 R`.
+/// `A = [E_j t]_j`, `C = [D_j t]_j` and `(B t)^T`. Two `H d^2 R` GEMMs, computed as
+/// `[H d, d] x [d, R]` (the orientation the CPU GEMM runs fastest) and transposed after.
 pub(crate) fn prompt_projections(params: &Params, prompts: &Tensor) -> Result<Tensor> {
     let (h, d) = params.dims();
     let r = prompts.dim(0)?;
-    // (E_j t)[a] = sum_c E_j[a, c] t[c]: rows (j, a) of the [H d, d] view against t.
-    let a = prompts
-        .matmul(&params.encoder.reshape((h * d, d))?.t()?)?
-        .reshape((r, h, d))?;
-    let c = prompts
-        .matmul(&params.decoder.reshape((h * d, d))?.t()?)?
-        .reshape((r, h, d))?;
+    let t_cols = prompts.t()?;
+    // (E_j t)[a] = sum_c E_j[a, c] t[c]: row (j, a) of the [H d, d] view against t.
+    let project = |w: &Tensor| -> Result<Tensor> {
+        Ok(w.reshape((h * d, d))?
+            .matmul(&t_cols)?
+            .t()?
+            .reshape((r, h, d))?)
+    };
+    let a = project(&params.encoder)?;
+    let c = project(&params.decoder)?;
     let bt = prompts
         .matmul(&params.decoder_bias.t()?)?
         .reshape((r, 1, d))?;
@@ -524,24 +528,30 @@ pub(crate) fn loss_and_grads(
         let zd_r = zd.narrow(0, lo, hi - lo)?;
         per_record.push(zd_r.t()?.matmul(&batch.u.narrow(0, lo, hi - lo)?)?);
     }
-    let per_record = Tensor::stack(&per_record, 0)?; // [R, 2H, d]
-    let flat = |rows: usize| -> Result<Tensor> {
-        Ok(per_record
-            .narrow(1, rows, h)?
-            .contiguous()?
-            .reshape((r_count, h * d))?)
-    };
-    // sum_r M_r[j, a] t_r[c] for M = Delta^T U (encoder) and Z^T U (decoder): [H d, R] x [R, d].
-    let grad_encoder = flat(h)?.t()?.matmul(&batch.prompts)?.reshape((h, d, d))?;
-    let zt_u_t = flat(0)?.t()?.matmul(&batch.prompts)?.reshape((h, d * d))?;
+    let per_record = Tensor::stack(&per_record, 0)?.reshape((r_count, 2 * h * d))?;
+    // sum_r M_r[j, a] t_r[c] for M = Z^T U (decoder, rows 0..H) and Delta^T U (encoder, rows
+    // H..2H), both in one [2 H d, R] x [R, d] GEMM.
+    let outer_sums = per_record
+        .t()?
+        .matmul(&batch.prompts)?
+        .reshape((2 * h, d, d))?;
+    let zt_u_t = outer_sums.narrow(0, 0, h)?.reshape((h, d * d))?;
+    let grad_encoder = outer_sums.narrow(0, h, h)?;
 
     let z = zd.narrow(1, 0, h)?;
     let s_mat = z.t()?.matmul(&z)?; // S = Z^T Z
     let s_col = tensor_from_host(&z_sum, (h, 1), dtype)?;
     let d_flat = params.decoder.reshape((h, d * d))?;
     let b_flat = params.decoder_bias.reshape((1, d * d))?;
-    let grad_decoder = ((s_mat.matmul(&d_flat)? + s_col.broadcast_mul(&b_flat)?)? - zt_u_t)?;
-    let grad_decoder = (grad_decoder * two_over_n)?.reshape((h, d, d))?;
+    // (2/N) (S D + s B - sum_r Z_r^T U_r t_r^T), combined in place in one pass over S D.
+    let grad_decoder = s_mat.matmul(&d_flat)?;
+    grad_decoder.inplace_op1(&DecoderGradCombine {
+        zt_u_t: &zt_u_t,
+        bias: &params.decoder_bias,
+        s: &z_sum,
+        scale: two_over_n,
+    })?;
+    let grad_decoder = grad_decoder.reshape((h, d, d))?;
 
     let usum_t = batch
         .usum
@@ -558,6 +568,80 @@ pub(crate) fn loss_and_grads(
         decoder_bias: grad_decoder_bias,
     };
     Ok((stats, grads))
+}
+
+/// `out <- scale * (out + s_j B - Q)` on the `[H, d^2]` product `out = S D`, row `j` at a time:
+/// the decoder gradient without three temporary `H d^2` tensors.
+struct DecoderGradCombine<'a> {
+    /// `[H, d^2]`, `sum_r (Z_r^T U_r)[j] (x) t_r`.
+    zt_u_t: &'a Tensor,
+    /// `[d, d]`, `B`.
+    bias: &'a Tensor,
+    /// `s_j = sum_i z_ij`.
+    s: &'a [f64],
+    scale: f64,
+}
+
+impl DecoderGradCombine<'_> {
+    fn apply<T: WithDType>(&self, out: &mut [T]) -> candle_core::Result<()> {
+        with_cpu_slice(self.zt_u_t, |q: &[T]| {
+            with_cpu_slice(self.bias, |b: &[T]| {
+                let dd = b.len();
+                if out.len() != q.len() || out.len() != dd * self.s.len() {
+                    candle_core::bail!("decoder gradient: operand sizes disagree");
+                }
+                let rows = |out: &mut [T], q: &[T], s: &[f64]| {
+                    for ((o_row, q_row), &sj) in out.chunks_mut(dd).zip(q.chunks(dd)).zip(s) {
+                        for ((o, &qk), &bk) in o_row.iter_mut().zip(q_row).zip(b) {
+                            let v = o.to_f64() + sj * bk.to_f64() - qk.to_f64();
+                            *o = T::from_f64(self.scale * v);
+                        }
+                    }
+                };
+                let half = self.s.len().div_ceil(2);
+                let (o1, o2) = out.split_at_mut(half * dd);
+                let (q1, q2) = q.split_at(half * dd);
+                let (s1, s2) = self.s.split_at(half);
+                std::thread::scope(|scope| {
+                    scope.spawn(|| rows(o1, q1, s1));
+                    rows(o2, q2, s2);
+                });
+                Ok(())
+            })?
+        })?
+    }
+}
+
+impl InplaceOp1 for DecoderGradCombine<'_> {
+    fn name(&self) -> &'static str {
+        "sae-decoder-grad"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (lo, hi) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("S D is not contiguous".into()))?;
+        match storage {
+            CpuStorage::F32(v) => self.apply(&mut v[lo..hi]),
+            CpuStorage::F64(v) => self.apply(&mut v[lo..hi]),
+            _ => candle_core::bail!("the SAE runs in f32 or f64"),
+        }
+    }
+}
+
+/// Runs `f` on the contiguous CPU data of `t` (no copy).
+pub(crate) fn with_cpu_slice<T: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("the SAE runs on the CPU device")
+    };
+    let (lo, hi) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("tensor is not contiguous".into()))?;
+    Ok(f(&cpu.as_slice::<T>()?[lo..hi]))
 }
 
 /// Numerically safe logistic function: `exp(-x)` may overflow to `inf`, giving exactly 0.

@@ -649,7 +649,13 @@ fn resumed_training_reaches_bit_identical_weights() {
 #[test]
 #[ignore]
 fn epoch_timing() {
-    let (d, records, per_record, pool_rows) = (768, 5700, 256, 20_000);
+    // MISP_SAE_TIMING_RECORDS shortens the run (for profiling), MISP_SAE_TIMING_BATCH sets
+    // the records per step.
+    let records = std::env::var("MISP_SAE_TIMING_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5700);
+    let (d, per_record, pool_rows) = (768, 256, 20_000);
     let mut rng = Rng::new(20);
     let pool = rng.unit_rows(pool_rows, d);
     let prompts = rng.unit_rows(records, d);
@@ -668,7 +674,13 @@ fn epoch_timing() {
         candidates: &candidates,
         d,
     };
-    let cfg = SaeTrainConfig::default();
+    let mut cfg = SaeTrainConfig::default();
+    if let Some(b) = std::env::var("MISP_SAE_TIMING_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.batch_records = b;
+    }
     let start = std::time::Instant::now();
     let m = bench_epoch(
         &cfg,
@@ -682,4 +694,74 @@ fn epoch_timing() {
         start.elapsed().as_secs_f64(),
         m.seconds
     );
+}
+
+/// Peak resident memory since the last reset, in MiB (Linux), and a reset of that peak.
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Scoring time at the sizes, against the plain GEMMs it needs and the dense
+/// reference. A measurement, not a check:
+/// `cargo test --release -p misp sae::tests::scoring_timing -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn scoring_timing() {
+    let time = |f: &mut dyn FnMut()| {
+        let start = std::time::Instant::now();
+        f();
+        start.elapsed().as_secs_f64()
+    };
+    for (d, n, dense_n) in [(512, 10_000, 200), (768, 100_000, 0)] {
+        let mut rng = Rng::new(21);
+        let pool = rng.unit_rows(n, d);
+        let (p, t) = (rng.unit_rows(1, d), rng.unit_rows(1, d));
+        let sae = Sae::init(SaeConfig::for_embeddings(d, "synthetic", true), 22).unwrap();
+        let h = sae.config.hidden;
+        // The two N x d x H GEMMs of the factorised path, on the same machine and data.
+        let v = Tensor::from_slice(&pool, (n, d), &Device::Cpu).unwrap();
+        let a = Tensor::from_vec(rng.symmetric(h * d, 1.0), (h, d), &Device::Cpu).unwrap();
+        let gemm = time(&mut || {
+            let _ = v.matmul(&a.t().unwrap()).unwrap();
+            let _ = v.matmul(&a.t().unwrap()).unwrap();
+        });
+        reset_peak_rss();
+        let base = peak_rss_mib();
+        let mut codes = None;
+        let fact = time(&mut || codes = Some(sae.encode_candidates(&p, &t, &pool).unwrap()));
+        let extra = peak_rss_mib() - base;
+        println!(
+            "d={d} N={n}: factorised {fact:.3} s, two N x d x H GEMMs {gemm:.3} s (ratio {:.2}), peak memory above the inputs and SAE {extra:.0} MiB",
+            fact / gemm
+        );
+        if dense_n > 0 {
+            let sub = &pool[..dense_n * d];
+            let dense = time(&mut || {
+                let _ = dense_reference::encode_candidates(
+                    &sae,
+                    &p,
+                    &t,
+                    sub,
+                    dense_reference::DENSE_CHUNK_ROWS,
+                )
+                .unwrap();
+            });
+            let per_row_dense = dense / dense_n as f64;
+            println!(
+                "d={d}: dense {dense:.2} s for {dense_n} rows = {:.1} s extrapolated to {n}; factorised is {:.0}x faster",
+                per_row_dense * n as f64,
+                per_row_dense * n as f64 / fact
+            );
+        }
+        drop(codes);
+    }
 }

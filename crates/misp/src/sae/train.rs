@@ -18,7 +18,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -338,25 +338,17 @@ impl Adam {
             .zip(self.v.iter_mut())
         {
             let g = g.to_dtype(DType::F32)?.contiguous()?;
-            let (storage, layout) = g.storage_and_layout();
-            let Storage::Cpu(cpu) = &*storage else {
-                return Err(
-                    candle_core::Error::Msg("the SAE trains on the CPU device".into()).into(),
-                );
-            };
-            let (lo, hi) = layout
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("gradient is not contiguous".into()))?;
-            let grad = &cpu.as_slice::<f32>()?[lo..hi];
-            let op = AdamUpdate {
-                grad,
-                m: RefCell::new(m),
-                v: RefCell::new(v),
-                coefs,
-                finite: RefCell::new(true),
-            };
-            p.inplace_op1(&op)?;
-            finite &= *op.finite.borrow();
+            let op_finite = factor::with_cpu_slice(&g, |grad: &[f32]| {
+                let op = AdamUpdate {
+                    grad,
+                    m: RefCell::new(m),
+                    v: RefCell::new(v),
+                    coefs,
+                    finite: RefCell::new(true),
+                };
+                p.inplace_op1(&op).map(|()| op.finite.into_inner())
+            })??;
+            finite &= op_finite;
         }
         Ok(finite)
     }
