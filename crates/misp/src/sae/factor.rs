@@ -21,9 +21,10 @@
 //! ```
 //!
 //! (`(x)` the outer product). The factor of the first line is `2/N`, not `4/N`: the
-//! reconstruction error is quadratic in `z` with Hessian `2G`. Each sum over records is one GEMM
-//! `[H d, R] x [R, d]`, so a step costs about four `H d^2 R` GEMMs (projections and two
-//! gradients), two `H^2 d^2` (`G = D D^T` and `S D`) and `N d H` for the pairs.
+//! reconstruction error is quadratic in `z` with Hessian `2G`. The two sums over records share
+//! one GEMM `[2 H d, R] x [R, d]`, so a step costs about four `H d^2 R` GEMMs' worth (the two
+//! projections and the two outer-product sums), two `H^2 d^2` (`G = D D^T` and `S D`) and
+//! `4 N d H` for the pairs.
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, WithDType};
 
@@ -320,6 +321,12 @@ impl Batch {
     ) -> Result<Batch> {
         let d = data.d;
         let pool_rows = data.pool.len() / d;
+        if let Some(&r) = records.iter().find(|&&r| r >= data.records()) {
+            return Err(SaeError::Data(format!(
+                "record index {r} is out of range ({} records)",
+                data.records()
+            )));
+        }
         let records: Vec<usize> = records
             .iter()
             .copied()
