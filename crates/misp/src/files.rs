@@ -103,6 +103,40 @@ pub fn record_seed(run_seed: u64, record_id: &str, purpose: u64) -> u64 {
     splitmix64(splitmix64(h ^ splitmix64(run_seed)) ^ purpose)
 }
 
+/// `--shard i/n`: this run handles the `i`-th of `n` contiguous ranges of records or images
+/// (0-based). Shared by every stage that shards (embed, mine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard { index: 0, count: 1 }
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("shard {s:?}: expected i/n with 0 <= i < n, e.g. 0/4");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (i.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+impl Shard {
+    /// The record range of this shard: `[index * R / count, (index + 1) * R / count)`.
+    pub fn range(&self, records: usize) -> std::ops::Range<usize> {
+        (self.index * records / self.count)..((self.index + 1) * records / self.count)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

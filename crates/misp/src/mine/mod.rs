@@ -13,7 +13,7 @@ pub mod select;
 pub mod strategy;
 pub mod synthetic;
 
+pub use crate::files::Shard;
 pub use run::{
-    candidate_sets, mine, sidecar, MineConfig, MineError, MineReport, SelectMode, Shard, Short,
-    Skipped,
+    candidate_sets, mine, sidecar, MineConfig, MineError, MineReport, SelectMode, Short, Skipped,
 };

@@ -16,7 +16,7 @@ use super::negatives::{self, Negative, RecordNegatives};
 use super::select;
 use super::strategy::{Part, Strategy};
 use crate::embeddings::{self, PoolEmbeddings, RecordEmbeddings};
-use crate::files::{self, record_seed};
+use crate::files::{self, record_seed, Shard};
 use crate::sae::Sae;
 
 /// Records whose cosines are computed in one GEMM.
@@ -65,39 +65,6 @@ pub enum SelectMode {
     Greedy,
     /// The stochastic analogue; each pick carries the probability it was drawn with.
     Sample,
-}
-
-/// `--shard i/n`: this run handles the `i`-th of `n` contiguous record ranges (0-based).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Shard {
-    pub index: usize,
-    pub count: usize,
-}
-
-impl Default for Shard {
-    fn default() -> Self {
-        Shard { index: 0, count: 1 }
-    }
-}
-
-impl std::str::FromStr for Shard {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("shard {s:?}: expected i/n with 0 <= i < n, e.g. 0/4");
-        let (i, n) = s.split_once('/').ok_or_else(bad)?;
-        let (index, count) = (i.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
-        if count == 0 || index >= count {
-            return Err(bad());
-        }
-        Ok(Shard { index, count })
-    }
-}
-
-impl Shard {
-    /// The record range of this shard: `[index * R / count, (index + 1) * R / count)`.
-    pub fn range(&self, records: usize) -> std::ops::Range<usize> {
-        (self.index * records / self.count)..((self.index + 1) * records / self.count)
-    }
 }
 
 /// Everything that decides the output of `misp mine`; written, resolved, next to it.
