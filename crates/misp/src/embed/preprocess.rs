@@ -1,0 +1,699 @@
+//! Image preprocessing identical in intent to transformers' `CLIPImageProcessor` (its PIL
+//! backend, `CLIPImageProcessorPil` in transformers 5).
+//!
+//! Stages: embed (the pool and record images going into CLIP) and, later, train / eval (LLaVA's
+//! vision tower). Reads encoded image bytes and the checkpoint's `preprocessor_config.json`;
+//! writes `[3, S, S]` channel-first `f32` pixel tensors.
+//!
+//! The steps and the reference they follow:
+//! 1. decode with size and allocation limits ([`ImageProcessor::decode`]): zero-size, enormous,
+//!    truncated, corrupt and non-image inputs are classified errors, never panics;
+//! 2. RGB conversion as transformers' `convert_to_rgb`: grayscale replicated, CMYK converted,
+//!    transparency composited onto white (transformers >= 5; PIL's own `convert("RGB")`, which
+//!    transformers 4 used, drops alpha instead: [`AlphaMode`]), 16-bit samples reduced to their
+//!    high byte as PIL does for 16-bit RGB PNGs;
+//! 3. optional LLaVA-1.5 `expand2square` padding with the mean colour;
+//! 4. shortest side to `size.shortest_edge` with PIL's bicubic resampler, re-implemented below
+//!    bit for bit (fixed-point coefficients, `u8` rounding between the two passes), the long side
+//!    `int(shortest_edge * long / short)` as transformers' `get_resize_output_image_size`;
+//! 5. centre crop with transformers' `center_crop` offsets (zero padding when the crop is larger);
+//! 6. `x / 255`, then `(x - mean) / std` per channel.
+
+use std::borrow::Cow;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, ImageReader, Limits, RgbImage};
+use serde::Deserialize;
+
+/// The CLIP mean of transformers' `OPENAI_CLIP_MEAN`.
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+/// The CLIP standard deviation of transformers' `OPENAI_CLIP_STD`, digit for digit as there.
+#[allow(clippy::excessive_precision)]
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+/// Images with more pixels than this are refused before decoding. PIL refuses twice its
+/// `MAX_IMAGE_PIXELS` (89.5 M) as a decompression bomb; 100 M pixels (a 10000 x 10000 photo) is
+/// far above any dataset photo and still only 300 MB of RGB.
+pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
+
+/// Decoder allocation limit: a 100 M pixel RGBA16 decode needs 800 MB; 1 GiB leaves headroom
+/// without letting one bad file take the machine's memory when many decode in parallel.
+pub const DEFAULT_MAX_ALLOC: u64 = 1 << 30;
+
+/// Why an image could not be decoded. [`ImageDecodeError::reason`] is the short tag the embed
+/// driver writes to `skipped.jsonl`.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageDecodeError {
+    #[error("image file is missing: {0}")]
+    Missing(String),
+    #[error("image file is empty (zero bytes)")]
+    Empty,
+    #[error("image file cannot be read: {0}")]
+    Unreadable(String),
+    #[error("image data is truncated: {0}")]
+    Truncated(String),
+    #[error("image data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("not an image or an unsupported format: {0}")]
+    NotAnImage(String),
+    #[error("image has zero size ({width} x {height})")]
+    ZeroSize { width: u32, height: u32 },
+    #[error("image is too large: {0}")]
+    TooLarge(String),
+}
+
+impl ImageDecodeError {
+    /// A short, stable tag for reports: `missing`, `empty`, `unreadable`, `truncated`, `corrupt`,
+    /// `not-an-image`, `zero-size` or `too-large`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Missing(_) => "missing",
+            Self::Empty => "empty",
+            Self::Unreadable(_) => "unreadable",
+            Self::Truncated(_) => "truncated",
+            Self::Corrupt(_) => "corrupt",
+            Self::NotAnImage(_) => "not-an-image",
+            Self::ZeroSize { .. } => "zero-size",
+            Self::TooLarge(_) => "too-large",
+        }
+    }
+}
+
+/// Errors reading a checkpoint's `preprocessor_config.json`.
+#[derive(Debug, thiserror::Error)]
+pub enum PreprocessConfigError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{}: field `{field}`: {message}", path.display())]
+    Field {
+        path: PathBuf,
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// What to do with transparency when converting to RGB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AlphaMode {
+    /// Composite onto opaque white with PIL's `alpha_composite` arithmetic: transformers >= 5's
+    /// `convert_to_rgb`, the reference of the conformance fixture.
+    #[default]
+    CompositeWhite,
+    /// Drop the alpha channel: PIL's `convert("RGB")`, as transformers 4 did.
+    Drop,
+}
+
+/// Resampling filters of PIL that CLIP-family checkpoints use (`resample` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resample {
+    /// PIL `BILINEAR` (2): triangle filter, support 1.
+    Bilinear,
+    /// PIL `BICUBIC` (3): Keys cubic with `a = -0.5`, support 2. CLIP's choice.
+    Bicubic,
+}
+
+/// CLIP image preprocessing, configured from a checkpoint folder.
+#[derive(Debug, Clone)]
+pub struct ImageProcessor {
+    /// Target of the short side (`size.shortest_edge`).
+    pub shortest_edge: usize,
+    /// `(height, width)` of the centre crop (`crop_size`).
+    pub crop: (usize, usize),
+    pub do_resize: bool,
+    pub do_center_crop: bool,
+    pub do_rescale: bool,
+    pub rescale_factor: f32,
+    pub do_normalize: bool,
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+    pub resample: Resample,
+    pub alpha: AlphaMode,
+    /// Pad to a square with the mean colour before resizing (original LLaVA-1.5's
+    /// `expand2square`); off by default, as in llava-hf and CLIP.
+    pub pad_to_square: bool,
+    /// Decoder limits of [`ImageProcessor::decode`].
+    pub max_pixels: u64,
+    pub max_alloc: u64,
+}
+
+/// `size` / `crop_size` as they appear in `preprocessor_config.json`: a bare integer (older
+/// saves) or a dictionary.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeField {
+    Int(usize),
+    Dict {
+        shortest_edge: Option<usize>,
+        height: Option<usize>,
+        width: Option<usize>,
+    },
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    size: Option<SizeField>,
+    crop_size: Option<SizeField>,
+    do_resize: Option<bool>,
+    do_center_crop: Option<bool>,
+    do_rescale: Option<bool>,
+    rescale_factor: Option<f32>,
+    do_normalize: Option<bool>,
+    image_mean: Option<Vec<f32>>,
+    image_std: Option<Vec<f32>>,
+    resample: Option<u32>,
+}
+
+impl ImageProcessor {
+    /// CLIP defaults for a model of `image_size` pixels: shortest edge and square crop both
+    /// `image_size`, bicubic, CLIP mean / std.
+    pub fn clip_default(image_size: usize) -> Self {
+        Self {
+            shortest_edge: image_size,
+            crop: (image_size, image_size),
+            do_resize: true,
+            do_center_crop: true,
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            image_mean: CLIP_MEAN,
+            image_std: CLIP_STD,
+            resample: Resample::Bicubic,
+            alpha: AlphaMode::default(),
+            pad_to_square: false,
+            max_pixels: DEFAULT_MAX_PIXELS,
+            max_alloc: DEFAULT_MAX_ALLOC,
+        }
+    }
+
+    /// Reads `dir/preprocessor_config.json` when present; otherwise [`Self::clip_default`] of
+    /// `image_size` (the vision config's). Fields absent from the file take CLIP's defaults.
+    pub fn from_checkpoint(dir: &Path, image_size: usize) -> Result<Self, PreprocessConfigError> {
+        let path = dir.join("preprocessor_config.json");
+        let mut p = Self::clip_default(image_size);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(p),
+            Err(source) => return Err(PreprocessConfigError::Io { path, source }),
+        };
+        let raw: RawConfig =
+            serde_json::from_str(&text).map_err(|source| PreprocessConfigError::Json {
+                path: path.clone(),
+                source,
+            })?;
+        let field = |field: &'static str, message: String| PreprocessConfigError::Field {
+            path: path.clone(),
+            field,
+            message,
+        };
+        match raw.size {
+            None => {}
+            Some(SizeField::Int(s)) => p.shortest_edge = s,
+            Some(SizeField::Dict {
+                shortest_edge: Some(s),
+                ..
+            }) => p.shortest_edge = s,
+            Some(SizeField::Dict { .. }) => {
+                return Err(field(
+                    "size",
+                    "only `shortest_edge` resizing (CLIP's) is supported".into(),
+                ))
+            }
+        }
+        match raw.crop_size {
+            None => {}
+            Some(SizeField::Int(s)) => p.crop = (s, s),
+            Some(SizeField::Dict {
+                height: Some(h),
+                width: Some(w),
+                ..
+            }) => p.crop = (h, w),
+            Some(SizeField::Dict { .. }) => {
+                return Err(field("crop_size", "needs `height` and `width`".into()))
+            }
+        }
+        p.do_resize = raw.do_resize.unwrap_or(p.do_resize);
+        p.do_center_crop = raw.do_center_crop.unwrap_or(p.do_center_crop);
+        p.do_rescale = raw.do_rescale.unwrap_or(p.do_rescale);
+        p.rescale_factor = raw.rescale_factor.unwrap_or(p.rescale_factor);
+        p.do_normalize = raw.do_normalize.unwrap_or(p.do_normalize);
+        let triple = |name: &'static str, v: Option<Vec<f32>>, default: [f32; 3]| match v {
+            None => Ok(default),
+            Some(v) if v.len() == 3 => Ok([v[0], v[1], v[2]]),
+            Some(v) if v.len() == 1 => Ok([v[0]; 3]),
+            Some(v) => Err(field(name, format!("expected 3 values, got {}", v.len()))),
+        };
+        p.image_mean = triple("image_mean", raw.image_mean, p.image_mean)?;
+        p.image_std = triple("image_std", raw.image_std, p.image_std)?;
+        p.resample = match raw.resample {
+            None | Some(3) => Resample::Bicubic,
+            Some(2) => Resample::Bilinear,
+            Some(r) => {
+                return Err(field(
+                    "resample",
+                    format!("PIL filter {r} is not supported (2 bilinear and 3 bicubic are)"),
+                ))
+            }
+        };
+        if p.shortest_edge == 0 || p.crop.0 == 0 || p.crop.1 == 0 {
+            return Err(field("size", "sizes must be positive".into()));
+        }
+        Ok(p)
+    }
+
+    /// `(height, width)` of the tensors [`Self::pixels`] returns: the crop, or (without a crop)
+    /// the resized size, which depends on the image.
+    pub fn output_size(&self, img: &RgbImage) -> (usize, usize) {
+        if self.do_center_crop {
+            return self.crop;
+        }
+        let (w, h) = if self.pad_to_square {
+            let s = img.width().max(img.height());
+            (s, s)
+        } else {
+            img.dimensions()
+        };
+        if self.do_resize {
+            let (rh, rw) = resize_output_size(h as usize, w as usize, self.shortest_edge);
+            (rh, rw)
+        } else {
+            (h as usize, w as usize)
+        }
+    }
+
+    /// Reads and decodes a file; a missing file is [`ImageDecodeError::Missing`].
+    pub fn decode_file(&self, path: &Path) -> Result<RgbImage, ImageDecodeError> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            let what = format!("{}: {e}", path.display());
+            if e.kind() == std::io::ErrorKind::NotFound {
+                ImageDecodeError::Missing(what)
+            } else {
+                ImageDecodeError::Unreadable(what)
+            }
+        })?;
+        self.decode(&bytes)
+    }
+
+    /// Decodes encoded bytes (format sniffed from the content) to 8-bit RGB, within the limits.
+    pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage, ImageDecodeError> {
+        if bytes.is_empty() {
+            return Err(ImageDecodeError::Empty);
+        }
+        let reader = || {
+            ImageReader::new(Cursor::new(bytes))
+                .with_guessed_format()
+                .map_err(|e| ImageDecodeError::Unreadable(e.to_string()))
+        };
+        let r = reader()?;
+        if r.format().is_none() {
+            return Err(ImageDecodeError::NotAnImage(
+                "no known image signature".into(),
+            ));
+        }
+        // Header first: a zero-size or enormous image is refused before any pixel is decoded.
+        let (width, height) = r.into_dimensions().map_err(classify)?;
+        if width == 0 || height == 0 {
+            return Err(ImageDecodeError::ZeroSize { width, height });
+        }
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels > self.max_pixels {
+            return Err(ImageDecodeError::TooLarge(format!(
+                "{width} x {height} = {pixels} pixels, limit {}",
+                self.max_pixels
+            )));
+        }
+        let mut r = reader()?;
+        let mut limits = Limits::default();
+        limits.max_alloc = Some(self.max_alloc);
+        r.limits(limits);
+        let img = r.decode().map_err(classify)?;
+        if is_truncated_jpeg(bytes) {
+            // zune-jpeg fills a cut-off scan with grey instead of failing; PIL refuses such a
+            // file ("image file is truncated"), and a half-grey photo is a silently wrong input.
+            return Err(ImageDecodeError::Truncated(
+                "JPEG has no end-of-image marker".into(),
+            ));
+        }
+        Ok(to_rgb(img, self.alpha))
+    }
+
+    /// The `[3, H, W]` channel-first pixel tensor (`H x W` = [`Self::output_size`]).
+    pub fn pixels(&self, img: &RgbImage) -> Vec<f32> {
+        let mut img = Cow::Borrowed(img);
+        if self.pad_to_square {
+            img = Cow::Owned(expand_to_square(&img, self.mean_colour()));
+        }
+        if self.do_resize {
+            let (h, w) = resize_output_size(
+                img.height() as usize,
+                img.width() as usize,
+                self.shortest_edge,
+            );
+            img = Cow::Owned(resize(&img, w as u32, h as u32, self.resample));
+        }
+        let (h, w) = if self.do_center_crop {
+            self.crop
+        } else {
+            (img.height() as usize, img.width() as usize)
+        };
+        let (iw, ih) = (img.width() as i64, img.height() as i64);
+        let (top, left) = crop_offsets(ih, iw, h as i64, w as i64);
+        let scale = if self.do_rescale {
+            self.rescale_factor
+        } else {
+            1.0
+        };
+        let mut out = vec![0f32; 3 * h * w];
+        for c in 0..3 {
+            let (mean, std) = if self.do_normalize {
+                (self.image_mean[c], self.image_std[c])
+            } else {
+                (0.0, 1.0)
+            };
+            for y in 0..h {
+                let sy = top + y as i64;
+                for x in 0..w {
+                    let sx = left + x as i64;
+                    // Outside the image (a crop larger than the resized image) is transformers'
+                    // zero padding, applied before rescaling.
+                    let v = if sy >= 0 && sy < ih && sx >= 0 && sx < iw {
+                        f32::from(img.get_pixel(sx as u32, sy as u32)[c])
+                    } else {
+                        0.0
+                    };
+                    out[(c * h + y) * w + x] = (v * scale - mean) / std;
+                }
+            }
+        }
+        out
+    }
+
+    /// LLaVA's background colour: `tuple(int(x * 255) for x in image_mean)`.
+    fn mean_colour(&self) -> [u8; 3] {
+        self.image_mean.map(|m| (m * 255.0).clamp(0.0, 255.0) as u8)
+    }
+}
+
+/// Maps decoder errors to the report's classes.
+fn classify(e: image::ImageError) -> ImageDecodeError {
+    use image::error::{ImageError, LimitErrorKind};
+    match e {
+        ImageError::Limits(l) => match l.kind() {
+            LimitErrorKind::DimensionError | LimitErrorKind::InsufficientMemory => {
+                ImageDecodeError::TooLarge(l.to_string())
+            }
+            _ => ImageDecodeError::TooLarge(l.to_string()),
+        },
+        ImageError::Unsupported(u) => ImageDecodeError::NotAnImage(u.to_string()),
+        ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            ImageDecodeError::Truncated(io.to_string())
+        }
+        ImageError::IoError(io) => ImageDecodeError::Corrupt(io.to_string()),
+        ImageError::Decoding(d) => {
+            let msg = d.to_string();
+            let lower = msg.to_lowercase();
+            if lower.contains("eof")
+                || lower.contains("end of file")
+                || lower.contains("truncat")
+                || lower.contains("unexpected end")
+                || lower.contains("no more bytes")
+            {
+                ImageDecodeError::Truncated(msg)
+            } else {
+                ImageDecodeError::Corrupt(msg)
+            }
+        }
+        ImageError::Parameter(p) => ImageDecodeError::Corrupt(p.to_string()),
+        ImageError::Encoding(x) => ImageDecodeError::Corrupt(x.to_string()),
+    }
+}
+
+/// A JPEG whose data stops before its end-of-image marker (`FF D9`). Writers may append bytes
+/// after the marker (thumbnails, padding), so the marker is looked for near the end, not only
+/// at it.
+fn is_truncated_jpeg(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let tail = &bytes[bytes.len().saturating_sub(4096)..];
+    !tail.windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
+/// RGB conversion as transformers' `convert_to_rgb` (module docs, step 2).
+fn to_rgb(img: DynamicImage, alpha: AlphaMode) -> RgbImage {
+    let (w, h) = (img.width(), img.height());
+    // 16-bit to 8-bit keeps the high byte: PIL's unpacker for 16-bit PNGs ("RGB;16B").
+    let hi = |v: u16| (v >> 8) as u8;
+    match img {
+        DynamicImage::ImageRgb8(i) => i,
+        DynamicImage::ImageLuma8(i) => RgbImage::from_fn(w, h, |x, y| {
+            let l = i.get_pixel(x, y)[0];
+            image::Rgb([l, l, l])
+        }),
+        DynamicImage::ImageLumaA8(i) => RgbImage::from_fn(w, h, |x, y| {
+            let [l, a] = i.get_pixel(x, y).0;
+            flatten([l, l, l], a, alpha)
+        }),
+        DynamicImage::ImageRgba8(i) => RgbImage::from_fn(w, h, |x, y| {
+            let [r, g, b, a] = i.get_pixel(x, y).0;
+            flatten([r, g, b], a, alpha)
+        }),
+        DynamicImage::ImageLuma16(i) => RgbImage::from_fn(w, h, |x, y| {
+            let l = hi(i.get_pixel(x, y)[0]);
+            image::Rgb([l, l, l])
+        }),
+        DynamicImage::ImageLumaA16(i) => RgbImage::from_fn(w, h, |x, y| {
+            let [l, a] = i.get_pixel(x, y).0.map(hi);
+            flatten([l, l, l], a, alpha)
+        }),
+        DynamicImage::ImageRgb16(i) => {
+            RgbImage::from_fn(w, h, |x, y| image::Rgb(i.get_pixel(x, y).0.map(hi)))
+        }
+        DynamicImage::ImageRgba16(i) => RgbImage::from_fn(w, h, |x, y| {
+            let [r, g, b, a] = i.get_pixel(x, y).0.map(hi);
+            flatten([r, g, b], a, alpha)
+        }),
+        other => {
+            let rgba = other.to_rgba8();
+            RgbImage::from_fn(w, h, |x, y| {
+                let [r, g, b, a] = rgba.get_pixel(x, y).0;
+                flatten([r, g, b], a, alpha)
+            })
+        }
+    }
+}
+
+/// One pixel over opaque white with PIL's `ImagingAlphaComposite` integer arithmetic
+/// (7 fractional bits, `SHIFTFORDIV255`), or the colour alone when alpha is dropped.
+fn flatten(rgb: [u8; 3], a: u8, mode: AlphaMode) -> image::Rgb<u8> {
+    if mode == AlphaMode::Drop || a == 255 {
+        return image::Rgb(rgb);
+    }
+    if a == 0 {
+        return image::Rgb([255, 255, 255]);
+    }
+    const BITS: u32 = 7;
+    let a = u32::from(a);
+    // Destination alpha is 255, so `outa255 = 255 * 255` and the two coefficients simplify.
+    let coef1 = a * 255 * 255 * (1 << BITS) / (255 * 255);
+    let coef2 = 255 * (1 << BITS) - coef1;
+    let div255 = |v: u32| ((v >> 8) + v) >> 8;
+    image::Rgb(rgb.map(|c| {
+        let t = u32::from(c) * coef1 + 255 * coef2 + (0x80 << BITS);
+        (div255(t) >> BITS) as u8
+    }))
+}
+
+/// LLaVA-1.5's `expand2square`: the image pasted centred (offset floored) on a square of
+/// `background`.
+fn expand_to_square(img: &RgbImage, background: [u8; 3]) -> RgbImage {
+    let (w, h) = img.dimensions();
+    if w == h {
+        return img.clone();
+    }
+    let s = w.max(h);
+    let mut out = RgbImage::from_pixel(s, s, image::Rgb(background));
+    let (ox, oy) = if w > h {
+        (0, (w - h) / 2)
+    } else {
+        ((h - w) / 2, 0)
+    };
+    for (x, y, p) in img.enumerate_pixels() {
+        out.put_pixel(x + ox, y + oy, *p);
+    }
+    out
+}
+
+/// transformers' `get_resize_output_image_size(size=shortest_edge, default_to_square=False)`:
+/// `(height, width)` with the short side `shortest_edge` and the long side
+/// `int(shortest_edge * long / short)` (float division, truncated).
+pub fn resize_output_size(height: usize, width: usize, shortest_edge: usize) -> (usize, usize) {
+    let (short, long) = if width <= height {
+        (width, height)
+    } else {
+        (height, width)
+    };
+    let new_long = (shortest_edge as f64 * long as f64 / short as f64) as usize;
+    if width <= height {
+        (new_long, shortest_edge)
+    } else {
+        (shortest_edge, new_long)
+    }
+}
+
+/// transformers' `center_crop` offsets `(top, left)` in the source's coordinates. An axis the
+/// crop fits in starts at `(orig - crop) // 2`. On an axis where the crop is larger,
+/// transformers pads to the crop size with the image at `ceil((crop - orig) / 2)` and keeps the
+/// whole padded axis, so the crop starts that far before the image (the caller fills with 0).
+fn crop_offsets(h: i64, w: i64, crop_h: i64, crop_w: i64) -> (i64, i64) {
+    let axis = |orig: i64, crop: i64| {
+        if crop <= orig {
+            (orig - crop) / 2
+        } else {
+            -((crop - orig + 1) / 2)
+        }
+    };
+    (axis(h, crop_h), axis(w, crop_w))
+}
+
+/// PIL's `Image.resize(size, filter)` for 8-bit RGB: separable, horizontal pass first, each pass
+/// rounded to `u8` (PIL `ImagingResample`, 8 bits per channel path).
+pub fn resize(img: &RgbImage, out_w: u32, out_h: u32, filter: Resample) -> RgbImage {
+    let (in_w, in_h) = img.dimensions();
+    if (in_w, in_h) == (out_w, out_h) {
+        return img.clone();
+    }
+    let horiz = Coeffs::new(in_w as usize, out_w as usize, filter);
+    let vert = Coeffs::new(in_h as usize, out_h as usize, filter);
+    let src = img.as_raw();
+    // Only the source rows the vertical pass reads go through the horizontal pass (as PIL).
+    let (mut tmp, mut tmp_w, mut tmp_h, mut row0) = (None, in_w as usize, in_h as usize, 0usize);
+    if out_w != in_w {
+        let first = vert.bounds[0].0;
+        let last = vert.bounds[out_h as usize - 1].0 + vert.bounds[out_h as usize - 1].1;
+        let rows = last - first;
+        let mut buf = vec![0u8; rows * out_w as usize * 3];
+        for y in 0..rows {
+            let line = &src[(first + y) * in_w as usize * 3..(first + y + 1) * in_w as usize * 3];
+            for (xx, &(xmin, n)) in horiz.bounds.iter().enumerate() {
+                let k = &horiz.k[xx * horiz.ksize..xx * horiz.ksize + n];
+                for c in 0..3 {
+                    let mut ss = 1i32 << (PRECISION_BITS - 1);
+                    for (i, &kv) in k.iter().enumerate() {
+                        ss += i32::from(line[(xmin + i) * 3 + c]) * kv;
+                    }
+                    buf[(y * out_w as usize + xx) * 3 + c] = clip8(ss);
+                }
+            }
+        }
+        tmp = Some(buf);
+        tmp_w = out_w as usize;
+        tmp_h = rows;
+        row0 = first;
+    }
+    let stage: &[u8] = tmp.as_deref().unwrap_or(src);
+    if out_h == in_h {
+        return RgbImage::from_raw(out_w, out_h, stage[..tmp_h * tmp_w * 3].to_vec())
+            .unwrap_or_else(|| RgbImage::new(out_w, out_h));
+    }
+    let mut out = vec![0u8; out_h as usize * tmp_w * 3];
+    for (yy, &(ymin, n)) in vert.bounds.iter().enumerate() {
+        let k = &vert.k[yy * vert.ksize..yy * vert.ksize + n];
+        let ymin = ymin - row0;
+        for x in 0..tmp_w * 3 {
+            let mut ss = 1i32 << (PRECISION_BITS - 1);
+            for (i, &kv) in k.iter().enumerate() {
+                ss += i32::from(stage[(ymin + i) * tmp_w * 3 + x]) * kv;
+            }
+            out[yy * tmp_w * 3 + x] = clip8(ss);
+        }
+    }
+    RgbImage::from_raw(out_w, out_h, out).unwrap_or_else(|| RgbImage::new(out_w, out_h))
+}
+
+/// Fixed-point precision of PIL's 8-bit resampler: `32 - 8 - 2` bits.
+const PRECISION_BITS: u32 = 22;
+
+fn clip8(ss: i32) -> u8 {
+    (ss >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// PIL's `precompute_coeffs` + `normalize_coeffs_8bpc` for one axis: per output pixel the first
+/// source index and tap count, and `ksize` fixed-point taps.
+struct Coeffs {
+    ksize: usize,
+    bounds: Vec<(usize, usize)>,
+    k: Vec<i32>,
+}
+
+impl Coeffs {
+    fn new(in_size: usize, out_size: usize, filter: Resample) -> Self {
+        let (support, f): (f64, fn(f64) -> f64) = match filter {
+            Resample::Bicubic => (2.0, bicubic),
+            Resample::Bilinear => (1.0, bilinear),
+        };
+        let scale = in_size as f64 / out_size as f64;
+        // Downscaling widens the filter by the scale: PIL's antialiasing.
+        let filterscale = scale.max(1.0);
+        let support = support * filterscale;
+        let ksize = support.ceil() as usize * 2 + 1;
+        let mut bounds = Vec::with_capacity(out_size);
+        let mut k = vec![0i32; out_size * ksize];
+        let mut w = vec![0f64; ksize];
+        for xx in 0..out_size {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            // C's `(int)` truncates toward zero, as Rust's `as` does.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let n = xmax.saturating_sub(xmin);
+            let mut ww = 0.0;
+            for (x, wx) in w.iter_mut().enumerate().take(n) {
+                *wx = f((x as f64 + xmin as f64 - center + 0.5) * ss);
+                ww += *wx;
+            }
+            for x in 0..n {
+                let v = if ww != 0.0 { w[x] / ww } else { w[x] };
+                let fixed = v * f64::from(1u32 << PRECISION_BITS);
+                k[xx * ksize + x] = if v < 0.0 {
+                    (-0.5 + fixed) as i32
+                } else {
+                    (0.5 + fixed) as i32
+                };
+            }
+            bounds.push((xmin, n));
+        }
+        Self { ksize, bounds, k }
+    }
+}
+
+/// PIL's `bicubic_filter` (Keys, `a = -0.5`).
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// PIL's `bilinear_filter`.
+fn bilinear(x: f64) -> f64 {
+    let x = x.abs();
+    if x < 1.0 {
+        1.0 - x
+    } else {
+        0.0
+    }
+}
