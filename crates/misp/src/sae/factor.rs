@@ -269,22 +269,29 @@ pub(crate) fn build_u(
         name_row: impl Fn(usize) -> (&'static str, usize),
     ) -> Result<URows> {
         let d = positive.len();
-        let mut buf: Vec<T> = Vec::with_capacity(rows.len() * d);
+        let p: Vec<f64> = positive.iter().map(|&x| f64::from(x)).collect();
+        let mut buf: Vec<T> = vec![T::zero(); rows.len() * d];
         let mut norms = Vec::with_capacity(rows.len());
         let mut sum = vec![0.0; d];
-        for (i, v) in rows.iter().enumerate() {
-            let mut norm = 0.0;
-            for ((&pa, &va), sa) in positive.iter().zip(v.iter()).zip(sum.iter_mut()) {
-                let ua = T::from_f64(scale * (f64::from(pa) - f64::from(va)));
-                let ua64 = ua.to_f64();
-                norm += ua64 * ua64;
-                *sa += ua64;
-                buf.push(ua);
+        let mut u64s = vec![0.0; d];
+        for (i, (v, out)) in rows.iter().zip(buf.chunks_exact_mut(d)).enumerate() {
+            for (((u, o), &pa), &va) in u64s.iter_mut().zip(out.iter_mut()).zip(&p).zip(*v) {
+                *o = T::from_f64(scale * (pa - f64::from(va)));
+                *u = o.to_f64();
             }
+            // Four partial sums: independent chains the CPU can overlap.
+            let mut acc = [0.0f64; 4];
+            for quad in u64s.chunks(4) {
+                for (a, &u) in acc.iter_mut().zip(quad) {
+                    *a += u * u;
+                }
+            }
+            let norm = (acc[0] + acc[1]) + (acc[2] + acc[3]);
             if !norm.is_finite() {
                 let (field, row) = name_row(i);
                 return Err(SaeError::NonFiniteInput { field, row });
             }
+            sum.iter_mut().zip(&u64s).for_each(|(s, &u)| *s += u);
             norms.push(norm);
         }
         let u = Tensor::from_vec(buf, (rows.len(), d), &Device::Cpu)?;

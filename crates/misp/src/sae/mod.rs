@@ -328,7 +328,8 @@ impl Sae {
 
     /// The loss of Eq. 11 on the (record, candidate) pairs of `records` (one batch: the KL term
     /// uses this batch's mean activations) and its gradient with respect to every parameter,
-    /// by the factorised formulas of [`factor`](self) (see `loss_and_grads` there).
+    /// by the factorised formulas (derived in the module docs of `sae/factor.rs`), never
+    /// building a `d^2` vector.
     pub fn loss_and_grads(
         &self,
         data: &TrainingSet<'_>,
