@@ -6,6 +6,7 @@
 //! brings them, and accept (and ignore) any arguments so the message is what the user sees.
 
 mod bench_mine;
+mod embed_cmd;
 mod mine_cmd;
 mod sae_cmd;
 
@@ -37,7 +38,8 @@ struct Pending {
 #[derive(Subcommand)]
 enum Command {
     /// Stage 0: CLIP embeddings of an image pool and of preference records.
-    Embed(Pending),
+    #[command(subcommand)]
+    Embed(embed_cmd::EmbedCommand),
     /// Stage 1a: train the sparse autoencoder on fused CLIP difference vectors (Eq. 11).
     #[command(subcommand)]
     Sae(sae_cmd::SaeCommand),
@@ -68,19 +70,19 @@ impl Command {
     /// `(sub-command, issue that brings it)` for stages still pending.
     fn pending(&self) -> Option<(&'static str, u32)> {
         match self {
-            Command::Embed(_) => Some(("embed", 4)),
             Command::Score(_) => Some(("score", 5)),
             Command::Train(_) => Some(("train", 6)),
             Command::Eval(_) => Some(("eval", 7)),
             Command::World(_) => Some(("world", 8)),
             Command::Demo(_) => Some(("demo", 8)),
-            Command::Sae(_) | Command::Mine(_) | Command::Bench(_) => None,
+            Command::Embed(_) | Command::Sae(_) | Command::Mine(_) | Command::Bench(_) => None,
         }
     }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Embed(cmd) => embed_cmd::run(cmd),
         Command::Sae(cmd) => sae_cmd::run(cmd),
         Command::Mine(args) => mine_cmd::run(args),
         Command::Bench(BenchCommand::Mine(args)) => bench_mine::run(args),
