@@ -107,7 +107,7 @@ fn list_file_resolves_against_its_folder_or_the_root() {
             .display()
             .to_string(),
     ];
-    fs::write(&list, lines.join("\n")).unwrap();
+    fs::write(&list, "\u{feff}".to_string() + &lines.join("\n")).unwrap();
     let set = read_pool(&list, None).unwrap();
     assert_eq!(ids(&set), ["a.jpg", "sub/deeper/c.jpeg", "sub/b.PNG"]);
 

@@ -366,7 +366,8 @@ fn trl_jsonl_records_and_skips() {
         json!({"image": "imgs/a.jpg", "prompt": "<image>", "chosen": "c", "rejected": "r"}).to_string(),
     ];
     let file = root.join("trl.jsonl");
-    fs::write(&file, lines.join("\n") + "\n").unwrap();
+    // With a byte-order mark, which must not cost line 1.
+    fs::write(&file, "\u{feff}".to_string() + &lines.join("\n") + "\n").unwrap();
 
     let set = read_records(&file, None, None).unwrap();
     assert_eq!(ids(&set), ["a", "trl:2", "42"]);

@@ -175,7 +175,8 @@ fn read_list(list: &Path, image_root: Option<&Path>) -> Result<PoolSet, DataErro
     let mut found = Vec::new();
     let mut skipped = Vec::new();
     for (line, text) in files::read_lines(list)? {
-        let entry = text.trim();
+        // A byte-order mark (Windows editors) is not part of the first path.
+        let entry = text.trim_start_matches('\u{feff}').trim();
         if entry.starts_with('#') {
             continue;
         }

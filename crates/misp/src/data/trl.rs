@@ -24,6 +24,8 @@ use crate::files::FileError;
 /// Rows of `path`, each with its `FILE:LINE` source: a raw record or the reason it was skipped.
 pub fn read(path: &Path) -> Result<Rows, DataError> {
     let bytes = std::fs::read(path).map_err(|e| FileError::new(path, e))?;
+    // Editors on Windows start UTF-8 files with a byte-order mark; it is not part of line 1.
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
     let stem = file_stem(path);
     let mut rows = Vec::new();
     let mut objects = 0usize;
