@@ -29,6 +29,7 @@ struct Expected {
     input_ids: Vec<Vec<u32>>,
     attention_mask: Vec<Vec<u32>>,
     text_embeds: std::collections::HashMap<String, Vec<Vec<f32>>>,
+    variants: std::collections::HashMap<String, Vec<f32>>,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +99,36 @@ fn pixels_match_clip_image_processor() {
         "versions {}; worst mean abs pixel diff {worst:.2e}",
         exp.versions
     );
+}
+
+fn mean_abs(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .sum::<f64>()
+        / a.len() as f64
+}
+
+#[test]
+fn padded_crop_and_expand_to_square_match_their_references() {
+    let exp = expected();
+    let mut proc = ImageProcessor::from_checkpoint(&fixture().join("tiny"), 32).unwrap();
+    let img = proc
+        .decode_file(&fixture().join("images/chelsea_rgba.png"))
+        .unwrap();
+    // Crop larger than the resized image on one axis: transformers' zero padding.
+    let mut crop = proc.clone();
+    crop.shortest_edge = 24;
+    crop.crop = (40, 30);
+    let d = mean_abs(&crop.pixels(&img), &exp.variants["crop_40x30_of_24"]);
+    eprintln!("padded crop: mean abs diff {d:.2e}");
+    assert!(d <= 0.01, "padded crop: {d}");
+    // LLaVA-1.5's expand2square with PIL, then transformers' processor.
+    proc.pad_to_square = true;
+    let d = mean_abs(&proc.pixels(&img), &exp.variants["pad_to_square"]);
+    eprintln!("pad to square: mean abs diff {d:.2e}");
+    assert!(d <= 0.01, "pad to square: {d}");
 }
 
 /// The expected pixel tensors of all images as one `[B, 3, 32, 32]` batch.

@@ -312,6 +312,9 @@ impl ImageProcessor {
                 .with_guessed_format()
                 .map_err(|e| ImageDecodeError::Unreadable(e.to_string()))
         };
+        if let Some((width, height)) = png_zero_size(bytes) {
+            return Err(ImageDecodeError::ZeroSize { width, height });
+        }
         let r = reader()?;
         if r.format().is_none() {
             return Err(ImageDecodeError::NotAnImage(
@@ -434,6 +437,17 @@ fn classify(e: image::ImageError) -> ImageDecodeError {
         ImageError::Parameter(p) => ImageDecodeError::Corrupt(p.to_string()),
         ImageError::Encoding(x) => ImageDecodeError::Corrupt(x.to_string()),
     }
+}
+
+/// The PNG decoder refuses a zero dimension as a generic format error; reading the IHDR here
+/// keeps such files in the `zero-size` class. `Some((w, h))` only for a PNG with a zero side.
+fn png_zero_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    if bytes.len() < 24 || !bytes.starts_with(b"\x89PNG\r\n\x1a\n") || &bytes[12..16] != b"IHDR" {
+        return None;
+    }
+    let w = u32::from_be_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
+    let h = u32::from_be_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
+    (w == 0 || h == 0).then_some((w, h))
 }
 
 /// A JPEG whose data stops before its end-of-image marker (`FF D9`). Writers may append bytes
@@ -695,5 +709,119 @@ fn bilinear(x: f64) -> f64 {
         1.0 - x
     } else {
         0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A PNG of the given header size whose (empty) pixel data never decodes: enough for the
+    /// header checks, which must refuse it before any pixel is read.
+    fn png_header(width: u32, height: u32) -> Vec<u8> {
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = width.to_be_bytes().to_vec();
+        ihdr.extend_from_slice(&height.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+        let empty_zlib = [0x78, 0x9C, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01];
+        for (kind, data) in [(b"IHDR", &ihdr[..]), (b"IDAT", &empty_zlib), (b"IEND", &[])] {
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            let mut body = kind.to_vec();
+            body.extend_from_slice(data);
+            out.extend_from_slice(&body);
+            out.extend_from_slice(&crc32(&body).to_be_bytes());
+        }
+        out
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xFFFF_FFFFu32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn enormous_and_zero_size_headers_are_refused_before_decoding() {
+        let p = ImageProcessor::clip_default(224);
+        let big = p.decode(&png_header(20_000, 20_000)).unwrap_err();
+        assert_eq!(big.reason(), "too-large", "{big}");
+        let zero = p.decode(&png_header(0, 10)).unwrap_err();
+        assert_eq!(zero.reason(), "zero-size", "{zero}");
+    }
+
+    #[test]
+    fn output_size_follows_transformers_rounding() {
+        // int(224 * 500 / 333) = 336 (float division, truncated).
+        assert_eq!(resize_output_size(333, 500, 224), (224, 336));
+        assert_eq!(resize_output_size(500, 333, 224), (336, 224));
+        assert_eq!(resize_output_size(100, 100, 224), (224, 224));
+    }
+
+    #[test]
+    fn crop_offsets_match_center_crop() {
+        assert_eq!(crop_offsets(10, 13, 4, 4), (3, 4));
+        // Crop larger than the image: the image sits at ceil((crop - orig) / 2) in the output.
+        assert_eq!(crop_offsets(3, 10, 6, 4), (-2, 3));
+        assert_eq!(crop_offsets(4, 10, 6, 4), (-1, 3));
+    }
+
+    #[test]
+    fn resampler_keeps_flat_images_flat_and_is_identity_at_same_size() {
+        let img = RgbImage::from_pixel(37, 23, image::Rgb([200, 10, 0]));
+        for (w, h) in [(11, 7), (80, 50), (37, 5), (3, 23)] {
+            let out = resize(&img, w, h, Resample::Bicubic);
+            assert_eq!(out.dimensions(), (w, h));
+            assert!(out.pixels().all(|p| p.0 == [200, 10, 0]), "{w}x{h}");
+        }
+        let noise = RgbImage::from_fn(9, 9, |x, y| image::Rgb([(x * 29 + y * 7) as u8, 1, 2]));
+        assert_eq!(resize(&noise, 9, 9, Resample::Bicubic), noise);
+    }
+
+    #[test]
+    fn alpha_compositing_matches_pil() {
+        // PIL: Image.alpha_composite(white, (r, g, b, a)) for a few values.
+        assert_eq!(flatten([0, 0, 0], 0, AlphaMode::CompositeWhite).0, [255; 3]);
+        assert_eq!(
+            flatten([10, 20, 30], 255, AlphaMode::CompositeWhite).0,
+            [10, 20, 30]
+        );
+        assert_eq!(
+            flatten([0, 100, 255], 128, AlphaMode::CompositeWhite).0,
+            [127, 177, 255]
+        );
+        assert_eq!(
+            flatten([0, 100, 255], 128, AlphaMode::Drop).0,
+            [0, 100, 255]
+        );
+    }
+
+    #[test]
+    fn sixteen_bit_keeps_the_high_byte_and_grey_is_replicated() {
+        let img = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(2, 1, vec![0x12FF, 0xFF00])
+            .unwrap();
+        let rgb = to_rgb(DynamicImage::ImageLuma16(img), AlphaMode::CompositeWhite);
+        assert_eq!(rgb.get_pixel(0, 0).0, [0x12; 3]);
+        assert_eq!(rgb.get_pixel(1, 0).0, [0xFF; 3]);
+    }
+
+    #[test]
+    fn expand_to_square_centres_on_the_mean_colour() {
+        let p = ImageProcessor::clip_default(4);
+        assert_eq!(p.mean_colour(), [122, 116, 104]);
+        let img = RgbImage::from_pixel(4, 1, image::Rgb([1, 2, 3]));
+        let sq = expand_to_square(&img, p.mean_colour());
+        assert_eq!(sq.dimensions(), (4, 4));
+        assert_eq!(sq.get_pixel(0, 1).0, [1, 2, 3]);
+        assert_eq!(sq.get_pixel(0, 0).0, [122, 116, 104]);
+        assert_eq!(sq.get_pixel(0, 2).0, [122, 116, 104]);
     }
 }
