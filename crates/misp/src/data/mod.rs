@@ -95,11 +95,7 @@ pub struct Skip {
 }
 
 impl Skip {
-    pub(crate) fn new(
-        source: impl Into<String>,
-        id: Option<String>,
-        reason: impl Into<String>,
-    ) -> Self {
+    pub fn new(source: impl Into<String>, id: Option<String>, reason: impl Into<String>) -> Self {
         Self {
             source: source.into(),
             id,

@@ -183,7 +183,10 @@ fn image(f: Option<&Field>) -> RawImage {
     let group = match f {
         None | Some(Field::Null) => return RawImage::Missing("`image` value"),
         Some(Field::Group(g)) => g,
-        Some(other) => return RawImage::Invalid(format!("`image` is {other}, expected a struct")),
+        // Some exports flatten the struct to its bytes; take them as they are.
+        Some(Field::Bytes(b)) if !b.data().is_empty() => return RawImage::Bytes(b.data().to_vec()),
+        // Not the value itself in the message: it may be megabytes of image.
+        Some(_) => return RawImage::Invalid("`image` is not a {bytes, path} struct".into()),
     };
     match column(group, "bytes") {
         Some(Field::Bytes(b)) if !b.data().is_empty() => return RawImage::Bytes(b.data().to_vec()),
@@ -193,5 +196,45 @@ fn image(f: Option<&Field>) -> RawImage {
         Some(Ok(p)) if !p.is_empty() => RawImage::Path(p),
         Some(Err(e)) => RawImage::Invalid(format!("`image.path`: {e}")),
         _ => RawImage::Missing("bytes or path in `image`"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parquet::data_type::ByteArray;
+
+    fn group(bytes: Option<&[u8]>, path: Option<&str>) -> Field {
+        let field = |v: Option<Field>| v.unwrap_or(Field::Null);
+        Field::Group(Row::new(vec![
+            (
+                "bytes".into(),
+                field(bytes.map(|b| Field::Bytes(ByteArray::from(b)))),
+            ),
+            ("path".into(), field(path.map(|p| Field::Str(p.into())))),
+        ]))
+    }
+
+    #[test]
+    fn image_field_shapes() {
+        let both = group(Some(b"jpg"), Some("a.jpg"));
+        assert!(matches!(image(Some(&both)), RawImage::Bytes(b) if b == b"jpg"));
+        let path = group(Some(b""), Some("a.jpg"));
+        assert!(matches!(image(Some(&path)), RawImage::Path(p) if p == "a.jpg"));
+        assert!(matches!(
+            image(Some(&group(None, None))),
+            RawImage::Missing(_)
+        ));
+        assert!(matches!(image(Some(&Field::Null)), RawImage::Missing(_)));
+        assert!(matches!(image(None), RawImage::Missing(_)));
+        let flat = Field::Bytes(ByteArray::from(&b"png"[..]));
+        assert!(matches!(image(Some(&flat)), RawImage::Bytes(b) if b == b"png"));
+        let RawImage::Invalid(why) = image(Some(&Field::Long(3))) else {
+            panic!("a number is not an image")
+        };
+        assert!(
+            !why.contains('3'),
+            "the value stays out of the message: {why}"
+        );
     }
 }
