@@ -139,10 +139,10 @@ impl Embedder {
         })
     }
 
-    fn image_embeds(&self, pixels: &[Vec<f32>]) -> Result<Vec<f32>, BoxError> {
+    /// Embeddings of `n` preprocessed images given as one `[n, 3, S, S]` buffer.
+    fn image_embeds(&self, pixels: Vec<f32>, n: usize) -> Result<Vec<f32>, BoxError> {
         let s = self.model.image_size();
-        let flat: Vec<f32> = pixels.iter().flatten().cloned().collect();
-        let t = Tensor::from_vec(flat, (pixels.len(), 3, s, s), &Device::Cpu)?;
+        let t = Tensor::from_vec(pixels, (n, 3, s, s), &Device::Cpu)?;
         Ok(self
             .model
             .embed_images(&t)?
@@ -377,24 +377,6 @@ fn embed_chunk(
     batch_size: usize,
     bar: &indicatif::ProgressBar,
 ) -> Result<Part, EmbedError> {
-    // Decode and preprocess in parallel; failures become skips with the decoder's reason.
-    let decoded: Vec<Result<Vec<f32>, String>> = chunk
-        .par_iter()
-        .map(|it| {
-            let bytes = match &it.image {
-                ImageSource::Bytes(b) => std::borrow::Cow::Borrowed(b.as_slice()),
-                ImageSource::Path(p) => std::borrow::Cow::Owned(
-                    std::fs::read(p)
-                        .map_err(|e| format!("unreadable image {}: {e}", p.display()))?,
-                ),
-            };
-            let img = embedder
-                .processor
-                .decode(&bytes)
-                .map_err(|e| e.to_string())?;
-            Ok(embedder.processor.pixels(&img))
-        })
-        .collect();
     let mut part = Part {
         ids: vec![],
         paths: vec![],
@@ -403,44 +385,68 @@ fn embed_chunk(
         skipped: vec![],
         truncated: 0,
     };
-    let mut live: Vec<(&Item, Vec<f32>)> = Vec::with_capacity(chunk.len());
-    for (it, d) in chunk.iter().zip(decoded) {
-        match d {
-            Ok(px) => live.push((it, px)),
-            Err(reason) => {
-                bar.inc(1);
-                part.skipped.push(Skip {
+    // One batch at a time: decoding in parallel within the batch keeps both cores busy while
+    // holding only `batch_size` pixel tensors (a 1024-item chunk of 336 px images would be
+    // 1.4 GB of pixels).
+    for batch in chunk.chunks(batch_size) {
+        let decoded: Vec<Result<Vec<f32>, String>> =
+            batch.par_iter().map(|it| decode(embedder, it)).collect();
+        let mut live: Vec<&Item> = Vec::with_capacity(batch.len());
+        let mut pixels: Vec<f32> = Vec::new();
+        for (it, d) in batch.iter().zip(decoded) {
+            match d {
+                Ok(px) => {
+                    live.push(it);
+                    pixels.extend(px);
+                }
+                Err(reason) => part.skipped.push(Skip {
                     source: it.path.clone().unwrap_or_else(|| it.id.clone()),
                     id: Some(it.id.clone()),
                     reason,
-                })
+                }),
             }
         }
-    }
-    for batch in live.chunks(batch_size) {
-        let pixels: Vec<Vec<f32>> = batch.iter().map(|(_, p)| p.clone()).collect();
+        bar.inc((batch.len() - live.len()) as u64);
+        if live.is_empty() {
+            continue;
+        }
         let e = embedder
-            .image_embeds(&pixels)
-            .map_err(input(format!("embedding images ({} ...)", batch[0].0.id)))?;
+            .image_embeds(pixels, live.len())
+            .map_err(input(format!("embedding images ({} ...)", live[0].id)))?;
         part.images.extend(e);
         if kind == Kind::Records {
-            let texts: Vec<&str> = batch
+            let texts: Vec<&str> = live
                 .iter()
-                .map(|(it, _)| it.prompt.as_deref().unwrap_or(""))
+                .map(|it| it.prompt.as_deref().unwrap_or(""))
                 .collect();
             let (t, truncated) = embedder
                 .text_embeds(&texts)
-                .map_err(input(format!("embedding prompts ({} ...)", batch[0].0.id)))?;
+                .map_err(input(format!("embedding prompts ({} ...)", live[0].id)))?;
             part.prompts.extend(t);
             part.truncated += truncated;
         }
-        for (it, _) in batch {
+        for it in &live {
             part.ids.push(it.id.clone());
             part.paths.push(it.path.clone().unwrap_or_default());
         }
-        bar.inc(batch.len() as u64);
+        bar.inc(live.len() as u64);
     }
     Ok(part)
+}
+
+/// Reads and preprocesses one image; the error is the reason written to `skipped.jsonl`.
+fn decode(embedder: &Embedder, it: &Item) -> Result<Vec<f32>, String> {
+    let bytes = match &it.image {
+        ImageSource::Bytes(b) => std::borrow::Cow::Borrowed(b.as_slice()),
+        ImageSource::Path(p) => std::borrow::Cow::Owned(
+            std::fs::read(p).map_err(|e| format!("unreadable image {}: {e}", p.display()))?,
+        ),
+    };
+    let img = embedder
+        .processor
+        .decode(&bytes)
+        .map_err(|e| e.to_string())?;
+    Ok(embedder.processor.pixels(&img))
 }
 
 fn id_line(kind: Kind, id: &str, path: &str) -> String {
