@@ -6,3 +6,5 @@
 pub mod clip;
 
 pub use clip::ModelError;
+pub mod llama;
+pub mod lora;

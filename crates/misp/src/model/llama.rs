@@ -1,0 +1,612 @@
+//! LLaMA as transformers' `LlamaForCausalLM` (`LlamaModel` + `lm_head`), with LoRA on its
+//! projections, on candle.
+//!
+//! Stages: train / eval (LLaVA's language model). Reads an HF checkpoint folder: `config.json`
+//! and `model.safetensors` (or the shards of `model.safetensors.index.json`) with the keys
+//! transformers saves (`model.embed_tokens`, `model.layers.N.*`, `model.norm`, `lm_head`).
+//! Writes nothing.
+//!
+//! Every struct below is one module of the checkpoint and loads from its own key prefix.
+//! Loading checks all tensors before failing: one error lists every missing or mis-shaped one.
+//!
+//! Gradients flow through this model into LoRA, so only plain differentiable candle ops are used
+//! (DESIGN.md §4): RMSNorm and RoPE are written out (the fused `ops::rms_norm` and
+//! `rotary_emb::rope*` drop gradients on 0.11.1), softmax is the generic `ops::softmax`, SiLU is
+//! `x / (1 + exp(-x))`. As in transformers, RMSNorm statistics, RoPE tables, softmax and the
+//! returned logits are f32 whatever the weights' dtype.
+//!
+//! Positions are `0..T` for every row, as `LlamaForCausalLM.forward` uses without explicit
+//! `position_ids`: batches are right-padded, so padding never shifts a sequence.
+
+// The checking safetensors backend of the CLIP loader, shared by path until `clip::weights`
+// is visible to sibling modules.
+#[allow(clippy::duplicate_mod)]
+#[path = "clip/weights.rs"]
+mod weights;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::VarBuilder;
+use rand::Rng;
+use serde::Deserialize;
+
+pub use super::clip::TensorProblem;
+use super::lora::{LoraConfig, LoraLinear, LoraSwitch};
+pub use super::ModelError;
+
+/// `rope_parameters` of transformers 5 configs (`rope_theta` moved in here).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RopeParameters {
+    pub rope_theta: Option<f64>,
+    pub rope_type: Option<String>,
+}
+
+/// `config.json` of a `LlamaForCausalLM` (transformers' `LlamaConfig` defaults).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// `None`: as many as attention heads (no GQA).
+    pub num_key_value_heads: Option<usize>,
+    /// `None`: `hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    /// transformers 4 layout; transformers 5 writes `rope_parameters.rope_theta`.
+    pub rope_theta: Option<f64>,
+    pub rope_parameters: Option<RopeParameters>,
+    /// Only `null` (plain RoPE) is supported.
+    pub rope_scaling: Option<serde_json::Value>,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<serde_json::Value>,
+    pub pad_token_id: Option<u32>,
+}
+
+impl Default for LlamaConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 32000,
+            hidden_size: 4096,
+            intermediate_size: 11008,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: None,
+            head_dim: None,
+            hidden_act: "silu".into(),
+            max_position_embeddings: 2048,
+            rms_norm_eps: 1e-6,
+            rope_theta: None,
+            rope_parameters: None,
+            rope_scaling: None,
+            attention_bias: false,
+            mlp_bias: false,
+            tie_word_embeddings: false,
+            bos_token_id: Some(1),
+            eos_token_id: Some(serde_json::json!(2)),
+            pad_token_id: None,
+        }
+    }
+}
+
+impl LlamaConfig {
+    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: path.clone(),
+            source,
+        })?;
+        cfg.validate()
+            .map_err(|message| ModelError::Config { path, message })?;
+        Ok(cfg)
+    }
+
+    /// What this implementation does not cover, as one message.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut bad = Vec::new();
+        if self.hidden_act != "silu" {
+            bad.push(format!("hidden_act {:?} (only \"silu\")", self.hidden_act));
+        }
+        if self.attention_bias || self.mlp_bias {
+            bad.push("attention_bias / mlp_bias (LLaMA has no biases)".into());
+        }
+        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            bad.push("rope_scaling (only plain RoPE)".into());
+        }
+        if let Some(t) = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.rope_type.as_ref())
+        {
+            if t != "default" {
+                bad.push(format!("rope_type {t:?} (only \"default\")"));
+            }
+        }
+        let heads = self.num_attention_heads;
+        let kv = self.kv_heads();
+        if heads == 0 || kv == 0 || heads % kv != 0 {
+            bad.push(format!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+            ));
+        } else if self.head_dim() % 2 != 0 {
+            bad.push(format!("head_dim {} is odd", self.head_dim()));
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("unsupported LLaMA config: {}", bad.join("; ")))
+        }
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// `rope_parameters.rope_theta`, else `rope_theta`, else 10000.
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|p| p.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10000.0)
+    }
+}
+
+/// `LlamaRMSNorm`: `weight * (x / sqrt(mean(x^2) + eps))`, the statistics in f32 and the
+/// result cast back to `x`'s dtype before the weight, as transformers does.
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(vb: VarBuilder, dim: usize, eps: f64) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = x.to_dtype(float_dtype(x.dtype()))?;
+        let var = h.sqr()?.mean_keepdim(D::Minus1)?;
+        let h = h.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        h.to_dtype(x.dtype())?.broadcast_mul(&self.weight)
+    }
+}
+
+/// `cos` and `sin` of HF's default RoPE for positions `0..t`: `[t, head_dim]`, each frequency
+/// twice (`cat(freqs, freqs)`), f32.
+fn rope_tables(
+    t: usize,
+    head_dim: usize,
+    theta: f64,
+    dev: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let inv: Vec<f32> = (0..head_dim / 2)
+        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
+        .collect();
+    let inv = Tensor::from_vec(inv, (1, head_dim / 2), dev)?;
+    let pos = Tensor::arange(0u32, t as u32, dev)?
+        .to_dtype(DType::F32)?
+        .reshape((t, 1))?;
+    let freqs = pos.broadcast_mul(&inv)?;
+    let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
+    Ok((emb.cos()?, emb.sin()?))
+}
+
+/// `x * cos + rotate_half(x) * sin` with `rotate_half(x) = cat(-x2, x1)`; `x [B, H, T, hd]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?
+}
+
+/// What every layer of one forward shares: RoPE tables and the additive attention bias.
+struct Context {
+    cos: Tensor,
+    sin: Tensor,
+    /// `[B, 1, T, T]`, 0 where a query may attend, a large negative number elsewhere.
+    bias: Tensor,
+}
+
+#[derive(Debug, Clone)]
+struct LlamaAttention {
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    o_proj: LoraLinear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+fn proj(vb: VarBuilder, inp: usize, out: usize) -> candle_core::Result<LoraLinear> {
+    Ok(LoraLinear::new(vb.get((out, inp), "weight")?))
+}
+
+impl LlamaAttention {
+    fn load(vb: VarBuilder, c: &LlamaConfig) -> candle_core::Result<Self> {
+        let (d, hd) = (c.hidden_size, c.head_dim());
+        let (h, kv) = (c.num_attention_heads, c.kv_heads());
+        Ok(Self {
+            q_proj: proj(vb.pp("q_proj"), d, h * hd)?,
+            k_proj: proj(vb.pp("k_proj"), d, kv * hd)?,
+            v_proj: proj(vb.pp("v_proj"), d, kv * hd)?,
+            o_proj: proj(vb.pp("o_proj"), h * hd, d)?,
+            heads: h,
+            kv_heads: kv,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &Context) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let split = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
+        let q = split(self.q_proj.forward(x)?, h)?;
+        let k = split(self.k_proj.forward(x)?, kv)?;
+        let v = split(self.v_proj.forward(x)?, kv)?;
+        // Tables are f32, as transformers computes them, cast to the activations' dtype.
+        let cos = ctx.cos.to_dtype(x.dtype())?;
+        let sin = ctx.sin.to_dtype(x.dtype())?;
+        let q = apply_rope(&q, &cos, &sin)?;
+        let k = apply_rope(&k, &cos, &sin)?;
+        // GQA: each key/value head serves `h / kv` consecutive query heads (`repeat_kv`).
+        let repeat = |y: Tensor| -> candle_core::Result<Tensor> {
+            if kv == h {
+                return Ok(y);
+            }
+            y.unsqueeze(2)?
+                .broadcast_as((b, kv, h / kv, t, hd))?
+                .contiguous()?
+                .reshape((b, h, t, hd))
+        };
+        let k = repeat(k)?;
+        let v = repeat(v)?.contiguous()?;
+        let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+        let sdt = float_dtype(x.dtype());
+        let scores = (scores.to_dtype(sdt)? / (hd as f64).sqrt())?;
+        let scores = scores.broadcast_add(&ctx.bias.to_dtype(sdt)?)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(x.dtype())?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * hd))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LlamaMlp {
+    gate_proj: LoraLinear,
+    up_proj: LoraLinear,
+    down_proj: LoraLinear,
+}
+
+impl LlamaMlp {
+    fn load(vb: VarBuilder, c: &LlamaConfig) -> candle_core::Result<Self> {
+        let (d, i) = (c.hidden_size, c.intermediate_size);
+        Ok(Self {
+            gate_proj: proj(vb.pp("gate_proj"), d, i)?,
+            up_proj: proj(vb.pp("up_proj"), d, i)?,
+            down_proj: proj(vb.pp("down_proj"), i, d)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let g = self.gate_proj.forward(x)?;
+        // SiLU written out; exp(-g) overflowing to inf gives 0, the limit.
+        let silu = (&g * (g.neg()?.exp()? + 1.0)?.recip()?)?;
+        self.down_proj.forward(&(silu * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LlamaDecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: LlamaAttention,
+    post_attention_layernorm: RmsNorm,
+    mlp: LlamaMlp,
+}
+
+impl LlamaDecoderLayer {
+    fn load(vb: VarBuilder, c: &LlamaConfig) -> candle_core::Result<Self> {
+        let (d, eps) = (c.hidden_size, c.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), d, eps)?,
+            self_attn: LlamaAttention::load(vb.pp("self_attn"), c)?,
+            post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), d, eps)?,
+            mlp: LlamaMlp::load(vb.pp("mlp"), c)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &Context) -> candle_core::Result<Tensor> {
+        let x = (x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, ctx)?)?;
+        &x + self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?
+    }
+
+    fn projections_mut(&mut self) -> [(&'static str, &mut LoraLinear); 7] {
+        [
+            ("q_proj", &mut self.self_attn.q_proj),
+            ("k_proj", &mut self.self_attn.k_proj),
+            ("v_proj", &mut self.self_attn.v_proj),
+            ("o_proj", &mut self.self_attn.o_proj),
+            ("gate_proj", &mut self.mlp.gate_proj),
+            ("up_proj", &mut self.mlp.up_proj),
+            ("down_proj", &mut self.mlp.down_proj),
+        ]
+    }
+
+    fn projections(&self) -> [&LoraLinear; 7] {
+        [
+            &self.self_attn.q_proj,
+            &self.self_attn.k_proj,
+            &self.self_attn.v_proj,
+            &self.self_attn.o_proj,
+            &self.mlp.gate_proj,
+            &self.mlp.up_proj,
+            &self.mlp.down_proj,
+        ]
+    }
+}
+
+/// `LlamaForCausalLM`: `model.embed_tokens`, `model.layers`, `model.norm`, `lm_head`.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed_tokens: Tensor,
+    layers: Vec<LlamaDecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    config: LlamaConfig,
+    switch: LoraSwitch,
+}
+
+/// A large negative bias that neither overflows when added to a score nor makes a fully masked
+/// row NaN (such a row becomes uniform, as with transformers' `finfo.min`).
+const MASKED: f64 = f32::MIN as f64 * 0.5;
+
+impl Llama {
+    /// Builds the model from `vb` rooted at the checkpoint's top level (`model.*`, `lm_head`).
+    pub fn load(vb: VarBuilder, config: LlamaConfig) -> candle_core::Result<Self> {
+        if let Err(m) = config.validate() {
+            candle_core::bail!("{m}");
+        }
+        let c = &config;
+        let m = vb.pp("model");
+        let embed_tokens = m
+            .pp("embed_tokens")
+            .get((c.vocab_size, c.hidden_size), "weight")?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| LlamaDecoderLayer::load(m.pp("layers").pp(i), c))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(m.pp("norm"), c.hidden_size, c.rms_norm_eps)?;
+        let lm_head = if c.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            vb.pp("lm_head")
+                .get((c.vocab_size, c.hidden_size), "weight")?
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            config,
+            switch: LoraSwitch::default(),
+        })
+    }
+
+    /// Loads `dir` (config.json + safetensors) with weights in `dtype`; every missing or
+    /// mis-shaped tensor is listed in one [`ModelError::Tensors`].
+    pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        let config = LlamaConfig::from_dir(dir)?;
+        let (files, named) = weights::checkpoint_files(dir)?;
+        let st = weights::CheckedSafetensors::open(&files)?;
+        let problems = st.problems();
+        let model = Self::load(st.into_var_builder(dtype, device), config)?;
+        let problems: Vec<TensorProblem> = problems.take().into_iter().map(same_problem).collect();
+        if !problems.is_empty() {
+            return Err(ModelError::Tensors {
+                path: named,
+                problems,
+            });
+        }
+        Ok(model)
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The weights' dtype.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// `ids [B, T]` (u32) -> `[B, T, D]` in the weights' dtype.
+    pub fn embed_tokens(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))
+    }
+
+    /// `inputs_embeds [B, T, D]` and `attention_mask [B, T]` (1 = token, 0 = padding, any
+    /// numeric dtype) -> logits `[B, T, V]` in f32 (f64 for an f64 model).
+    pub fn forward_embeds(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = inputs_embeds.dims3()?;
+        let dev = inputs_embeds.device();
+        let (cos, sin) = rope_tables(t, self.config.head_dim(), self.config.rope_theta(), dev)?;
+        let bias = attention_bias(attention_mask, b, t)?;
+        let ctx = Context { cos, sin, bias };
+        let mut x = inputs_embeds.to_dtype(self.dtype())?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &ctx)?;
+        }
+        let x = self.norm.forward(&x)?;
+        x.broadcast_matmul(&self.lm_head.t()?)?
+            .to_dtype(float_dtype(self.dtype()))
+    }
+
+    /// [`Self::forward_embeds`] of [`Self::embed_tokens`].
+    pub fn forward(&self, ids: &Tensor, attention_mask: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_embeds(&self.embed_tokens(ids)?, attention_mask)
+    }
+
+    /// Attaches fresh adapters (A Kaiming-uniform from `rng`, B zero) to the projections
+    /// `cfg.target_modules` names, layer by layer in checkpoint order.
+    pub fn attach_lora<R: Rng>(
+        &mut self,
+        cfg: &LoraConfig,
+        rng: &mut R,
+    ) -> candle_core::Result<()> {
+        let switch = self.switch.clone();
+        for layer in &mut self.layers {
+            for (name, p) in layer.projections_mut() {
+                if cfg.targets(name) {
+                    p.attach(cfg, &switch, rng)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The switch shared by all adapters: enabled (policy) / disabled (reference), training.
+    pub fn lora_switch(&self) -> &LoraSwitch {
+        &self.switch
+    }
+
+    /// Every adapter variable, `A` then `B` per projection, layers in order.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        self.layers
+            .iter()
+            .flat_map(|l| l.projections())
+            .flat_map(|p| p.trainable_vars())
+            .collect()
+    }
+
+    /// Each adapted projection with its checkpoint path (`model.layers.N.self_attn.q_proj`).
+    pub fn lora_layers(&self) -> Vec<(String, &LoraLinear)> {
+        let names = [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ];
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for (n, p) in names.iter().zip(l.projections()) {
+                if p.lora().is_some() {
+                    out.push((format!("model.layers.{i}.{n}"), p));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The path-included copy of `clip::weights` has its own `TensorProblem`; errors carry the
+/// public one.
+fn same_problem(p: weights::TensorProblem) -> TensorProblem {
+    match p {
+        weights::TensorProblem::Missing { name } => TensorProblem::Missing { name },
+        weights::TensorProblem::Shape {
+            name,
+            file,
+            got,
+            expected,
+        } => TensorProblem::Shape {
+            name,
+            file,
+            got,
+            expected,
+        },
+    }
+}
+
+/// f64 stays f64 (finite-difference checks); everything else computes in f32.
+fn float_dtype(d: DType) -> DType {
+    if d == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// `[B, 1, T, T]` f32: 0 where key `j <= i` and key `j` is not padding, [`MASKED`] elsewhere.
+fn attention_bias(mask: &Tensor, b: usize, t: usize) -> candle_core::Result<Tensor> {
+    let dev = mask.device();
+    if mask.dims() != [b, t] {
+        candle_core::bail!(
+            "attention_mask has shape {:?}, expected [{b}, {t}]",
+            mask.dims()
+        );
+    }
+    let i = Tensor::arange(0u32, t as u32, dev)?;
+    let causal = i
+        .reshape((t, 1))?
+        .broadcast_ge(&i.reshape((1, t))?)?
+        .to_dtype(DType::F32)?;
+    let keys = mask.to_dtype(DType::F32)?.ne(0f32)?.to_dtype(DType::F32)?;
+    let allowed = causal
+        .reshape((1, 1, t, t))?
+        .broadcast_mul(&keys.reshape((b, 1, 1, t))?)?;
+    (allowed - 1.0)? * (-MASKED)
+}
+
+/// Per-token log-probs of a causal LM: `logits [B, T, V]`, `labels [B, T]` (u32) ->
+/// `[B, T-1]` with entry `t` = `log p(labels[t+1] | ..=t)` (logits at `t` predict `t+1`).
+pub fn token_logprobs(logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, t, _) = logits.dims3()?;
+    if t < 2 {
+        candle_core::bail!("need at least 2 positions to score, got {t}");
+    }
+    let logits = logits.narrow(1, 0, t - 1)?;
+    let lp =
+        candle_nn::ops::log_softmax(&logits.to_dtype(float_dtype(logits.dtype()))?, D::Minus1)?;
+    let next = labels.narrow(1, 1, t - 1)?.contiguous()?.unsqueeze(2)?;
+    lp.gather(&next, 2)?.squeeze(2)
+}
+
+/// Sequence log-probs: `label_mask [B, T]` marks the label tokens that count (a response and
+/// its EOS; the first position can never count). Returns `(sum of log p [B], count [B])` in
+/// f32 (f64 for f64 logits).
+pub fn sequence_logprobs(
+    logits: &Tensor,
+    labels: &Tensor,
+    label_mask: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let lp = token_logprobs(logits, labels)?;
+    let t = label_mask.dim(1)?;
+    let m = label_mask.narrow(1, 1, t - 1)?.to_dtype(lp.dtype())?;
+    Ok(((lp * &m)?.sum(1)?, m.sum(1)?))
+}

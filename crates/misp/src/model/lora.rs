@@ -1,0 +1,328 @@
+//! LoRA adapters (PEFT's `LoraLayer` for `nn.Linear`): `y = W x + (alpha / r) * B A x`.
+//!
+//! Stage: train / eval. The base weight `W [out, in]` is a plain tensor (frozen, possibly bf16,
+//! never copied); `A [r, in]` and `B [out, r]` are f32 [`Var`]s (f64 over an f64 base), `A` drawn as PEFT's
+//! `kaiming_uniform_(a = sqrt(5))`, i.e. `U(-1/sqrt(in), 1/sqrt(in))`, and `B` zero, so a fresh
+//! adapter leaves the model unchanged. Dropout acts on the LoRA input path only, and only while
+//! the shared [`LoraSwitch`] says training. Disabling the switch gives the base model exactly:
+//! DPO's reference policy without a second copy of the weights.
+//!
+//! Reads and writes nothing; saving adapters in PEFT layout builds on [`LoraLinear::lora`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+/// Which projections get adapters and how (PEFT's `LoraConfig` fields of the same names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f32,
+    /// Module names as PEFT's `target_modules`: `q_proj`, `k_proj`, `v_proj`, `o_proj`,
+    /// `gate_proj`, `up_proj`, `down_proj`.
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 64,
+            lora_alpha: 128.0,
+            lora_dropout: 0.05,
+            target_modules: [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
+impl LoraConfig {
+    /// `alpha / r`, the factor on `B A x`.
+    pub fn scaling(&self) -> f64 {
+        self.lora_alpha / self.r as f64
+    }
+
+    pub fn targets(&self, module: &str) -> bool {
+        self.target_modules.iter().any(|m| m == module)
+    }
+}
+
+#[derive(Debug)]
+struct SwitchState {
+    enabled: AtomicBool,
+    training: AtomicBool,
+}
+
+/// Run-time state shared by every adapter of a model: enabled (policy) or disabled (reference
+/// policy), and training (dropout on) or not. Clones share the state.
+#[derive(Debug, Clone)]
+pub struct LoraSwitch(Arc<SwitchState>);
+
+impl Default for LoraSwitch {
+    /// Enabled, not training.
+    fn default() -> Self {
+        Self(Arc::new(SwitchState {
+            enabled: AtomicBool::new(true),
+            training: AtomicBool::new(false),
+        }))
+    }
+}
+
+impl LoraSwitch {
+    pub fn set_enabled(&self, on: bool) {
+        self.0.enabled.store(on, Ordering::Relaxed);
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.0.enabled.load(Ordering::Relaxed)
+    }
+
+    pub fn set_training(&self, on: bool) {
+        self.0.training.store(on, Ordering::Relaxed);
+    }
+
+    pub fn training(&self) -> bool {
+        self.0.training.load(Ordering::Relaxed)
+    }
+}
+
+/// The trainable pair of one adapted projection.
+#[derive(Debug, Clone)]
+pub struct Lora {
+    /// `lora_A.weight`, `[r, in]`.
+    pub a: Var,
+    /// `lora_B.weight`, `[out, r]`.
+    pub b: Var,
+    scaling: f64,
+    dropout: f32,
+    switch: LoraSwitch,
+}
+
+/// A bias-free linear layer (`x W^T`) with an optional LoRA adapter.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    weight: Tensor,
+    lora: Option<Lora>,
+}
+
+impl LoraLinear {
+    /// The frozen base layer alone; `weight` is `[out, in]` as `nn.Linear` stores it.
+    pub fn new(weight: Tensor) -> Self {
+        Self { weight, lora: None }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
+    }
+
+    /// Attaches a fresh f32 adapter: `A ~ U(-1/sqrt(in), 1/sqrt(in))` from `rng`, `B = 0`.
+    pub fn attach<R: Rng>(
+        &mut self,
+        cfg: &LoraConfig,
+        switch: &LoraSwitch,
+        rng: &mut R,
+    ) -> candle_core::Result<()> {
+        let (out, inp) = self.weight.dims2()?;
+        if cfg.r == 0 {
+            candle_core::bail!("LoRA rank r must be positive");
+        }
+        let bound = 1.0 / (inp as f32).sqrt();
+        let a: Vec<f32> = (0..cfg.r * inp)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        let dev = self.weight.device();
+        let dtype = adapter_dtype(self.weight.dtype());
+        let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.r, inp), dev)?.to_dtype(dtype)?)?;
+        let b = Var::zeros((out, cfg.r), dtype, dev)?;
+        self.set_lora(a, b, cfg, switch)
+    }
+
+    /// Attaches given adapter values (a loaded adapter, or a test's), checked against the base
+    /// shape.
+    pub fn set_lora(
+        &mut self,
+        a: Var,
+        b: Var,
+        cfg: &LoraConfig,
+        switch: &LoraSwitch,
+    ) -> candle_core::Result<()> {
+        let (out, inp) = self.weight.dims2()?;
+        if a.dims() != [cfg.r, inp] || b.dims() != [out, cfg.r] {
+            candle_core::bail!(
+                "LoRA shapes A {:?}, B {:?} do not fit a [{out}, {inp}] layer with r {}",
+                a.dims(),
+                b.dims(),
+                cfg.r
+            );
+        }
+        self.lora = Some(Lora {
+            a,
+            b,
+            scaling: cfg.scaling(),
+            dropout: cfg.lora_dropout,
+            switch: switch.clone(),
+        });
+        Ok(())
+    }
+
+    /// `x [.., in] -> [.., out]` in `x`'s dtype; the LoRA path runs in f32.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let base = x.broadcast_matmul(&self.weight.t()?)?;
+        let Some(l) = &self.lora else {
+            return Ok(base);
+        };
+        if !l.switch.enabled() {
+            return Ok(base);
+        }
+        let mut h = x.to_dtype(l.a.dtype())?;
+        if l.switch.training() && l.dropout > 0.0 {
+            h = candle_nn::ops::dropout(&h, l.dropout)?;
+        }
+        let delta = h
+            .broadcast_matmul(&l.a.as_tensor().t()?)?
+            .broadcast_matmul(&l.b.as_tensor().t()?)?;
+        base + (delta * l.scaling)?.to_dtype(x.dtype())?
+    }
+
+    /// The adapter's variables, `[A, B]`, or none.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        self.lora
+            .iter()
+            .flat_map(|l| [l.a.clone(), l.b.clone()])
+            .collect()
+    }
+}
+
+/// Adapters are f32 over f32 / bf16 / f16 bases, f64 over f64 ones (finite-difference checks).
+fn adapter_dtype(base: DType) -> DType {
+    if base == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// A seeded generator for adapter initialisation, so a run's initial adapter is reproducible.
+pub fn init_rng(seed: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn layer() -> (LoraLinear, LoraSwitch, LoraConfig) {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (6, 5), &dev).unwrap();
+        let mut l = LoraLinear::new(w);
+        let cfg = LoraConfig {
+            r: 3,
+            lora_alpha: 6.0,
+            lora_dropout: 0.0,
+            ..LoraConfig::default()
+        };
+        let sw = LoraSwitch::default();
+        l.attach(&cfg, &sw, &mut init_rng(1)).unwrap();
+        (l, sw, cfg)
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn fresh_adapter_is_identity_and_a_is_kaiming_uniform() {
+        let (l, _, _) = layer();
+        let x = Tensor::randn(0f32, 1.0, (2, 4, 5), &Device::Cpu).unwrap();
+        let base = LoraLinear::new(l.weight().clone()).forward(&x).unwrap();
+        assert_eq!(max_abs(&l.forward(&x).unwrap(), &base), 0.0);
+        let a: Vec<f32> = l
+            .lora()
+            .unwrap()
+            .a
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let bound = 1.0 / 5f32.sqrt();
+        assert!(a.iter().all(|v| v.abs() < bound));
+        assert!(a.iter().any(|v| v.abs() > bound / 2.0));
+    }
+
+    #[test]
+    fn forward_is_w_x_plus_scaled_b_a_x_and_switch_round_trips() {
+        let (l, sw, _) = layer();
+        let lo = l.lora().unwrap();
+        lo.b.set(&Tensor::randn(0f32, 1.0, (6, 3), &Device::Cpu).unwrap())
+            .unwrap();
+        let x = Tensor::randn(0f32, 1.0, (4, 5), &Device::Cpu).unwrap();
+        let wx = x.matmul(&l.weight().t().unwrap()).unwrap();
+        let bax = x
+            .matmul(&lo.a.t().unwrap())
+            .unwrap()
+            .matmul(&lo.b.t().unwrap())
+            .unwrap();
+        let want = (&wx + (bax * 2.0).unwrap()).unwrap();
+        assert!(max_abs(&l.forward(&x).unwrap(), &want) < 1e-5);
+        sw.set_enabled(false);
+        assert_eq!(max_abs(&l.forward(&x).unwrap(), &wx), 0.0);
+        sw.set_enabled(true);
+        assert_eq!(max_abs(&l.forward(&x).unwrap(), &want), 0.0);
+    }
+
+    #[test]
+    fn dropout_only_while_training_and_only_on_the_lora_path() {
+        let (l, sw, mut cfg) = layer();
+        cfg.lora_dropout = 0.5;
+        let lo = l.lora().unwrap().clone();
+        let mut l = LoraLinear::new(l.weight().clone());
+        l.set_lora(lo.a.clone(), lo.b.clone(), &cfg, &sw).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (8, 5), &Device::Cpu).unwrap();
+        let eval = l.forward(&x).unwrap();
+        sw.set_training(true);
+        // B = 0: dropout on the LoRA input cannot touch the output.
+        assert_eq!(max_abs(&l.forward(&x).unwrap(), &eval), 0.0);
+        lo.b.set(&Tensor::ones((6, 3), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        let train = l.forward(&x).unwrap();
+        sw.set_training(false);
+        let eval = l.forward(&x).unwrap();
+        assert!(max_abs(&train, &eval) > 0.0);
+        assert_eq!(max_abs(&l.forward(&x).unwrap(), &eval), 0.0);
+    }
+
+    #[test]
+    fn rejects_mismatched_adapter() {
+        let (mut l, sw, cfg) = layer();
+        let a = Var::zeros((3, 4), DType::F32, &Device::Cpu).unwrap();
+        let b = Var::zeros((6, 3), DType::F32, &Device::Cpu).unwrap();
+        assert!(l.set_lora(a, b, &cfg, &sw).is_err());
+    }
+}
