@@ -18,7 +18,7 @@
 //! as PyTorch does for half-precision inputs.
 
 mod tokenizer;
-mod weights;
+pub(crate) mod weights;
 
 use std::path::{Path, PathBuf};
 

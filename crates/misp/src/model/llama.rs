@@ -18,12 +18,6 @@
 //! Positions are `0..T` for every row, as `LlamaForCausalLM.forward` uses without explicit
 //! `position_ids`: batches are right-padded, so padding never shifts a sequence.
 
-// The checking safetensors backend of the CLIP loader, shared by path until `clip::weights`
-// is visible to sibling modules.
-#[allow(clippy::duplicate_mod)]
-#[path = "clip/weights.rs"]
-mod weights;
-
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -31,6 +25,7 @@ use candle_nn::VarBuilder;
 use rand::Rng;
 use serde::Deserialize;
 
+use super::clip::weights;
 pub use super::clip::TensorProblem;
 use super::lora::{LoraConfig, LoraLinear, LoraSwitch};
 pub use super::ModelError;
@@ -426,7 +421,7 @@ impl Llama {
         let st = weights::CheckedSafetensors::open(&files)?;
         let problems = st.problems();
         let model = Self::load(st.into_var_builder(dtype, device), config)?;
-        let problems: Vec<TensorProblem> = problems.take().into_iter().map(same_problem).collect();
+        let problems: Vec<TensorProblem> = problems.take();
         if !problems.is_empty() {
             return Err(ModelError::Tensors {
                 path: named,
@@ -531,25 +526,6 @@ impl Llama {
             }
         }
         out
-    }
-}
-
-/// The path-included copy of `clip::weights` has its own `TensorProblem`; errors carry the
-/// public one.
-fn same_problem(p: weights::TensorProblem) -> TensorProblem {
-    match p {
-        weights::TensorProblem::Missing { name } => TensorProblem::Missing { name },
-        weights::TensorProblem::Shape {
-            name,
-            file,
-            got,
-            expected,
-        } => TensorProblem::Shape {
-            name,
-            file,
-            got,
-            expected,
-        },
     }
 }
 
