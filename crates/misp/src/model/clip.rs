@@ -203,15 +203,7 @@ impl Default for ClipConfig {
 impl ClipConfig {
     /// Reads and checks `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|source| ModelError::Json {
-            path: path.clone(),
-            source,
-        })?;
+        let (cfg, path): (Self, _) = super::read_config(dir)?;
         let bad = |message: String| ModelError::Config {
             path: path.clone(),
             message,

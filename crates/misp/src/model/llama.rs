@@ -94,15 +94,7 @@ impl Default for LlamaConfig {
 
 impl LlamaConfig {
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|source| ModelError::Json {
-            path: path.clone(),
-            source,
-        })?;
+        let (cfg, path): (Self, _) = super::read_config(dir)?;
         cfg.validate()
             .map_err(|message| ModelError::Config { path, message })?;
         Ok(cfg)

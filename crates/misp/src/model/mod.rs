@@ -8,3 +8,20 @@ pub mod clip;
 pub use clip::ModelError;
 pub mod llama;
 pub mod lora;
+
+/// Reads `dir/config.json` (an HF model config) into `T`; returns it with the file's path for
+/// later error messages. Errors name the file.
+pub(crate) fn read_config<T: serde::de::DeserializeOwned>(
+    dir: &std::path::Path,
+) -> Result<(T, std::path::PathBuf), ModelError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let cfg = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: path.clone(),
+        source,
+    })?;
+    Ok((cfg, path))
+}
