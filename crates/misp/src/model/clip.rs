@@ -500,6 +500,39 @@ impl ClipVisionTransformer {
     }
 }
 
+/// The vision tower alone (transformers' `CLIPVisionTransformer`, keys `embeddings.*`,
+/// `pre_layrnorm.*`, `encoder.*`, `post_layernorm.*` under `vb`), as LLaVA holds it.
+#[derive(Debug, Clone)]
+pub struct ClipVisionTower {
+    model: ClipVisionTransformer,
+    config: ClipVisionConfig,
+}
+
+impl ClipVisionTower {
+    pub fn load(vb: VarBuilder, config: ClipVisionConfig) -> candle_core::Result<Self> {
+        Ok(Self {
+            model: ClipVisionTransformer::load(vb, &config)?,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &ClipVisionConfig {
+        &self.config
+    }
+
+    /// transformers' `hidden_states[n]` (`[B, 1 + grid^2, hidden]`, CLS first) of `[B, C, S, S]`
+    /// pixels in the weights' dtype; `n <= num_hidden_layers`.
+    pub fn hidden_states(&self, pixels: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+        if n > self.config.num_hidden_layers {
+            candle_core::bail!(
+                "hidden_states[{n}] is past the tower's {} layers",
+                self.config.num_hidden_layers
+            );
+        }
+        self.model.hidden_states(pixels, n)
+    }
+}
+
 /// `text_model`: transformers' `CLIPTextTransformer`.
 #[derive(Debug, Clone)]
 struct ClipTextTransformer {

@@ -7,6 +7,7 @@ pub mod clip;
 
 pub use clip::ModelError;
 pub mod llama;
+pub mod llava;
 pub mod lora;
 
 /// Reads `dir/config.json` (an HF model config) into `T`; returns it with the file's path for
