@@ -92,33 +92,19 @@ fn summary(out: &std::path::Path, r: &EmbedReport) {
 }
 
 pub fn run(cmd: EmbedCommand) -> anyhow::Result<()> {
-    match cmd {
-        EmbedCommand::Pool(a) => {
-            let c = &a.common;
-            let embedder = Embedder::load(&c.clip, false)?;
-            let report = embed_pool(
-                &embedder,
-                &a.images,
-                c.image_root.as_deref(),
-                &c.out,
-                &c.config(),
-                !c.quiet,
-            )?;
-            summary(&c.out, &report);
-        }
+    // Records need the text tower's tokenizer for their prompts; a pool does not.
+    let (c, with_text) = match &cmd {
+        EmbedCommand::Pool(a) => (&a.common, false),
+        EmbedCommand::Records(a) => (&a.common, true),
+    };
+    let embedder = Embedder::load(&c.clip, with_text)?;
+    let (root, cfg) = (c.image_root.as_deref(), c.config());
+    let report = match &cmd {
+        EmbedCommand::Pool(a) => embed_pool(&embedder, &a.images, root, &c.out, &cfg, !c.quiet)?,
         EmbedCommand::Records(a) => {
-            let c = &a.common;
-            let embedder = Embedder::load(&c.clip, true)?;
-            let report = embed_records(
-                &embedder,
-                &a.data,
-                c.image_root.as_deref(),
-                &c.out,
-                &c.config(),
-                !c.quiet,
-            )?;
-            summary(&c.out, &report);
+            embed_records(&embedder, &a.data, root, &c.out, &cfg, !c.quiet)?
         }
-    }
+    };
+    summary(&c.out, &report);
     Ok(())
 }
