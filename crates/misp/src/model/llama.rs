@@ -500,18 +500,9 @@ impl Llama {
 
     /// Each adapted projection with its checkpoint path (`model.layers.N.self_attn.q_proj`).
     pub fn lora_layers(&self) -> Vec<(String, &LoraLinear)> {
-        let names = [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ];
         let mut out = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            for (n, p) in names.iter().zip(l.projections()) {
+            for (n, p) in PROJECTION_PATHS.iter().zip(l.projections()) {
                 if p.lora().is_some() {
                     out.push((format!("model.layers.{i}.{n}"), p));
                 }
@@ -519,7 +510,33 @@ impl Llama {
         }
         out
     }
+
+    /// The projection at checkpoint path `model.layers.N.self_attn.q_proj` (any of the seven
+    /// LoRA targets), for attaching loaded adapters; `None` for any other path.
+    pub fn projection_mut(&mut self, path: &str) -> Option<&mut LoraLinear> {
+        let rest = path.strip_prefix("model.layers.")?;
+        let (index, name) = rest.split_once('.')?;
+        let layer = self.layers.get_mut(index.parse::<usize>().ok()?)?;
+        let slot = PROJECTION_PATHS.iter().position(|p| *p == name)?;
+        layer
+            .projections_mut()
+            .into_iter()
+            .nth(slot)
+            .map(|(_, p)| p)
+    }
 }
+
+/// The seven LoRA targets' paths inside a decoder layer, in [`LlamaDecoderLayer::projections`]
+/// order.
+const PROJECTION_PATHS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
 
 /// f64 stays f64 (finite-difference checks); everything else computes in f32.
 fn float_dtype(d: DType) -> DType {
