@@ -15,8 +15,10 @@
 //! `x / (1 + exp(-x))`. As in transformers, RMSNorm statistics, RoPE tables, softmax and the
 //! returned logits are f32 whatever the weights' dtype.
 //!
-//! Positions are `0..T` for every row, as `LlamaForCausalLM.forward` uses without explicit
-//! `position_ids`: batches are right-padded, so padding never shifts a sequence.
+//! Positions are `0..T` for every row in [`Llama::forward`], as `LlamaForCausalLM.forward` uses
+//! without explicit `position_ids`: scoring batches are right-padded, so padding never shifts a
+//! sequence. [`Llama::forward_cached`] (generation, left-padded prompts) counts positions per
+//! row from the attention mask, as transformers' `generate` does.
 
 use std::path::Path;
 
@@ -180,24 +182,32 @@ impl RmsNorm {
     }
 }
 
-/// `cos` and `sin` of HF's default RoPE for positions `0..t`: `[t, head_dim]`, each frequency
-/// twice (`cat(freqs, freqs)`), f32.
+/// `cos` and `sin` of HF's default RoPE at `positions` (`[N]` f32): `[N, head_dim]`, each
+/// frequency twice (`cat(freqs, freqs)`), computed in f32 as transformers does.
+fn rope_at(
+    positions: &Tensor,
+    head_dim: usize,
+    theta: f64,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let inv: Vec<f32> = (0..head_dim / 2)
+        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
+        .collect();
+    let inv = Tensor::from_vec(inv, (1, head_dim / 2), positions.device())?;
+    let n = positions.dim(0)?;
+    let freqs = positions.reshape((n, 1))?.broadcast_mul(&inv)?;
+    let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
+    Ok((emb.cos()?, emb.sin()?))
+}
+
+/// RoPE tables for positions `0..t`, shared by every row: `[t, head_dim]`.
 fn rope_tables(
     t: usize,
     head_dim: usize,
     theta: f64,
     dev: &Device,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let inv: Vec<f32> = (0..head_dim / 2)
-        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
-        .collect();
-    let inv = Tensor::from_vec(inv, (1, head_dim / 2), dev)?;
-    let pos = Tensor::arange(0u32, t as u32, dev)?
-        .to_dtype(DType::F32)?
-        .reshape((t, 1))?;
-    let freqs = pos.broadcast_mul(&inv)?;
-    let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
-    Ok((emb.cos()?, emb.sin()?))
+    let pos = Tensor::arange(0u32, t as u32, dev)?.to_dtype(DType::F32)?;
+    rope_at(&pos, head_dim, theta)
 }
 
 /// `x * cos + rotate_half(x) * sin` with `rotate_half(x) = cat(-x2, x1)`; `x [B, H, T, hd]`.
@@ -247,7 +257,14 @@ impl LlamaAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &Context) -> candle_core::Result<Tensor> {
+    /// `cache`: this layer's keys and values of earlier positions (post-RoPE, before the GQA
+    /// repeat), extended in place with this call's; `None` for a forward without a cache.
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Context,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let split = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
@@ -259,15 +276,27 @@ impl LlamaAttention {
         let sin = ctx.sin.to_dtype(x.dtype())?;
         let q = apply_rope(&q, &cos, &sin)?;
         let k = apply_rope(&k, &cos, &sin)?;
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    None => (k.contiguous()?, v.contiguous()?),
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+        };
+        let tk = k.dim(2)?;
         // GQA: each key/value head serves `h / kv` consecutive query heads (`repeat_kv`).
         let repeat = |y: Tensor| -> candle_core::Result<Tensor> {
             if kv == h {
                 return Ok(y);
             }
             y.unsqueeze(2)?
-                .broadcast_as((b, kv, h / kv, t, hd))?
+                .broadcast_as((b, kv, h / kv, tk, hd))?
                 .contiguous()?
-                .reshape((b, h, t, hd))
+                .reshape((b, h, tk, hd))
         };
         let k = repeat(k)?;
         let v = repeat(v)?.contiguous()?;
@@ -325,10 +354,15 @@ impl LlamaDecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &Context) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Context,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
         let x = (x + self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, ctx)?)?;
+            .forward(&self.input_layernorm.forward(x)?, ctx, cache)?)?;
         &x + self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&x)?)?
@@ -450,15 +484,80 @@ impl Llama {
         let (b, t, _) = inputs_embeds.dims3()?;
         let dev = inputs_embeds.device();
         let (cos, sin) = rope_tables(t, self.config.head_dim(), self.config.rope_theta(), dev)?;
-        let bias = attention_bias(attention_mask, b, t)?;
+        let bias = attention_bias(attention_mask, b, t, 0)?;
         let ctx = Context { cos, sin, bias };
         let mut x = inputs_embeds.to_dtype(self.dtype())?;
         for layer in &self.layers {
-            x = layer.forward(&x, &ctx)?;
+            x = layer.forward(&x, &ctx, None)?;
         }
-        let x = self.norm.forward(&x)?;
+        self.head(&x)
+    }
+
+    /// Final norm and `lm_head`: hidden states -> f32 (f64) logits.
+    fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = self.norm.forward(x)?;
         x.broadcast_matmul(&self.lm_head.t()?)?
             .to_dtype(float_dtype(self.dtype()))
+    }
+
+    /// An empty KV cache for `batch` rows, for [`Self::forward_cached`].
+    pub fn new_cache(&self, batch: usize) -> KvCache {
+        KvCache {
+            layers: vec![None; self.layers.len()],
+            mask: None,
+            seen: vec![0; batch],
+        }
+    }
+
+    /// One step of incremental decoding: `inputs_embeds [B, t, D]` are the next `t` positions
+    /// of every row, `attention_mask [B, t]` marks which of them are tokens (left padding of a
+    /// prompt is 0). Keys and values are kept in `cache`; logits `[B, t, V]` are returned.
+    ///
+    /// Positions follow transformers' `generate`: each row counts only its own tokens
+    /// (`cumsum(mask) - 1`), so a left-padded prompt is encoded exactly as an unpadded one.
+    pub fn forward_cached(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = inputs_embeds.dims3()?;
+        let dev = inputs_embeds.device();
+        if cache.seen.len() != b || attention_mask.dims() != [b, t] {
+            candle_core::bail!(
+                "cache for {} rows, inputs [{b}, {t}], mask {:?}",
+                cache.seen.len(),
+                attention_mask.dims()
+            );
+        }
+        let new_mask: Vec<Vec<f32>> = attention_mask.to_dtype(DType::F32)?.to_vec2()?;
+        let mut positions = Vec::with_capacity(b * t);
+        for (row, seen) in new_mask.iter().zip(cache.seen.iter_mut()) {
+            for &m in row {
+                if m != 0.0 {
+                    *seen += 1;
+                }
+                positions.push(seen.saturating_sub(1) as f32);
+            }
+        }
+        let positions = Tensor::from_vec(positions, b * t, dev)?;
+        let (cos, sin) = rope_at(&positions, self.config.head_dim(), self.config.rope_theta())?;
+        let hd = self.config.head_dim();
+        let (cos, sin) = (cos.reshape((b, 1, t, hd))?, sin.reshape((b, 1, t, hd))?);
+        let step_mask = attention_mask.to_dtype(DType::F32)?;
+        let mask = match cache.mask.take() {
+            None => step_mask,
+            Some(prev) => Tensor::cat(&[&prev, &step_mask], 1)?,
+        };
+        let offset = mask.dim(1)? - t;
+        let bias = attention_bias(&mask, b, t, offset)?;
+        cache.mask = Some(mask);
+        let ctx = Context { cos, sin, bias };
+        let mut x = inputs_embeds.to_dtype(self.dtype())?;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, &ctx, Some(slot))?;
+        }
+        self.head(&x)
     }
 
     /// [`Self::forward_embeds`] of [`Self::embed_tokens`].
@@ -547,25 +646,38 @@ fn float_dtype(d: DType) -> DType {
     }
 }
 
-/// `[B, 1, T, T]` f32: 0 where key `j <= i` and key `j` is not padding, [`MASKED`] elsewhere.
-fn attention_bias(mask: &Tensor, b: usize, t: usize) -> candle_core::Result<Tensor> {
+/// `[B, 1, T, offset + T]` f32 for `T` queries at key positions `offset..offset + T`: 0 where
+/// key `j <= offset + i` and key `j` is not padding (`mask [B, offset + T]`), [`MASKED`]
+/// elsewhere.
+fn attention_bias(mask: &Tensor, b: usize, t: usize, offset: usize) -> candle_core::Result<Tensor> {
     let dev = mask.device();
-    if mask.dims() != [b, t] {
+    let tk = offset + t;
+    if mask.dims() != [b, tk] {
         candle_core::bail!(
-            "attention_mask has shape {:?}, expected [{b}, {t}]",
+            "attention_mask has shape {:?}, expected [{b}, {tk}]",
             mask.dims()
         );
     }
-    let i = Tensor::arange(0u32, t as u32, dev)?;
-    let causal = i
+    let q = Tensor::arange(offset as u32, tk as u32, dev)?;
+    let k = Tensor::arange(0u32, tk as u32, dev)?;
+    let causal = q
         .reshape((t, 1))?
-        .broadcast_ge(&i.reshape((1, t))?)?
+        .broadcast_ge(&k.reshape((1, tk))?)?
         .to_dtype(DType::F32)?;
     let keys = mask.to_dtype(DType::F32)?.ne(0f32)?.to_dtype(DType::F32)?;
     let allowed = causal
-        .reshape((1, 1, t, t))?
-        .broadcast_mul(&keys.reshape((b, 1, 1, t))?)?;
+        .reshape((1, 1, t, tk))?
+        .broadcast_mul(&keys.reshape((b, 1, 1, tk))?)?;
     (allowed - 1.0)? * (-MASKED)
+}
+
+/// Keys and values of the positions decoded so far, per layer, with the attention mask over
+/// them and each row's token count (its next position).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    mask: Option<Tensor>,
+    seen: Vec<usize>,
 }
 
 /// Per-token log-probs of a causal LM: `logits [B, T, V]`, `labels [B, T]` (u32) ->
