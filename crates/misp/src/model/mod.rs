@@ -3,6 +3,7 @@
 //!
 //! Each module mirrors its checkpoint's key tree, so a missing tensor names its own path.
 
+pub mod adapter;
 pub mod clip;
 
 pub use clip::ModelError;
