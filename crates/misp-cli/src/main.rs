@@ -7,8 +7,11 @@
 
 mod bench_mine;
 mod embed_cmd;
+mod eval_cmd;
 mod mine_cmd;
 mod sae_cmd;
+mod score_cmd;
+mod world_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -46,13 +49,17 @@ enum Command {
     /// Stage 1b: mine K diverse negative images per record (Eq. 12, Algorithm 1).
     Mine(mine_cmd::MineArgs),
     /// Score responses: summed log-probabilities under a LLaVA model (+ adapter).
-    Score(Pending),
+    Score(score_cmd::ScoreArgs),
+    /// Greedy answers of a LLaVA model (+ adapter) to image + prompt rows.
+    Generate(score_cmd::GenerateArgs),
     /// Stage 2: train LoRA on a LLaVA checkpoint with the MISP-DPO objective (Eq. 6-10).
     Train(Pending),
     /// Stage 3: hallucination benchmarks (POPE, CHAIR) with per-item audit files.
-    Eval(Pending),
+    #[command(subcommand)]
+    Eval(eval_cmd::EvalCommand),
     /// ShapesWorld: the synthetic world and its tiny CLIP / LLaVA checkpoints.
-    World(Pending),
+    #[command(subcommand)]
+    World(world_cmd::WorldCommand),
     /// Every stage end to end on ShapesWorld, on CPU, with a report.
     Demo(Pending),
     /// Speed and memory benchmarks of the stages, printed as tables.
@@ -70,12 +77,16 @@ impl Command {
     /// `(sub-command, issue that brings it)` for stages still pending.
     fn pending(&self) -> Option<(&'static str, u32)> {
         match self {
-            Command::Score(_) => Some(("score", 5)),
             Command::Train(_) => Some(("train", 6)),
-            Command::Eval(_) => Some(("eval", 7)),
-            Command::World(_) => Some(("world", 8)),
             Command::Demo(_) => Some(("demo", 8)),
-            Command::Embed(_) | Command::Sae(_) | Command::Mine(_) | Command::Bench(_) => None,
+            Command::Embed(_)
+            | Command::Eval(_)
+            | Command::Sae(_)
+            | Command::Mine(_)
+            | Command::Score(_)
+            | Command::Generate(_)
+            | Command::World(_)
+            | Command::Bench(_) => None,
         }
     }
 }
@@ -85,6 +96,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Embed(cmd) => embed_cmd::run(cmd),
         Command::Sae(cmd) => sae_cmd::run(cmd),
         Command::Mine(args) => mine_cmd::run(args),
+        Command::Score(args) => score_cmd::score(args),
+        Command::Generate(args) => score_cmd::generate(args),
+        Command::Eval(cmd) => eval_cmd::run(cmd),
+        Command::World(cmd) => world_cmd::run(cmd),
         Command::Bench(BenchCommand::Mine(args)) => bench_mine::run(args),
         pending => match pending.pending() {
             Some((name, issue)) => anyhow::bail!(

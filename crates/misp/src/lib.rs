@@ -12,15 +12,23 @@
 //! | mine | [`mine`] | embeddings + SAE -> negatives JSONL (Eq. 12, Algorithm 1) |
 //! | sae, mine | [`sae`] | CLIP embeddings -> SAE checkpoint; per-candidate reconstruction error and L1 (Eq. 11-12) |
 //! | train | [`objective`] | sequence log-probs -> loss, gradient, metrics (Eq. 6-10) |
+//! | world | [`world`] | seed + config -> ShapesWorld: images, scene graphs, SFT text, preference records, pool, POPE, CHAIR |
+//! | eval | [`eval`] | answers / captions (from a caller's generator) -> POPE and CHAIR metrics + audit files |
+//! | eval | [`report`] | metrics -> PNG charts (bar, line) with a built-in bitmap font |
 //! | all | [`files`] | atomic writes, JSON Lines, stable per-record seeds |
 //!
-//! Later stages (train, eval, world) arrive as modules of their own.
+//! Later stages (train, eval) arrive as modules of their own.
 
 pub mod data;
 pub mod embed;
 pub mod embeddings;
+pub mod eval;
 pub mod files;
+pub mod infer;
 pub mod mine;
 pub mod model;
 pub mod objective;
+pub mod progress;
+pub mod report;
 pub mod sae;
+pub mod world;

@@ -7,9 +7,12 @@ pub mod adapter;
 pub mod clip;
 
 pub use clip::ModelError;
+pub mod generate;
 pub mod llama;
 pub mod llava;
 pub mod lora;
+pub mod processor;
+pub mod vlm;
 
 /// Reads `dir/config.json` (an HF model config) into `T`; returns it with the file's path for
 /// later error messages. Errors name the file.
