@@ -28,6 +28,7 @@ pub mod infer;
 pub mod mine;
 pub mod model;
 pub mod objective;
+pub mod optim;
 pub mod progress;
 pub mod report;
 pub mod sae;
