@@ -130,6 +130,22 @@ impl Vlm {
         })
     }
 
+    /// Assembles a `Vlm` from parts built in memory (a model being trained, say).
+    pub fn from_parts(
+        model: Llava,
+        processor: LlavaProcessor,
+        images: ImageProcessor,
+        device: Device,
+    ) -> Self {
+        Self {
+            model,
+            processor,
+            images,
+            adapter: None,
+            device,
+        }
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
