@@ -17,7 +17,7 @@
 //! | eval | [`report`] | metrics -> PNG charts (bar, line) with a built-in bitmap font |
 //! | all | [`files`] | atomic writes, JSON Lines, stable per-record seeds |
 //!
-//! Later stages (train, eval) arrive as modules of their own.
+//! Later stages (train) arrive as modules of their own.
 
 pub mod data;
 pub mod embed;

@@ -1,0 +1,158 @@
+//! Stage 3, evaluation (DESIGN.md §5): hallucination benchmarks with per-item audit files.
+//!
+//! - [`pope`]: POPE yes/no probes -> `answers.jsonl` + `metrics.json` (accuracy, precision,
+//!   recall, F1, yes-ratio per split and overall), answers parsed as the official script does.
+//! - [`chair`]: captions -> CHAIR_i, CHAIR_s and object recall against COCO instance
+//!   annotations (or any per-image object sets), through the reference synonym table.
+//! - [`compare`]: several runs' `metrics.json` -> one markdown table and a bar chart.
+//!
+//! Nothing here loads a model: generation is a caller-given batched function
+//! ([`GenerateFn`]), so the metrics can be re-derived from saved answers alone
+//! (`misp eval score-only`) and tested without weights.
+
+pub mod chair;
+pub mod compare;
+pub mod pope;
+pub mod words;
+
+use std::path::{Component, Path, PathBuf};
+
+use crate::files::FileError;
+
+/// A batched generator: `(image path, prompt)` pairs in, one generated text per pair out (same
+/// order). The error is a message; the runner adds which batch failed.
+pub type GenerateFn<'a> = dyn FnMut(&[(PathBuf, String)]) -> Result<Vec<String>, String> + 'a;
+
+/// Everything that can go wrong in evaluation, each naming where.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// A bad record: file, 1-based line (0 for a whole-file JSON document), field and why.
+    #[error("{}:{line}: field `{field}`: {message}", path.display())]
+    Record {
+        path: PathBuf,
+        line: usize,
+        field: String,
+        message: String,
+    },
+    /// Input that is well-formed but unusable as a whole (nothing left, mismatched files).
+    #[error("{0}")]
+    Input(String),
+    /// The caller's generation function failed.
+    #[error("generation failed on items {first}..{last}: {message}")]
+    Generate {
+        first: usize,
+        last: usize,
+        message: String,
+    },
+    #[error("{}: {message}", path.display())]
+    Image { path: PathBuf, message: String },
+}
+
+impl EvalError {
+    pub(crate) fn record(
+        path: &Path,
+        line: usize,
+        field: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        EvalError::Record {
+            path: path.to_path_buf(),
+            line,
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// `root/name` when `name` is a plain relative path that stays inside `root` (dataset paths
+/// are untrusted, DESIGN.md §7); `None` otherwise.
+pub fn image_path(root: &Path, name: &str) -> Option<PathBuf> {
+    let rel = Path::new(name);
+    let plain = rel
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    (plain && !name.is_empty()).then(|| root.join(rel))
+}
+
+/// A progress bar with rate and ETA on stderr (hidden when stderr is not a terminal).
+pub(crate) fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    let style = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Runs `generate` over `items` in batches of `batch`, with a progress bar; checks that every
+/// batch returns one text per item.
+pub(crate) fn generate_all(
+    items: &[(PathBuf, String)],
+    batch: usize,
+    what: &str,
+    generate: &mut GenerateFn<'_>,
+) -> Result<Vec<String>, EvalError> {
+    let batch = batch.max(1);
+    let bar = progress(items.len(), what);
+    let mut out = Vec::with_capacity(items.len());
+    for (b, chunk) in items.chunks(batch).enumerate() {
+        let first = b * batch;
+        let last = first + chunk.len() - 1;
+        let texts = generate(chunk).map_err(|message| EvalError::Generate {
+            first,
+            last,
+            message,
+        })?;
+        if texts.len() != chunk.len() {
+            return Err(EvalError::Generate {
+                first,
+                last,
+                message: format!("{} texts for {} prompts", texts.len(), chunk.len()),
+            });
+        }
+        out.extend(texts);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_paths_stay_inside_the_root() {
+        let root = Path::new("/data/coco");
+        assert_eq!(
+            image_path(root, "val/a.jpg"),
+            Some(PathBuf::from("/data/coco/val/a.jpg"))
+        );
+        assert_eq!(image_path(root, "../etc/passwd"), None);
+        assert_eq!(image_path(root, "/etc/passwd"), None);
+        assert_eq!(image_path(root, ""), None);
+    }
+
+    #[test]
+    fn generation_is_batched_and_checked() {
+        let items: Vec<(PathBuf, String)> = (0..5)
+            .map(|i| (PathBuf::from(format!("{i}.jpg")), format!("q{i}")))
+            .collect();
+        let mut sizes = Vec::new();
+        let mut echo = |b: &[(PathBuf, String)]| {
+            sizes.push(b.len());
+            Ok(b.iter().map(|(_, p)| p.to_uppercase()).collect())
+        };
+        let out = generate_all(&items, 2, "test", &mut echo).unwrap();
+        assert_eq!(out, ["Q0", "Q1", "Q2", "Q3", "Q4"]);
+        assert_eq!(sizes, [2, 2, 1]);
+        let mut short = |_: &[(PathBuf, String)]| Ok(vec![]);
+        let err = generate_all(&items, 2, "test", &mut short).unwrap_err();
+        assert!(err.to_string().contains("items 0..1"), "{err}");
+    }
+}

@@ -1,0 +1,155 @@
+//! misp's POPE and CHAIR numbers against the reference implementations, on the fixtures of
+//! `fixtures/pope/` and `fixtures/chair/` (each folder has the script that made it).
+//!
+//! Tolerance: none. Both metrics are ratios of integer counts computed in one f64 division
+//! (F1 in the same order of operations as the official script), so misp must give the same
+//! bits, and therefore print every digit the references print (Python's `repr` for POPE,
+//! `%0.01f` / `:.2f` of the percentage for CHAIR).
+
+use std::path::{Path, PathBuf};
+
+use misp::eval::chair::{self, Chair, GroundTruth};
+use misp::eval::pope;
+
+fn fixture(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(path)
+}
+
+fn expected(path: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(path)).unwrap()).unwrap()
+}
+
+/// Python's `str(float)` (the shortest string that parses back to the same double) for the values these fixtures hold (no exponents).
+fn py_repr(v: f64) -> String {
+    let s = format!("{v}");
+    if s.contains(['.', 'e']) {
+        s
+    } else {
+        format!("{s}.0")
+    }
+}
+
+#[test]
+fn pope_matches_the_official_evaluation_to_the_last_digit() {
+    let answers = pope::read_answers(&fixture("pope/answers.jsonl")).unwrap();
+    assert_eq!(answers.len(), 60);
+    let want = expected("pope/expected.json");
+    let scores = pope::score(&answers).unwrap();
+    assert_eq!(scores.splits.len(), 3);
+    let mut groups: Vec<(&str, pope::PopeMetrics)> = scores
+        .splits
+        .iter()
+        .map(|(k, v)| (k.as_str(), *v))
+        .collect();
+    groups.push(("overall", scores.overall));
+    for (name, got) in groups {
+        let w = &want[name];
+        let counts = (got.tp, got.fp, got.tn, got.fn_, got.n);
+        let want_counts = ["tp", "fp", "tn", "fn", "n"].map(|k| w[k].as_u64().unwrap() as usize);
+        assert_eq!(counts, want_counts.into(), "{name} counts");
+        let printed: Vec<String> = vec![
+            "TP\tFP\tTN\tFN\t".to_string(),
+            format!("{}\t{}\t{}\t{}", got.tp, got.fp, got.tn, got.fn_),
+            format!("Accuracy: {}", py_repr(got.accuracy)),
+            format!("Precision: {}", py_repr(got.precision)),
+            format!("Recall: {}", py_repr(got.recall)),
+            format!("F1 score: {}", py_repr(got.f1)),
+            format!("Yes ratio: {}", py_repr(got.yes_ratio)),
+        ];
+        let want_printed: Vec<String> = w["printed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(printed, want_printed, "{name}");
+        // Equal shortest round-trip strings mean equal doubles: the lines above already
+        // compare every bit (the floats stored in the JSON are only for readers).
+    }
+    // The empty answer is scored "yes" as the official script does, and listed.
+    assert_eq!(scores.empty_answers.len(), 1);
+    // The `pred` the reference derived equals misp's parse for every answer.
+    let raw = std::fs::read_to_string(fixture("pope/answers.jsonl")).unwrap();
+    for (line, a) in raw.lines().zip(&answers) {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(row["pred"].as_str().unwrap(), a.pred, "{:?}", a.answer);
+    }
+}
+
+#[test]
+fn chair_matches_the_reference_to_the_last_digit() {
+    let chair = Chair::coco();
+    let gt = GroundTruth::from_coco_instances(&fixture("chair/instances.json"), &chair).unwrap();
+    let caps = chair::read_captions(&fixture("chair/captions.jsonl")).unwrap();
+    let want = expected("chair/expected.json");
+    let (m, rows) = chair::score(&chair, &gt, &caps).unwrap();
+
+    let sentences = want["sentences"].as_array().unwrap();
+    assert_eq!(rows.len(), sentences.len());
+    let pairs = |v: &serde_json::Value| -> Vec<(String, String)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p[0].as_str().unwrap().to_string(),
+                    p[1].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    for ((row, s), cap) in rows.iter().zip(sentences).zip(&caps) {
+        assert_eq!(row.image, s["image"].as_str().unwrap());
+        let words: Vec<String> = s["words"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            chair.caption_objects(&cap.caption).words,
+            words,
+            "words of {:?}",
+            cap.caption
+        );
+        assert_eq!(
+            row.mentioned,
+            pairs(&s["mentioned"]),
+            "mentions in {:?}",
+            cap.caption
+        );
+        assert_eq!(
+            row.hallucinated,
+            pairs(&s["hallucinated"]),
+            "hallucinations in {:?}",
+            cap.caption
+        );
+        let truth: Vec<String> = s["ground_truth"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(row.ground_truth, truth, "ground truth of {}", row.image);
+    }
+
+    let o = &want["overall"];
+    for (k, v) in [
+        ("CHAIRs", m.chair_s),
+        ("CHAIRi", m.chair_i),
+        ("Recall", m.recall),
+    ] {
+        // Shortest round-trip strings are equal exactly when the doubles are.
+        assert_eq!(py_repr(v), want["overall_repr"][k].as_str().unwrap(), "{k}");
+        assert!((v - o[k].as_f64().unwrap()).abs() < 1e-15);
+        assert_eq!(
+            format!("{:.2}", v * 100.0),
+            want["printed"]["maxlinn"][k].as_str().unwrap(),
+            "{k}"
+        );
+    }
+    let lisaanne = format!("{:.1}\t{:.1}", m.chair_s * 100.0, m.chair_i * 100.0);
+    assert_eq!(lisaanne, want["printed"]["lisaanne"].as_str().unwrap());
+}
