@@ -9,7 +9,7 @@
 //!
 //! Reads and writes nothing; saving adapters in PEFT layout builds on [`LoraLinear::lora`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor, Var};
@@ -64,6 +64,11 @@ impl LoraConfig {
 struct SwitchState {
     enabled: AtomicBool,
     training: AtomicBool,
+    /// Seed of this forward's dropout masks, and how many masks were drawn from it: masks are
+    /// a function of (seed, draw number), so a resumed run draws the ones the uninterrupted
+    /// run drew (candle's own dropout uses an unseedable thread RNG).
+    dropout_seed: AtomicU64,
+    dropout_draws: AtomicU64,
 }
 
 /// Run-time state shared by every adapter of a model: enabled (policy) or disabled (reference
@@ -77,6 +82,8 @@ impl Default for LoraSwitch {
         Self(Arc::new(SwitchState {
             enabled: AtomicBool::new(true),
             training: AtomicBool::new(false),
+            dropout_seed: AtomicU64::new(0),
+            dropout_draws: AtomicU64::new(0),
         }))
     }
 }
@@ -97,6 +104,33 @@ impl LoraSwitch {
     pub fn training(&self) -> bool {
         self.0.training.load(Ordering::Relaxed)
     }
+
+    /// Seeds the dropout masks of the forwards that follow (the trainer calls this once per
+    /// micro-batch with a seed derived from the run seed and the step).
+    pub fn set_dropout_seed(&self, seed: u64) {
+        self.0.dropout_seed.store(seed, Ordering::Relaxed);
+        self.0.dropout_draws.store(0, Ordering::Relaxed);
+    }
+
+    /// The seed of the next dropout mask.
+    fn next_mask_seed(&self) -> u64 {
+        let n = self.0.dropout_draws.fetch_add(1, Ordering::Relaxed);
+        crate::files::splitmix64(
+            self.0.dropout_seed.load(Ordering::Relaxed) ^ crate::files::splitmix64(n),
+        )
+    }
+}
+
+/// Inverted dropout as `nn.Dropout`: zero with probability `p`, scale survivors by
+/// `1 / (1 - p)`; the mask drawn on the host from `seed`.
+fn dropout(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
 }
 
 /// The trainable pair of one adapted projection.
@@ -193,7 +227,7 @@ impl LoraLinear {
         }
         let mut h = x.to_dtype(l.a.dtype())?;
         if l.switch.training() && l.dropout > 0.0 {
-            h = candle_nn::ops::dropout(&h, l.dropout)?;
+            h = dropout(&h, l.dropout, l.switch.next_mask_seed())?;
         }
         let delta = h
             .broadcast_matmul(&l.a.as_tensor().t()?)?
