@@ -24,33 +24,66 @@ impl Dtype {
     }
 }
 
-/// What both commands share: the model and how it sees images and prompts.
+/// The model and how it sees images and prompts: shared by `score`, `generate` and the model
+/// runs of `misp eval` (which have their own inputs and outputs, hence the split from
+/// [`IoArgs`]).
 #[derive(Args, Debug)]
-pub struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// LLaVA checkpoint folder in HF layout (config.json, safetensors, tokenizer.json).
     #[arg(long)]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     /// PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
-    adapter: Option<PathBuf>,
+    pub(crate) adapter: Option<PathBuf>,
+    /// Weights' dtype (LoRA and log-probs stay f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub(crate) dtype: Dtype,
+    /// Pad images to a square with the mean colour before resizing (original LLaVA-1.5).
+    #[arg(long)]
+    pub(crate) pad_to_square: bool,
+    /// Prompt template; must hold `<image>` once and `{prompt}`.
+    #[arg(long, default_value = misp::model::processor::DEFAULT_TEMPLATE)]
+    pub(crate) template: String,
+    /// Sequences per forward.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) batch_size: usize,
+}
+
+impl ModelArgs {
+    /// The checkpoint (+ adapter) with these options.
+    pub(crate) fn load(&self) -> anyhow::Result<Vlm> {
+        let opts = VlmOptions {
+            dtype: self.dtype.candle(),
+            pad_to_square: self.pad_to_square,
+            template: Some(self.template.clone()),
+            ..VlmOptions::default()
+        };
+        Vlm::load(&self.model, self.adapter.as_deref(), &opts)
+            .with_context(|| format!("loading {}", self.model.display()))
+    }
+
+    /// The resolved settings, for a run's config file.
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        json!({
+            "model": self.model,
+            "adapter": self.adapter,
+            "dtype": format!("{:?}", self.dtype).to_lowercase(),
+            "pad_to_square": self.pad_to_square,
+            "template": self.template,
+            "batch_size": self.batch_size,
+        })
+    }
+}
+
+/// Input and output of `score` and `generate`.
+#[derive(Args, Debug)]
+pub struct IoArgs {
     /// Input JSONL; image paths are relative to the current directory unless absolute.
     #[arg(long)]
     data: PathBuf,
     /// Output JSONL (written atomically; `OUT.config.json` records the settings).
     #[arg(long)]
     out: PathBuf,
-    /// Weights' dtype (LoRA and log-probs stay f32).
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: Dtype,
-    /// Pad images to a square with the mean colour before resizing (original LLaVA-1.5).
-    #[arg(long)]
-    pad_to_square: bool,
-    /// Prompt template; must hold `<image>` once and `{prompt}`.
-    #[arg(long, default_value = misp::model::processor::DEFAULT_TEMPLATE)]
-    template: String,
-    /// Sequences per forward.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -60,40 +93,32 @@ pub struct ModelArgs {
 pub struct ScoreArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    io: IoArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    io: IoArgs,
     /// Stop after this many new tokens (or at EOS).
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
 }
 
-fn load(a: &ModelArgs) -> anyhow::Result<Vlm> {
-    let opts = VlmOptions {
-        dtype: a.dtype.candle(),
-        pad_to_square: a.pad_to_square,
-        template: Some(a.template.clone()),
-        ..VlmOptions::default()
-    };
-    Vlm::load(&a.model, a.adapter.as_deref(), &opts)
-        .with_context(|| format!("loading {}", a.model.display()))
-}
-
-fn config(a: &ModelArgs, command: &str, extra: serde_json::Value) -> serde_json::Value {
-    json!({
-        "command": command,
-        "model": a.model,
-        "adapter": a.adapter,
-        "data": a.data,
-        "dtype": format!("{:?}", a.dtype).to_lowercase(),
-        "pad_to_square": a.pad_to_square,
-        "template": a.template,
-        "batch_size": a.batch_size,
-        "extra": extra,
-    })
+fn config(
+    a: &ModelArgs,
+    io: &IoArgs,
+    command: &str,
+    extra: serde_json::Value,
+) -> serde_json::Value {
+    let mut c = a.to_json();
+    c["command"] = json!(command);
+    c["data"] = json!(io.data);
+    c["extra"] = extra;
+    c
 }
 
 fn write_rows<T: serde::Serialize>(out: &Path, rows: &[T]) -> anyhow::Result<()> {
@@ -113,24 +138,24 @@ fn config_path(out: &Path) -> PathBuf {
 }
 
 pub fn score(args: ScoreArgs) -> anyhow::Result<()> {
-    let a = &args.model;
-    let rows = infer::read_rows(&a.data, true)?;
-    let vlm = load(a)?;
-    let out = infer::score(&vlm, &rows, a.batch_size, !a.quiet)?;
-    write_rows(&a.out, &out)?;
-    write_json_atomic(&config_path(&a.out), &config(a, "score", json!({})))?;
-    eprintln!("scored {} rows -> {}", out.len(), a.out.display());
+    let (a, io) = (&args.model, &args.io);
+    let rows = infer::read_rows(&io.data, true)?;
+    let vlm = a.load()?;
+    let out = infer::score(&vlm, &rows, a.batch_size, !io.quiet)?;
+    write_rows(&io.out, &out)?;
+    write_json_atomic(&config_path(&io.out), &config(a, io, "score", json!({})))?;
+    eprintln!("scored {} rows -> {}", out.len(), io.out.display());
     Ok(())
 }
 
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let a = &args.model;
-    let rows = infer::read_rows(&a.data, false)?;
-    let vlm = load(a)?;
-    let out = infer::generate(&vlm, &rows, a.batch_size, args.max_new_tokens, !a.quiet)?;
-    write_rows(&a.out, &out)?;
+    let (a, io) = (&args.model, &args.io);
+    let rows = infer::read_rows(&io.data, false)?;
+    let vlm = a.load()?;
+    let out = infer::generate(&vlm, &rows, a.batch_size, args.max_new_tokens, !io.quiet)?;
+    write_rows(&io.out, &out)?;
     let extra = json!({"max_new_tokens": args.max_new_tokens});
-    write_json_atomic(&config_path(&a.out), &config(a, "generate", extra))?;
-    eprintln!("generated {} answers -> {}", out.len(), a.out.display());
+    write_json_atomic(&config_path(&io.out), &config(a, io, "generate", extra))?;
+    eprintln!("generated {} answers -> {}", out.len(), io.out.display());
     Ok(())
 }

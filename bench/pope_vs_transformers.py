@@ -1,0 +1,176 @@
+"""Questions/s of `misp eval pope` against transformers' greedy generation, on CPU, in one run.
+
+Issue #7's target: a small LLaVA (random weights), the same POPE questions and images, the same
+threads, batch size and number of new tokens on both sides; misp's questions/s divided by
+transformers' should be >= 1.0. Both sides count image decoding and preprocessing, prompt
+encoding, the vision tower, prefill and greedy decoding, and exclude model loading (misp's time
+is the one `misp eval pope` reports for its answering loop).
+
+Random weights stop at EOS whenever EOS happens to win, which would let the two sides generate
+different numbers of tokens; the script zeroes EOS's row of the LM head, so its logit is 0 while
+the largest of ~500 random logits is positive: EOS never wins and every answer is exactly
+--new-tokens long on both sides (checked on the transformers side; misp runs the same weights).
+
+The model: CLIP tower 64 px, patch 8 (64 image tokens), hidden 128, 4 layers; LLaMA hidden 256,
+4 layers, 4 heads, a ~500-token BPE tokenizer (Llama-style Metaspace, `<image>` last).
+
+Needs: a release build (`cargo build --release -p misp-cli`) and a Python with torch,
+transformers, tokenizers and Pillow (the fixture venv: /work/.venv-ref). From the repository root:
+    /work/.venv-ref/bin/python bench/pope_vs_transformers.py [--questions 128] [--threads 2]
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+
+import torch
+import transformers
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaTokenizerFast,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--questions", type=int, default=128)
+ap.add_argument("--batch", type=int, default=8)
+ap.add_argument("--new-tokens", type=int, default=8)
+ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--misp", default="target/release/misp")
+ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+args = ap.parse_args()
+torch.set_num_threads(args.threads)
+torch.manual_seed(0)
+rng = random.Random(0)
+
+SUFFIX = "\nAnswer the question using a single word or phrase."  # misp's default --suffix
+OBJECTS = ["circle", "square", "triangle", "star", "dog", "cat", "car", "person", "cup", "chair",
+           "table", "bottle", "bird", "horse", "boat", "clock"]
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+
+work = tempfile.mkdtemp(prefix="misp-bench-pope-")
+ckpt = os.path.join(work, "llava-small-random")
+imgdir = os.path.join(work, "images")
+os.makedirs(ckpt)
+os.makedirs(imgdir)
+
+# Tokenizer: a small Llama-style BPE trained on question-like text.
+corpus = [f"USER: Is there a {c} {o} in the image? Answer the question using a single word or phrase. "
+          f"ASSISTANT: {'Yes' if rng.random() < 0.5 else 'No'}, there is a {o} next to the {rng.choice(OBJECTS)}."
+          for o in OBJECTS for c in COLOURS]
+# Pseudo-words from syllables widen the vocabulary to the ~500 tokens asked for.
+syllables = [a + b for a in "bdfgklmnprstvz" for b in ["a", "e", "i", "o", "u", "ar", "en", "ol"]]
+corpus += [" ".join("".join(rng.choice(syllables) for _ in range(rng.randrange(1, 4))) for _ in range(12))
+           for _ in range(400)]
+tok = Tokenizer(models.BPE(unk_token="<unk>"))
+tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"],
+                                                    show_progress=False))
+tok.add_special_tokens(["<image>"])
+image_token = tok.token_to_id("<image>")
+vocab = tok.get_vocab_size()
+tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+tok_path = os.path.join(ckpt, "tokenizer.json")
+tok.save(tok_path)
+
+text_cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=512,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+vision_cfg = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                              image_size=64, patch_size=8, projection_dim=128)
+cfg = LlavaConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_index=image_token,
+                  image_seq_length=64, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                  projector_hidden_act="gelu", tie_word_embeddings=False)
+model = LlavaForConditionalGeneration(cfg).eval()
+with torch.no_grad():
+    model.lm_head.weight[2].zero_()  # EOS never wins: see the module doc
+model.save_pretrained(ckpt)
+model.generation_config.pad_token_id = 0
+
+fast = LlamaTokenizerFast(tokenizer_file=tok_path, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                          pad_token="<unk>", add_bos_token=True, add_eos_token=False, legacy=False)
+fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+fast.padding_side = "left"
+improc = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+processor = LlavaProcessor(image_processor=improc, tokenizer=fast, patch_size=8,
+                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                           image_token="<image>")
+processor.save_pretrained(ckpt)
+processor.tokenizer.padding_side = "left"
+
+# Scenes: a few coloured shapes on a plain background, 128 px (so both sides resize), PNG.
+n_images = max(1, args.questions // 4)
+for i in range(n_images):
+    im = Image.new("RGB", (128, 128), tuple(rng.randrange(256) for _ in range(3)))
+    d = ImageDraw.Draw(im)
+    for _ in range(3):
+        x, y, r = rng.randrange(16, 112), rng.randrange(16, 112), rng.randrange(6, 16)
+        d.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.randrange(256) for _ in range(3)))
+    im.save(os.path.join(imgdir, f"{i:05d}.png"))
+questions = [{"question_id": q, "image": f"{q % n_images:05d}.png",
+              "text": f"Is there a {rng.choice(COLOURS)} {rng.choice(OBJECTS)} in the image?",
+              "label": rng.choice(["yes", "no"])} for q in range(args.questions)]
+qfile = os.path.join(work, "random_val.jsonl")
+with open(qfile, "w") as f:
+    f.writelines(json.dumps(q) + "\n" for q in questions)
+
+# transformers: decode + preprocess + tokenise + generate, batch by batch, as misp does.
+hf_answers = []
+with torch.inference_mode():
+    t0 = time.perf_counter()
+    for b in range(0, len(questions), args.batch):
+        chunk = questions[b:b + args.batch]
+        ims = [Image.open(os.path.join(imgdir, q["image"])).convert("RGB") for q in chunk]
+        texts = [f"USER: <image>\n{q['text']}{SUFFIX} ASSISTANT:" for q in chunk]
+        enc = processor(text=texts, images=ims, return_tensors="pt", padding=True)
+        out = model.generate(**enc, max_new_tokens=args.new_tokens, do_sample=False)
+        new = out[:, enc["input_ids"].shape[1]:]
+        assert new.shape[1] == args.new_tokens and not (new == 2).any(), "EOS won; see the module doc"
+        hf_answers += fast.batch_decode(new, skip_special_tokens=True)
+    t_hf = time.perf_counter() - t0
+hf_rate = len(questions) / t_hf
+prompt_len = enc["input_ids"].shape[1]
+
+# misp: the same checkpoint, questions and images through `misp eval pope`.
+run = os.path.join(work, "misp-run")
+t0 = time.perf_counter()
+out = subprocess.run(
+    [args.misp, "eval", "pope", "--model", ckpt, "--questions", qfile, "--images", imgdir, "--out", run,
+     "--batch-size", str(args.batch), "--max-new-tokens", str(args.new_tokens)],
+    capture_output=True, text=True, env={**os.environ, "RAYON_NUM_THREADS": str(args.threads)},
+)
+t_process = time.perf_counter() - t0
+if out.returncode != 0:
+    raise SystemExit(out.stderr)
+m = re.search(r"(\d+) questions answered in ([0-9.]+) s", out.stderr)
+n, t_misp = int(m.group(1)), float(m.group(2))
+misp_rate = n / t_misp
+with open(os.path.join(run, "answers.jsonl")) as f:
+    misp_answers = [json.loads(l)["answer"] for l in f]
+same = sum(a.strip() == b.strip() for a, b in zip(misp_answers, hf_answers))
+
+new_tokens = len(questions) * args.new_tokens
+print("| engine | questions | seconds | questions/s | new tokens/s |\n|---|---:|---:|---:|---:|")
+print(f"| transformers {transformers.__version__} / torch {torch.__version__} | {len(questions)} | {t_hf:.2f} "
+      f"| {hf_rate:.1f} | {new_tokens / t_hf:.0f} |")
+print(f"| misp | {n} | {t_misp:.2f} | {misp_rate:.1f} | {n * args.new_tokens / t_misp:.0f} |")
+print(f"\nratio misp / transformers: {misp_rate / hf_rate:.2f} (target >= 1.0); {args.threads} threads, "
+      f"batch {args.batch}, {args.new_tokens} new tokens, prompt ~{prompt_len} tokens, vocab {vocab}; "
+      f"misp process incl. loading {t_process:.2f} s; identical answers {same}/{n}")
+if args.keep:
+    print(f"kept {work}")
+else:
+    shutil.rmtree(work)
