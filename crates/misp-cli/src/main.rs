@@ -6,6 +6,7 @@
 //! brings them, and accept (and ignore) any arguments so the message is what the user sees.
 
 mod bench_mine;
+mod bench_model;
 mod embed_cmd;
 mod eval_cmd;
 mod mine_cmd;
@@ -71,6 +72,8 @@ enum Command {
 enum BenchCommand {
     /// Factorised vs dense SAE scoring, scoring vs plain GEMMs, one SAE epoch (issue #3).
     Mine(bench_mine::BenchMineArgs),
+    /// LoRA forward+backward and greedy generation tokens/s, peak RSS (issue #5).
+    Model(bench_model::BenchModelArgs),
 }
 
 impl Command {
@@ -101,6 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(cmd) => eval_cmd::run(cmd),
         Command::World(cmd) => world_cmd::run(cmd),
         Command::Bench(BenchCommand::Mine(args)) => bench_mine::run(args),
+        Command::Bench(BenchCommand::Model(args)) => bench_model::run(args),
         pending => match pending.pending() {
             Some((name, issue)) => anyhow::bail!(
                 "`misp {name}` is not yet available in this version of misp (it arrives with issue #{issue})"

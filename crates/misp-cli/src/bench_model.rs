@@ -1,0 +1,257 @@
+//! `misp bench model`: issue #5's speed figures of the LLaVA + LoRA model, on one checkpoint.
+//!
+//! 1. A LoRA training step's forward + backward: an unpadded batch of `--batch`
+//!    sequences of `--seq-len` tokens (BOS, the image's tokens, random text), each with its own
+//!    image, the summed response log-prob differentiated into every LoRA `A` and `B` (dropout on,
+//!    as the trainer runs it). No optimiser step: that is the same elementwise work everywhere.
+//! 2. Greedy generation with the KV cache: `--gen-batch` prompts of `--prompt-len` tokens,
+//!    exactly `--new-tokens` new tokens each (no EOS can stop a row, so every implementation
+//!    compared does the same work).
+//!
+//! Inputs are synthetic (random ids and pixels): the time does not depend on the values, and
+//! no tokenizer is needed. Every figure is the fastest of `--repeat` runs after one warm-up.
+//! `bench/lora_step_vs_transformers.py` runs this against transformers + peft on the same
+//! checkpoint and prints the ratios.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use misp::model::generate::greedy;
+use misp::model::llava::Llava;
+use misp::model::lora::{init_rng, LoraConfig};
+use rand::{Rng, SeedableRng};
+
+#[derive(Args)]
+pub struct BenchModelArgs {
+    /// HF LLaVA checkpoint folder (config.json + safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Sequences of the training step (DPO with K = 3 negatives scores K + 2 = 5).
+    #[arg(long, default_value_t = 5)]
+    batch: usize,
+    /// Tokens of each training sequence, image tokens included.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Rows of the generation batch.
+    #[arg(long, default_value_t = 5)]
+    gen_batch: usize,
+    /// Prompt tokens of each generation row, image tokens included.
+    #[arg(long, default_value_t = 96)]
+    prompt_len: usize,
+    /// New tokens generated per row.
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    /// LoRA rank (alpha is twice the rank, as DESIGN.md §4's r 64 / alpha 128).
+    #[arg(long, default_value_t = 64)]
+    rank: usize,
+    #[arg(long, default_value_t = 0.05)]
+    lora_dropout: f32,
+    /// Base weights' dtype: f32 or bf16 (LoRA stays f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Timed runs of each measurement after the warm-up (the fastest is reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also print the figures as one JSON line (what the comparison script reads).
+    #[arg(long)]
+    json: bool,
+}
+
+/// A memory field of /proc/self/status (`VmRSS:`, `VmHWM:`) in MiB (Linux); `None` elsewhere.
+fn status_mib(field: &str) -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Resets the peak-RSS counter so the next `VmHWM` covers only what follows (Linux >= 4.0).
+fn reset_peak() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Seconds of the fastest of `repeat` runs of `f`, after one untimed warm-up run (first-touch
+/// allocations and thread-pool start-up are not what is being measured).
+fn time_min(repeat: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    f()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..repeat.max(1) {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// `len` ids: BOS, `image_tokens` image placeholders, then random text ids that are neither
+/// special (0..3) nor the image token.
+fn sequence(rng: &mut impl Rng, len: usize, image_tokens: usize, img: u32, vocab: u32) -> Vec<u32> {
+    let mut ids = Vec::with_capacity(len);
+    ids.push(1);
+    ids.extend(std::iter::repeat_n(img, image_tokens));
+    while ids.len() < len {
+        let t = rng.random_range(3..vocab);
+        if t != img {
+            ids.push(t);
+        }
+    }
+    ids
+}
+
+fn random_pixels(rng: &mut impl Rng, n: usize, size: usize) -> anyhow::Result<Tensor> {
+    let v: Vec<f32> = (0..n * 3 * size * size)
+        .map(|_| rng.random_range(-1.5f32..1.5))
+        .collect();
+    Ok(Tensor::from_vec(v, (n, 3, size, size), &Device::Cpu)?)
+}
+
+pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
+    let dtype = match a.dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => anyhow::bail!("--dtype {other:?}: expected f32 or bf16"),
+    };
+    let dev = Device::Cpu;
+    let mut model = Llava::load_dir(&a.model, dtype, &dev)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let lora = LoraConfig {
+        r: a.rank,
+        lora_alpha: 2.0 * a.rank as f64,
+        lora_dropout: a.lora_dropout,
+        ..LoraConfig::default()
+    };
+    model
+        .language_model_mut()
+        .attach_lora(&lora, &mut init_rng(a.seed))?;
+    let cfg = model.config().clone();
+    let (n_img, img) = (cfg.image_tokens(), cfg.image_token_index);
+    let vocab = cfg.text_config.vocab_size as u32;
+    let size = cfg.vision_config.image_size;
+    let min_len = n_img + 2;
+    if a.seq_len < min_len || a.prompt_len < min_len {
+        anyhow::bail!(
+            "--seq-len {} / --prompt-len {}: need at least {min_len} (BOS, {n_img} image tokens, text)",
+            a.seq_len,
+            a.prompt_len
+        );
+    }
+    let lm = model.language_model();
+    let vars = lm.trainable_vars();
+    let lora_params: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let switch = lm.lora_switch().clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
+
+    // 1. Forward + backward. The second half of each sequence is the scored response.
+    let (b, t) = (a.batch, a.seq_len);
+    let ids: Vec<u32> = (0..b)
+        .flat_map(|_| sequence(&mut rng, t, n_img, img, vocab))
+        .collect();
+    let ids = Tensor::from_vec(ids, (b, t), &dev)?;
+    let mask = Tensor::ones((b, t), DType::U8, &dev)?;
+    let labels: Vec<f32> = (0..b)
+        .flat_map(|_| (0..t).map(|i| if i >= t / 2 { 1.0 } else { 0.0 }))
+        .collect();
+    let labels = Tensor::from_vec(labels, (b, t), &dev)?;
+    let pixels = random_pixels(&mut rng, b, size)?;
+    switch.set_training(true);
+    // One instrumented step first: what the autograd graph holds once the forward is done
+    // (every intermediate stays referenced by the loss until backward) and the peak of the
+    // whole step, both above the resident set before it. This is what bench/README.md's 7B
+    // activation estimate is checked against.
+    let before = status_mib("VmRSS:");
+    let load_peak = status_mib("VmHWM:");
+    let peak_reset = reset_peak();
+    let (graph_mib, step_peak_mib) = {
+        let (lp, _) = model.sequence_logprobs(&ids, &mask, &pixels, &labels)?;
+        let loss = lp.sum_all()?;
+        let after_forward = status_mib("VmRSS:");
+        let _grads = loss.backward()?;
+        let peak = status_mib("VmHWM:").filter(|_| peak_reset);
+        (
+            before.zip(after_forward).map(|(b, a)| a - b),
+            before.zip(peak).map(|(b, p)| p - b),
+        )
+    };
+    let mut step = 0u64;
+    let t_step = time_min(a.repeat, || {
+        step += 1;
+        switch.set_dropout_seed(step);
+        let (lp, _) = model.sequence_logprobs(&ids, &mask, &pixels, &labels)?;
+        let grads = lp.sum_all()?.backward()?;
+        for v in &vars {
+            grads
+                .get(v)
+                .context("a LoRA variable received no gradient")?;
+        }
+        Ok(())
+    })?;
+    switch.set_training(false);
+
+    // 2. Greedy generation; an empty EOS list lets no row stop early.
+    let prompts: Vec<Vec<u32>> = (0..a.gen_batch)
+        .map(|_| sequence(&mut rng, a.prompt_len, n_img, img, vocab))
+        .collect();
+    let gen_pixels = random_pixels(&mut rng, a.gen_batch, size)?;
+    let t_gen = time_min(a.repeat, || {
+        let out = greedy(&model, &prompts, &gen_pixels, &[], 0, a.new_tokens)?;
+        if out.iter().any(|r| r.len() != a.new_tokens) {
+            anyhow::bail!("a row stopped before {} new tokens", a.new_tokens);
+        }
+        Ok(())
+    })?;
+
+    let train_tps = (b * t) as f64 / t_step;
+    let gen_tps = (a.gen_batch * a.new_tokens) as f64 / t_gen;
+    // The whole process's peak: loading's (read before the reset) or the runs' since.
+    let peak = match (load_peak, status_mib("VmHWM:")) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
+    let tc = &cfg.text_config;
+    println!(
+        "misp bench model: {} ({} layers, hidden {}, {n_img} image tokens), {} weights, \
+         LoRA r {} on 7 targets ({lora_params} params), {threads} threads",
+        a.model.display(),
+        tc.num_hidden_layers,
+        tc.hidden_size,
+        a.dtype,
+        a.rank
+    );
+    println!(
+        "forward+backward  batch {b} x {t} tokens        {t_step:.4} s  {train_tps:.1} tokens/s"
+    );
+    println!(
+        "greedy generate   batch {} x {} new (prompt {})  {t_gen:.4} s  {gen_tps:.1} tokens/s",
+        a.gen_batch, a.new_tokens, a.prompt_len
+    );
+    let mib = |v: Option<f64>| v.map_or("unavailable".into(), |m| format!("{m:.1} MiB"));
+    println!(
+        "first step: graph kept after forward {}, step peak {} (above the RSS before it)",
+        mib(graph_mib),
+        mib(step_peak_mib)
+    );
+    println!(
+        "peak RSS (VmHWM, last reset before the first step)  {}",
+        mib(peak)
+    );
+    if a.json {
+        let j = serde_json::json!({
+            "train_seconds": t_step,
+            "train_tokens_per_s": train_tps,
+            "generate_seconds": t_gen,
+            "generate_tokens_per_s": gen_tps,
+            "peak_rss_mib": peak,
+            "graph_kept_mib": graph_mib,
+            "step_peak_mib": step_peak_mib,
+            "lora_params": lora_params,
+        });
+        println!("{j}");
+    }
+    Ok(())
+}
