@@ -10,8 +10,10 @@ mod bench_model;
 mod embed_cmd;
 mod eval_cmd;
 mod mine_cmd;
+mod pretrain_cmd;
 mod sae_cmd;
 mod score_cmd;
+mod train_cmd;
 mod world_cmd;
 
 use clap::{Parser, Subcommand};
@@ -54,7 +56,7 @@ enum Command {
     /// Greedy answers of a LLaVA model (+ adapter) to image + prompt rows.
     Generate(score_cmd::GenerateArgs),
     /// Stage 2: train LoRA on a LLaVA checkpoint with the MISP-DPO objective (Eq. 6-10).
-    Train(Pending),
+    Train(train_cmd::TrainArgs),
     /// Stage 3: hallucination benchmarks (POPE, CHAIR) with per-item audit files.
     #[command(subcommand)]
     Eval(eval_cmd::EvalCommand),
@@ -80,13 +82,13 @@ impl Command {
     /// `(sub-command, issue that brings it)` for stages still pending.
     fn pending(&self) -> Option<(&'static str, u32)> {
         match self {
-            Command::Train(_) => Some(("train", 6)),
             Command::Demo(_) => Some(("demo", 8)),
             Command::Embed(_)
             | Command::Eval(_)
             | Command::Sae(_)
             | Command::Mine(_)
             | Command::Score(_)
+            | Command::Train(_)
             | Command::Generate(_)
             | Command::World(_)
             | Command::Bench(_) => None,
@@ -100,6 +102,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sae(cmd) => sae_cmd::run(cmd),
         Command::Mine(args) => mine_cmd::run(args),
         Command::Score(args) => score_cmd::score(args),
+        Command::Train(args) => train_cmd::run(args),
         Command::Generate(args) => score_cmd::generate(args),
         Command::Eval(cmd) => eval_cmd::run(cmd),
         Command::World(cmd) => world_cmd::run(cmd),

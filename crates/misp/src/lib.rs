@@ -13,6 +13,7 @@
 //! | sae, mine | [`sae`] | CLIP embeddings -> SAE checkpoint; per-candidate reconstruction error and L1 (Eq. 11-12) |
 //! | train | [`objective`] | sequence log-probs -> loss, gradient, metrics (Eq. 6-10) |
 //! | world | [`world`] | seed + config -> ShapesWorld: images, scene graphs, SFT text, preference records, pool, POPE, CHAIR |
+//! | world | [`pretrain`] | world -> tiny CLIP (contrastive) and LLaVA (SFT) in HF layouts + base-model POPE / CHAIR |
 //! | eval | [`eval`] | answers / captions (from a caller's generator) -> POPE and CHAIR metrics + audit files |
 //! | eval | [`report`] | metrics -> PNG charts (bar, line) with a built-in bitmap font |
 //! | all | [`files`] | atomic writes, JSON Lines, stable per-record seeds |
@@ -29,7 +30,9 @@ pub mod mine;
 pub mod model;
 pub mod objective;
 pub mod optim;
+pub mod pretrain;
 pub mod progress;
 pub mod report;
 pub mod sae;
+pub mod train;
 pub mod world;

@@ -1,0 +1,38 @@
+//! Stage 2: MISP-DPO training of a LoRA adapter on a LLaVA checkpoint (Eq. 6-10 of the paper,
+//! DESIGN.md §3), and every baseline of the paper as a config ([`config::TrainConfig`]).
+//!
+//! | module | does |
+//! |---|---|
+//! | [`config`] | `RUN.toml` + `--set` overrides, validated, paper defaults |
+//! | [`data`] | records + negatives file + pool ids -> tokenised [`data::TrainItem`]s, pixels |
+//! | [`reference`] | `pi_ref` computed once (LoRA off) and cached on disk under a content hash |
+//! | [`step`] | one micro-batch: `K + 2` sequences per record in one forward, the objective |
+//! | [`run`] | epochs, accumulation, AdamW, clipping, schedule, checkpoints, resume, metrics, report |
+
+pub mod config;
+pub mod data;
+pub mod reference;
+pub mod report;
+pub mod run;
+pub mod step;
+
+pub use config::{ConfigError, TrainConfig};
+pub use run::{train, TrainInputs, TrainSummary};
+
+use crate::model::ModelError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Input(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Objective(#[from] crate::objective::ObjectiveError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("interrupted: checkpoint written at step {step}; continue with --resume")]
+    Interrupted { step: u64 },
+}

@@ -1,0 +1,524 @@
+//! The training loop: epochs over a seeded order of records, micro-batches with gradient
+//! accumulation up to the effective batch, global-norm clipping, AdamW with transformers'
+//! cosine-with-warmup schedule, metrics per step, checkpoints, resume, and the final adapter
+//! and report.
+//!
+//! Stage: train. Reads the base checkpoint, the records, the negatives file and the pool ids.
+//! Writes `OUT/config.toml`, `OUT/metrics.jsonl`, `OUT/skipped.jsonl`, `OUT/checkpoints/
+//! step-N/`, `OUT/reference/`, `OUT/adapter/` (PEFT layout), `OUT/report.md` and PNG curves.
+//!
+//! Determinism is what makes `--resume` exact: the record order of epoch `e` is a function of
+//! `(seed, e)`, dropout masks of `(seed, step, micro-batch)`, the adapter's initial values of
+//! `seed`, and a checkpoint holds the adapter, AdamW's moments and the step. A resumed run thus
+//! takes the same steps as an uninterrupted one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::{json, Map, Value};
+
+use super::config::TrainConfig;
+use super::data::{self, PixelCache, TrainItem};
+use super::reference::{hash_items, hash_model, Fnv, RefCache};
+use super::step::micro_step;
+use super::TrainError;
+use crate::data::read_records;
+use crate::files::{splitmix64, write_atomic, write_json_atomic};
+use crate::model::adapter::save_peft_adapter;
+use crate::model::lora::init_rng;
+use crate::model::vlm::{Vlm, VlmOptions};
+use crate::objective::ObjectiveMetrics;
+use crate::optim::{
+    clip_grad_norm, cosine_with_warmup, grad_norm, AdamW, AdamWConfig, GradAccumulator,
+};
+
+/// Paths and switches of one run (what is not a hyper-parameter).
+#[derive(Debug, Clone)]
+pub struct TrainInputs {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub negatives: Option<PathBuf>,
+    pub pool: Option<PathBuf>,
+    pub out: PathBuf,
+    pub resume: bool,
+    pub progress: bool,
+    /// Stop (with a checkpoint, as Ctrl-C does) after this many optimiser steps: how tests
+    /// simulate a killed run.
+    pub stop_after: Option<u64>,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub records: usize,
+    pub skipped: usize,
+    pub refused_steps: usize,
+    /// Wall seconds of each epoch this process ran (a resumed epoch counts from the resume).
+    pub epoch_seconds: Vec<f64>,
+    pub seconds: f64,
+    /// The metrics rows written by this process.
+    pub metrics: Vec<Map<String, Value>>,
+    pub adapter: PathBuf,
+}
+
+/// SIGINT sets this; the loop checkpoints and stops at the next step boundary. A second
+/// Ctrl-C terminates at once.
+fn interrupted() -> &'static Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        #[cfg(unix)]
+        {
+            let sig = signal_hook::consts::SIGINT;
+            let _ = signal_hook::flag::register_conditional_shutdown(sig, 1, flag.clone());
+            let _ = signal_hook::flag::register(sig, flag.clone());
+        }
+        flag
+    })
+}
+
+/// The record order of `epoch`: a seeded shuffle.
+fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(splitmix64(seed ^ splitmix64(epoch + 1)));
+    order.shuffle(&mut rng);
+    order
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Input(format!("{}: {e}", path.display()))
+}
+
+/// Checks `OUT` against `--resume`: a fresh run refuses a folder holding another run; a resumed
+/// run refuses other settings.
+fn prepare_out(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<(), TrainError> {
+    let out = &inputs.out;
+    let config_path = out.join("config.toml");
+    if inputs.resume {
+        if let Ok(text) = std::fs::read_to_string(&config_path) {
+            let old: TrainConfig = toml::from_str(&text).map_err(|e| io_err(&config_path, e))?;
+            if &old != cfg {
+                let a = toml::Table::try_from(&old).unwrap_or_default();
+                let b = toml::Table::try_from(cfg).unwrap_or_default();
+                let diff: Vec<String> = b
+                    .iter()
+                    .filter(|(k, v)| a.get(*k) != Some(*v))
+                    .map(|(k, v)| {
+                        format!(
+                            "{k} ({} -> {v})",
+                            a.get(k).map(|x| x.to_string()).unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                return Err(TrainError::Input(format!(
+                    "{}: --resume with other settings: {}",
+                    config_path.display(),
+                    diff.join(", ")
+                )));
+            }
+        }
+    } else if out.join("checkpoints").is_dir() || out.join("adapter").is_dir() {
+        return Err(TrainError::Input(format!(
+            "{} already holds a training run: pass --resume to continue it, or choose another --out",
+            out.display()
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+    write_atomic(&config_path, cfg.to_toml().as_bytes()).map_err(|e| io_err(&config_path, e))?;
+    Ok(())
+}
+
+/// Latest complete checkpoint folder and its step.
+fn latest_checkpoint(out: &Path) -> Option<(u64, PathBuf)> {
+    let dir = out.join("checkpoints");
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
+            e.path()
+                .join("state.json")
+                .is_file()
+                .then(|| (step, e.path()))
+        })
+        .max_by_key(|(s, _)| *s)
+}
+
+/// Writes `OUT/checkpoints/step-N` atomically (a temporary folder renamed into place) and
+/// keeps the newest `keep`.
+#[allow(clippy::too_many_arguments)]
+fn checkpoint(
+    out: &Path,
+    step: u64,
+    vlm: &Vlm,
+    opt: &AdamW,
+    cfg: &TrainConfig,
+    model_dir: &Path,
+    refused: usize,
+    cache: &mut RefCache,
+) -> Result<(), TrainError> {
+    cache.save()?;
+    let root = out.join("checkpoints");
+    let dir = root.join(format!("step-{step:06}"));
+    let tmp = root.join(format!(".tmp-step-{step:06}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    let vars: HashMap<String, Tensor> = opt
+        .vars()
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (format!("lora.{i}"), v.as_tensor().clone()))
+        .collect();
+    candle_core::safetensors::save(&vars, tmp.join("lora.safetensors"))?;
+    candle_core::safetensors::save(&opt.state()?, tmp.join("optimizer.safetensors"))?;
+    save_peft_adapter(&tmp, &vlm.model, &cfg.lora(), &model_dir.to_string_lossy())?;
+    write_json_atomic(
+        &tmp.join("state.json"),
+        &json!({"step": step, "refused_steps": refused}),
+    )
+    .map_err(|e| io_err(&tmp, e))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(|e| io_err(&dir, e))?;
+    // Keep the newest `keep` checkpoints.
+    let mut all: Vec<(u64, PathBuf)> = std::fs::read_dir(&root)
+        .map_err(|e| io_err(&root, e))?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            Some((name.strip_prefix("step-")?.parse().ok()?, e.path()))
+        })
+        .collect();
+    all.sort();
+    let keep = cfg.keep_checkpoints.max(1);
+    if all.len() > keep {
+        for (_, p) in &all[..all.len() - keep] {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+    Ok(())
+}
+
+/// Restores adapter values, optimiser state and step from `dir`.
+fn restore(dir: &Path, opt: &mut AdamW) -> Result<(u64, usize), TrainError> {
+    let dev = opt
+        .vars()
+        .first()
+        .map(|v| v.device().clone())
+        .unwrap_or(candle_core::Device::Cpu);
+    let lora = candle_core::safetensors::load(dir.join("lora.safetensors"), &dev)?;
+    for (i, v) in opt.vars().iter().enumerate() {
+        let t = lora
+            .get(&format!("lora.{i}"))
+            .ok_or_else(|| io_err(dir, format!("lora.safetensors lacks lora.{i}")))?;
+        if t.dims() != v.dims() {
+            return Err(io_err(
+                dir,
+                format!(
+                    "lora.{i} has shape {:?}, the model {:?}",
+                    t.dims(),
+                    v.dims()
+                ),
+            ));
+        }
+        v.set(&t.to_dtype(v.dtype())?)?;
+    }
+    let state = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &dev)?;
+    opt.load_state(&state)
+        .map_err(|e| io_err(&dir.join("optimizer.safetensors"), e))?;
+    let text = std::fs::read_to_string(dir.join("state.json")).map_err(|e| io_err(dir, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| io_err(dir, e))?;
+    Ok((
+        v["step"].as_u64().unwrap_or(0),
+        v["refused_steps"].as_u64().unwrap_or(0) as usize,
+    ))
+}
+
+/// Keeps the metrics rows of steps `<= step` (a resumed run rewrites what follows).
+fn truncate_metrics(path: &Path, step: u64) -> Result<(), TrainError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, kept.as_bytes()).map_err(|e| io_err(path, e))
+}
+
+fn append_line(path: &Path, row: &Map<String, Value>) -> Result<(), TrainError> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| io_err(path, e))?;
+    writeln!(f, "{}", Value::Object(row.clone())).map_err(|e| io_err(path, e))
+}
+
+/// Record-weighted mean of micro-batch metrics; optional ones over the micro-batches that have
+/// them.
+fn combine(parts: &[(usize, ObjectiveMetrics)]) -> Map<String, Value> {
+    let total: usize = parts.iter().map(|(n, _)| n).sum();
+    let mean = |f: &dyn Fn(&ObjectiveMetrics) -> f64| {
+        parts.iter().map(|(n, m)| *n as f64 * f(m)).sum::<f64>() / total.max(1) as f64
+    };
+    let mean_opt = |f: &dyn Fn(&ObjectiveMetrics) -> Option<f64>| {
+        let (s, n) = parts
+            .iter()
+            .fold((0.0, 0usize), |(s, c), (n, m)| match f(m) {
+                Some(v) => (s + *n as f64 * v, c + n),
+                None => (s, c),
+            });
+        (n > 0).then(|| s / n as f64)
+    };
+    let mut row = Map::new();
+    let mut put = |k: &str, v: Option<f64>| {
+        row.insert(k.into(), v.map_or(Value::Null, |v| json!(v)));
+    };
+    put("loss", Some(mean(&|m| m.loss)));
+    put("loss/img", Some(mean(&|m| m.loss_img)));
+    put("loss/text", Some(mean(&|m| m.loss_text)));
+    put("loss/anchor", Some(mean(&|m| m.loss_anchor)));
+    put("rewards/chosen", Some(mean(&|m| m.rewards_chosen)));
+    put("rewards/rejected", Some(mean(&|m| m.rewards_rejected)));
+    put("rewards/margins", Some(mean(&|m| m.rewards_margins)));
+    put("rewards/accuracies", Some(mean(&|m| m.rewards_accuracies)));
+    put(
+        "rewards/img_negatives",
+        mean_opt(&|m| m.rewards_img_negatives),
+    );
+    put(
+        "rewards/img_accuracies",
+        mean_opt(&|m| m.rewards_img_accuracies),
+    );
+    put("is/ess", mean_opt(&|m| m.is_ess));
+    put("is/max_weight", mean_opt(&|m| m.is_max_weight));
+    row
+}
+
+/// Runs (or resumes) training; see the module doc for what is written.
+pub fn train(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<TrainSummary, TrainError> {
+    let start = Instant::now();
+    cfg.validate()?;
+    prepare_out(cfg, inputs)?;
+    let out = &inputs.out;
+    let dtype = if cfg.dtype == "bf16" {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let opts = VlmOptions {
+        dtype,
+        pad_to_square: cfg.pad_to_square,
+        ..VlmOptions::default()
+    };
+    let mut vlm = Vlm::load(&inputs.model, None, &opts)?;
+    let lora = cfg.lora();
+    vlm.model
+        .language_model_mut()
+        .attach_lora(&lora, &mut init_rng(cfg.seed))?;
+
+    let records =
+        read_records(&inputs.data, None, None).map_err(|e| TrainError::Input(e.to_string()))?;
+    let set = data::build(
+        &vlm,
+        records.records,
+        records.skipped,
+        inputs.negatives.as_deref(),
+        inputs.pool.as_deref(),
+        cfg,
+    )?;
+    let mut skipped_text = String::new();
+    for s in &set.skipped {
+        skipped_text.push_str(&serde_json::to_string(s).unwrap_or_default());
+        skipped_text.push('\n');
+    }
+    write_atomic(&out.join("skipped.jsonl"), skipped_text.as_bytes())
+        .map_err(|e| io_err(out, e))?;
+    let items: Vec<TrainItem> = set.items;
+    let n = items.len();
+
+    let mut h = Fnv::default();
+    hash_model(&inputs.model, &mut h)?;
+    h.str(&cfg.dtype);
+    h.str(&format!("{}", cfg.pad_to_square));
+    h.str(vlm.processor.template());
+    hash_items(&items, &mut h);
+    let mut cache = RefCache::open(&out.join("reference"), h.finish())?;
+
+    let k = if cfg.uses_images() { cfg.k } else { 0 };
+    let steps_per_epoch = n.div_ceil(cfg.batch_size) as u64;
+    let mut total = steps_per_epoch * cfg.epochs as u64;
+    if cfg.max_steps > 0 {
+        total = total.min(cfg.max_steps as u64);
+    }
+    let warmup = (cfg.warmup_ratio * total as f64).ceil() as u64;
+    let vars = vlm.model.language_model().trainable_vars();
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWConfig {
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            ..AdamWConfig::default()
+        },
+    )?;
+    let metrics_path = out.join("metrics.jsonl");
+    let (mut step, mut refused) = (0u64, 0usize);
+    if inputs.resume {
+        if let Some((s, dir)) = latest_checkpoint(out) {
+            let (s2, r) = restore(&dir, &mut opt)?;
+            debug_assert_eq!(s, s2);
+            step = s2;
+            refused = r;
+            tracing::info!("resuming from {} (step {step})", dir.display());
+        }
+        truncate_metrics(&metrics_path, step)?;
+    } else {
+        write_atomic(&metrics_path, b"").map_err(|e| io_err(&metrics_path, e))?;
+    }
+
+    let pixels = PixelCache::new(2 << 30);
+    let objective = cfg.objective();
+    let switch = vlm.model.language_model().lora_switch().clone();
+    let flag = interrupted();
+    let bar = crate::progress::bar(inputs.progress, total, "training", "steps");
+    bar.set_position(step);
+    let mut rows = Vec::new();
+    let mut epoch_seconds = Vec::new();
+    let mut epoch_start = Instant::now();
+    let mut order_epoch = u64::MAX;
+    let mut order = Vec::new();
+    while step < total {
+        let epoch = step / steps_per_epoch;
+        if epoch != order_epoch {
+            if order_epoch != u64::MAX {
+                epoch_seconds.push(epoch_start.elapsed().as_secs_f64());
+                epoch_start = Instant::now();
+            }
+            order = epoch_order(n, cfg.seed, epoch);
+            order_epoch = epoch;
+        }
+        let b = (step % steps_per_epoch) as usize;
+        let batch: Vec<&TrainItem> = order[b * cfg.batch_size..((b + 1) * cfg.batch_size).min(n)]
+            .iter()
+            .map(|&i| &items[i])
+            .collect();
+        let t0 = Instant::now();
+        let mut acc = GradAccumulator::new(vars.len());
+        let mut parts = Vec::new();
+        let mut tokens = 0usize;
+        let mut finite = true;
+        switch.set_training(true);
+        for (m, micro) in batch.chunks(cfg.micro_batch_size).enumerate() {
+            switch.set_dropout_seed(splitmix64(cfg.seed ^ splitmix64(step * 4096 + m as u64)));
+            let outm = micro_step(&vlm, micro, k, &objective, &pixels, &mut cache)?;
+            tokens += outm.tokens;
+            let loss = (outm.objective.per_record.sum_all()? / batch.len() as f64)?;
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !value.is_finite() {
+                finite = false;
+                tracing::warn!(
+                    "step {}: non-finite loss in records {:?}",
+                    step + 1,
+                    micro.iter().map(|r| r.id.as_str()).collect::<Vec<_>>()
+                );
+                continue;
+            }
+            acc.add(&vars, &loss.backward()?)?;
+            parts.push((micro.len(), outm.objective.metrics()?));
+        }
+        switch.set_training(false);
+        let mut grads = acc.take();
+        let norm = if cfg.max_grad_norm > 0.0 {
+            clip_grad_norm(&mut grads, cfg.max_grad_norm)?
+        } else {
+            grad_norm(&grads)?
+        };
+        let lr = cfg.lr * cosine_with_warmup(step, warmup, total);
+        let mut row = combine(&parts);
+        if finite && norm.is_finite() {
+            opt.step(&grads, lr)?;
+        } else {
+            refused += 1;
+            let ids: Vec<&str> = batch.iter().map(|r| r.id.as_str()).collect();
+            tracing::warn!(
+                "step {} refused: non-finite loss or gradient (grad norm {norm}); records {:?}; the adapter keeps its last good values",
+                step + 1,
+                ids
+            );
+            row.insert("refused".into(), json!(true));
+        }
+        step += 1;
+        let secs = t0.elapsed().as_secs_f64();
+        row.insert("step".into(), json!(step));
+        row.insert("epoch".into(), json!(step as f64 / steps_per_epoch as f64));
+        row.insert("grad_norm".into(), json!(norm));
+        row.insert("lr".into(), json!(lr));
+        row.insert("tokens_per_s".into(), json!(tokens as f64 / secs.max(1e-9)));
+        row.insert("records".into(), json!(batch.len()));
+        append_line(&metrics_path, &row)?;
+        bar.set_message(format!(
+            "loss {:.4} margin {:.3} {:.0} tok/s",
+            row["loss"].as_f64().unwrap_or(f64::NAN),
+            row["rewards/margins"].as_f64().unwrap_or(f64::NAN),
+            tokens as f64 / secs.max(1e-9)
+        ));
+        bar.inc(1);
+        rows.push(row);
+        let stop_now = flag.load(Ordering::Relaxed) || inputs.stop_after == Some(step);
+        let periodic = cfg.checkpoint_every > 0 && step % cfg.checkpoint_every as u64 == 0;
+        if stop_now || periodic || step == total {
+            checkpoint(
+                out,
+                step,
+                &vlm,
+                &opt,
+                cfg,
+                &inputs.model,
+                refused,
+                &mut cache,
+            )?;
+        }
+        if stop_now && step < total {
+            bar.abandon();
+            return Err(TrainError::Interrupted { step });
+        }
+    }
+    bar.finish_and_clear();
+    epoch_seconds.push(epoch_start.elapsed().as_secs_f64());
+    cache.save()?;
+    let adapter = out.join("adapter");
+    save_peft_adapter(&adapter, &vlm.model, &lora, &inputs.model.to_string_lossy())?;
+    let summary = TrainSummary {
+        steps: step,
+        records: n,
+        skipped: set.skipped.len(),
+        refused_steps: refused,
+        epoch_seconds,
+        seconds: start.elapsed().as_secs_f64(),
+        metrics: rows,
+        adapter,
+    };
+    super::report::write(
+        out,
+        cfg,
+        &summary,
+        set.without_negatives,
+        set.unreadable_negatives,
+    )?;
+    Ok(summary)
+}

@@ -1,0 +1,389 @@
+//! `misp::train` end to end on the tiny LLaVA of `fixtures/llava_chat` (random weights, a real
+//! tokenizer with `<image>`): learning happens, resume equals an uninterrupted run, uniform-q
+//! importance sampling equals the exact gradient in a full step, every shipped config runs,
+//! and bad inputs are named.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use misp::train::{train, TrainConfig, TrainInputs};
+use serde_json::{json, Value};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("misp-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+const IMAGES: [&str; 5] = [
+    "hopper.jpg",
+    "astronaut_small.png",
+    "camera_gray.png",
+    "coffee_cmyk.jpg",
+    "rocket_rgb16.png",
+];
+
+/// Records (TRL JSONL), a pool folder with ids.jsonl, and a negatives file whose negatives carry
+/// `strategies` in turn (synthetic ones with a seed, pool ones with a uniform q).
+fn world(dir: &Path, strategies: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
+    let img_dir = dir.join("images");
+    std::fs::create_dir_all(&img_dir).unwrap();
+    for name in IMAGES {
+        std::fs::copy(
+            root().join("fixtures/clip/images").join(name),
+            img_dir.join(name),
+        )
+        .unwrap();
+    }
+    let answers = [
+        ("A red circle.", "A blue square."),
+        ("The astronaut stands.", "The dog stands."),
+        ("There are two cats.", "There is a car."),
+        ("The car is green.", "The car is red."),
+        ("A flag on the moon.", "A dog on the sofa."),
+        ("Yes, there is a table.", "No, there is not."),
+    ];
+    let mut records = String::new();
+    let mut negatives = String::new();
+    for (i, (chosen, rejected)) in answers.iter().enumerate() {
+        let id = format!("r{i}");
+        let image = IMAGES[i % IMAGES.len()];
+        records.push_str(&format!(
+            "{}\n",
+            json!({"id": id, "image": format!("images/{image}"), "prompt": "What is in the image?",
+                   "chosen": chosen, "rejected": rejected})
+        ));
+        let negs: Vec<Value> = strategies
+            .iter()
+            .enumerate()
+            .map(|(s, strat)| match *strat {
+                "crop" | "noise" => json!({"image": *strat, "strategy": strat, "score": null,
+                    "recon": null, "l1": null, "q": null, "seed": 1000 + i * 10 + s}),
+                _ => json!({"image": IMAGES[(i + s + 1) % IMAGES.len()], "strategy": strat,
+                    "score": 0.5, "recon": 0.1, "l1": 0.2, "q": 0.25}),
+            })
+            .collect();
+        negatives.push_str(&format!("{}\n", json!({"id": id, "negatives": negs})));
+    }
+    let data = dir.join("records.jsonl");
+    std::fs::write(&data, records).unwrap();
+    let neg = dir.join("negatives.jsonl");
+    std::fs::write(&neg, negatives).unwrap();
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    let ids: String = IMAGES
+        .iter()
+        .map(|n| format!("{}\n", json!({"id": n, "path": img_dir.join(n)})))
+        .collect();
+    std::fs::write(pool.join("ids.jsonl"), ids).unwrap();
+    (data, neg, pool)
+}
+
+fn tiny_cfg(extra: &[&str]) -> TrainConfig {
+    let mut sets: Vec<String> = [
+        "lr=0.01",
+        "batch_size=4",
+        "micro_batch_size=2",
+        "epochs=2",
+        "lora_r=4",
+        "lora_alpha=8",
+        "lora_dropout=0.1",
+        "k=2",
+        "checkpoint_every=2",
+        "warmup_ratio=0.0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    TrainConfig::load(None, &sets).unwrap()
+}
+
+fn inputs(dir: &Path, data: &Path, neg: &Path, pool: &Path, out: &str) -> TrainInputs {
+    TrainInputs {
+        model: root().join("fixtures/llava_chat/tiny"),
+        data: data.to_path_buf(),
+        negatives: Some(neg.to_path_buf()),
+        pool: Some(pool.to_path_buf()),
+        out: dir.join(out),
+        resume: false,
+        progress: false,
+        stop_after: None,
+    }
+}
+
+fn adapter(dir: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .map(|(k, t)| {
+            (t - &b[k])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn a_few_steps_learn_and_touch_only_lora_tensors() {
+    let dir = tmp("learn");
+    let (data, neg, pool) = world(&dir, &["misp", "misp"]);
+    let cfg = tiny_cfg(&["epochs=6", "lora_dropout=0.0"]);
+    let s = train(&cfg, &inputs(&dir, &data, &neg, &pool, "out")).unwrap();
+    assert_eq!(s.records, 6);
+    assert_eq!(s.steps, 12);
+    let get = |i: usize, k: &str| s.metrics[i][k].as_f64().unwrap();
+    let first = (get(0, "loss") + get(1, "loss")) / 2.0;
+    let last = (get(10, "loss") + get(11, "loss")) / 2.0;
+    assert!(last < first - 0.05, "loss {first} -> {last}");
+    let acc_first = get(0, "rewards/img_accuracies") + get(1, "rewards/img_accuracies");
+    let acc_last = get(10, "rewards/img_accuracies") + get(11, "rewards/img_accuracies");
+    assert!(
+        acc_last > acc_first,
+        "img accuracy {acc_first} -> {acc_last}"
+    );
+    // The adapter holds LoRA tensors only, and training moved B away from its zero init.
+    let a = adapter(&dir.join("out/adapter"));
+    assert_eq!(a.len(), 2 * 7 * 2);
+    assert!(a
+        .keys()
+        .all(|k| k.contains(".lora_A.") || k.contains(".lora_B.")));
+    let b_norm: f32 = a
+        .iter()
+        .filter(|(k, _)| k.contains("lora_B"))
+        .map(|(_, t)| {
+            t.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .sum();
+    assert!(b_norm > 0.0);
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "report.md",
+        "loss.png",
+        "skipped.jsonl",
+    ] {
+        assert!(dir.join("out").join(f).is_file(), "{f}");
+    }
+    let lines = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 12);
+    let row: Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    for key in [
+        "loss",
+        "loss/img",
+        "loss/text",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "rewards/img_negatives",
+        "rewards/img_accuracies",
+        "is/ess",
+        "is/max_weight",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+    ] {
+        assert!(row.get(key).is_some(), "{key}");
+    }
+    // A second epoch skips the reference pass: its cache holds every record.
+    let cache = std::fs::read_dir(dir.join("out/reference"))
+        .unwrap()
+        .count();
+    assert_eq!(cache, 1);
+}
+
+#[test]
+fn resume_after_a_kill_equals_the_uninterrupted_run() {
+    let dir = tmp("resume");
+    let (data, neg, pool) = world(&dir, &["misp", "misp"]);
+    let cfg = tiny_cfg(&["epochs=3", "checkpoint_every=1"]);
+    train(&cfg, &inputs(&dir, &data, &neg, &pool, "whole")).unwrap();
+    let mut killed = inputs(&dir, &data, &neg, &pool, "split");
+    killed.stop_after = Some(3);
+    let err = train(&cfg, &killed).unwrap_err();
+    assert!(err.to_string().contains("--resume"), "{err}");
+    // Without --resume the folder is refused; with other settings too.
+    let again = inputs(&dir, &data, &neg, &pool, "split");
+    assert!(train(&cfg, &again)
+        .unwrap_err()
+        .to_string()
+        .contains("--resume"));
+    let mut resumed = again.clone();
+    resumed.resume = true;
+    let other = tiny_cfg(&["epochs=3", "checkpoint_every=1", "lr=0.02"]);
+    let e = train(&other, &resumed).unwrap_err().to_string();
+    assert!(e.contains("lr"), "{e}");
+    let s = train(&cfg, &resumed).unwrap();
+    assert_eq!(s.steps, 6);
+    let a = adapter(&dir.join("whole/adapter"));
+    let b = adapter(&dir.join("split/adapter"));
+    assert_eq!(max_diff(&a, &b), 0.0);
+    let lines = |p: &str| {
+        std::fs::read_to_string(dir.join(p))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    assert_eq!(lines("split/metrics.jsonl"), 6);
+    // Two checkpoints kept.
+    assert_eq!(
+        std::fs::read_dir(dir.join("split/checkpoints"))
+            .unwrap()
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn uniform_q_importance_sampling_equals_the_exact_gradient_in_a_full_step() {
+    let dir = tmp("is");
+    let (data, neg, pool) = world(&dir, &["misp", "misp"]);
+    let is = tiny_cfg(&[
+        "importance_sampling=true",
+        "max_steps=1",
+        "lora_dropout=0.0",
+    ]);
+    let exact = tiny_cfg(&[
+        "importance_sampling=false",
+        "max_steps=1",
+        "lora_dropout=0.0",
+    ]);
+    train(&is, &inputs(&dir, &data, &neg, &pool, "is")).unwrap();
+    train(&exact, &inputs(&dir, &data, &neg, &pool, "exact")).unwrap();
+    let a = adapter(&dir.join("is/adapter"));
+    let b = adapter(&dir.join("exact/adapter"));
+    assert!(max_diff(&a, &b) < 1e-6, "{}", max_diff(&a, &b));
+    // And a non-uniform q does change the step (the test can fail).
+    let text = std::fs::read_to_string(&neg)
+        .unwrap()
+        .replace("\"q\":0.25", "\"q\":0.9");
+    let skewed = dir.join("skewed.jsonl");
+    let mut t2 = String::new();
+    for (i, l) in text.lines().enumerate() {
+        // Make the two negatives' q differ.
+        t2.push_str(&l.replacen("0.9", if i % 2 == 0 { "0.05" } else { "0.9" }, 1));
+        t2.push('\n');
+    }
+    std::fs::write(&skewed, t2).unwrap();
+    train(&is, &inputs(&dir, &data, &skewed, &pool, "skewed")).unwrap();
+    let c = adapter(&dir.join("skewed/adapter"));
+    assert!(max_diff(&a, &c) > 1e-6);
+}
+
+#[test]
+fn every_shipped_config_runs() {
+    let dir = tmp("configs");
+    let mut names: Vec<PathBuf> = std::fs::read_dir(root().join("configs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 10, "{names:?}");
+    for path in names {
+        let base = TrainConfig::load(Some(&path), &[]).unwrap();
+        let k = base.k.min(3).to_string();
+        let sets: Vec<String> = [
+            "batch_size=4",
+            "micro_batch_size=2",
+            "max_steps=1",
+            "lora_r=4",
+            "lora_alpha=8",
+            "checkpoint_every=0",
+            &format!("k={k}"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let cfg = TrainConfig::load(Some(&path), &sets).unwrap();
+        let strategies: Vec<&str> = if cfg.expect_strategies.is_empty() {
+            vec!["misp"; cfg.k]
+        } else {
+            (0..cfg.k)
+                .map(|i| cfg.expect_strategies[i.min(cfg.expect_strategies.len() - 1)].as_str())
+                .collect()
+        };
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        let sub = dir.join(&name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let (data, neg, pool) = world(&sub, &strategies);
+        let s = train(&cfg, &inputs(&sub, &data, &neg, &pool, "out"))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(s.steps, 1, "{name}");
+        let loss = s.metrics[0]["loss"].as_f64().unwrap();
+        assert!(loss.is_finite() && loss > 0.0, "{name}: loss {loss}");
+        let img = s.metrics[0]["loss/img"].as_f64().unwrap();
+        assert_eq!(img == 0.0, !cfg.uses_images(), "{name}: image term {img}");
+    }
+}
+
+#[test]
+fn bad_inputs_are_named() {
+    let dir = tmp("bad");
+    let (data, neg, pool) = world(&dir, &["misp", "misp"]);
+    let cfg = tiny_cfg(&["max_steps=1"]);
+    // A negatives file for other records.
+    let other = dir.join("other.jsonl");
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(&neg).unwrap().replace("\"r", "\"x"),
+    )
+    .unwrap();
+    let e = train(&cfg, &inputs(&dir, &data, &other, &pool, "o1"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("other records"), "{e}");
+    // Negatives of another strategy than the variant expects.
+    let strict = tiny_cfg(&["max_steps=1", "expect_strategies=[\"random\"]"]);
+    let e = train(&strict, &inputs(&dir, &data, &neg, &pool, "o2"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("random") && e.contains("misp"), "{e}");
+    // No --negatives for a file variant.
+    let mut no_neg = inputs(&dir, &data, &neg, &pool, "o3");
+    no_neg.negatives = None;
+    let e = train(&cfg, &no_neg).unwrap_err().to_string();
+    assert!(e.contains("--negatives"), "{e}");
+    // Records missing from the negatives file: trained on the text term, or skipped.
+    let partial = dir.join("partial.jsonl");
+    let text: String = std::fs::read_to_string(&neg)
+        .unwrap()
+        .lines()
+        .take(3)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&partial, text).unwrap();
+    let s = train(&cfg, &inputs(&dir, &data, &partial, &pool, "o4")).unwrap();
+    assert_eq!((s.records, s.skipped), (6, 0));
+    let skip = tiny_cfg(&["max_steps=1", "missing_negatives=\"skip\""]);
+    let s = train(&skip, &inputs(&dir, &data, &partial, &pool, "o5")).unwrap();
+    assert_eq!((s.records, s.skipped), (3, 3));
+    // An unreadable positive image: the record is skipped and listed.
+    std::fs::write(dir.join("images/hopper.jpg"), b"not an image").unwrap();
+    let s = train(&cfg, &inputs(&dir, &data, &neg, &pool, "o6")).unwrap();
+    assert!(s.skipped >= 1);
+    let listed = std::fs::read_to_string(dir.join("o6/skipped.jsonl")).unwrap();
+    assert!(listed.contains("unreadable image"), "{listed}");
+}
