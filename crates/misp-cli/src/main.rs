@@ -2,11 +2,11 @@
 //! `embed -> sae -> mine -> train -> eval`, plus `score`, `world`, `demo` and `bench`.
 //!
 //! This crate only parses arguments, resolves configs and calls the `misp` library; it holds no
-//! method code. Stages that have not landed yet answer with a clear error naming the issue that
-//! brings them, and accept (and ignore) any arguments so the message is what the user sees.
+//! method code.
 
 mod bench_mine;
 mod bench_model;
+mod demo_cmd;
 mod embed_cmd;
 mod eval_cmd;
 mod mine_cmd;
@@ -33,14 +33,6 @@ struct Cli {
     command: Command,
 }
 
-/// Arguments of a stage that has not landed yet: everything is accepted so that the user sees
-/// the "not yet available" message rather than a parse error about a flag.
-#[derive(clap::Args)]
-struct Pending {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    args: Vec<String>,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Stage 0: CLIP embeddings of an image pool and of preference records.
@@ -64,7 +56,7 @@ enum Command {
     #[command(subcommand)]
     World(world_cmd::WorldCommand),
     /// Every stage end to end on ShapesWorld, on CPU, with a report.
-    Demo(Pending),
+    Demo(demo_cmd::DemoArgs),
     /// Speed and memory benchmarks of the stages, printed as tables.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -78,24 +70,6 @@ enum BenchCommand {
     Model(bench_model::BenchModelArgs),
 }
 
-impl Command {
-    /// `(sub-command, issue that brings it)` for stages still pending.
-    fn pending(&self) -> Option<(&'static str, u32)> {
-        match self {
-            Command::Demo(_) => Some(("demo", 8)),
-            Command::Embed(_)
-            | Command::Eval(_)
-            | Command::Sae(_)
-            | Command::Mine(_)
-            | Command::Score(_)
-            | Command::Train(_)
-            | Command::Generate(_)
-            | Command::World(_)
-            | Command::Bench(_) => None,
-        }
-    }
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Embed(cmd) => embed_cmd::run(cmd),
@@ -103,17 +77,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Mine(args) => mine_cmd::run(args),
         Command::Score(args) => score_cmd::score(args),
         Command::Train(args) => train_cmd::run(args),
+        Command::Demo(args) => demo_cmd::run(args),
         Command::Generate(args) => score_cmd::generate(args),
         Command::Eval(cmd) => eval_cmd::run(cmd),
         Command::World(cmd) => world_cmd::run(cmd),
         Command::Bench(BenchCommand::Mine(args)) => bench_mine::run(args),
         Command::Bench(BenchCommand::Model(args)) => bench_model::run(args),
-        pending => match pending.pending() {
-            Some((name, issue)) => anyhow::bail!(
-                "`misp {name}` is not yet available in this version of misp (it arrives with issue #{issue})"
-            ),
-            None => Ok(()),
-        },
     }
 }
 

@@ -1,4 +1,4 @@
-//! The `misp` binary as a user runs it: help, pending stages, and `sae train` -> `mine` on a
+//! The `misp` binary as a user runs it: help, config errors, and `sae train` -> `mine` on a
 //! small synthetic pool.
 
 use std::path::{Path, PathBuf};
@@ -77,14 +77,24 @@ fn help_lists_every_stage() {
 }
 
 #[test]
-fn pending_stages_say_so_and_fail() {
-    let out = misp(&["train", "--config", "x.toml"]);
+fn train_with_a_bad_config_names_the_key() {
+    let dir = tmp("badcfg");
+    let cfg = dir.join("run.toml");
+    std::fs::write(&cfg, "betta = 0.3\n").unwrap();
+    let out = misp(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--model",
+        "m",
+        "--data",
+        "d.jsonl",
+        "--out",
+        dir.join("o").to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("not yet available") && err.contains("#6"),
-        "{err}"
-    );
+    assert!(err.contains("betta") && err.contains("run.toml"), "{err}");
 }
 
 #[test]

@@ -21,6 +21,7 @@
 //! Later stages (train) arrive as modules of their own.
 
 pub mod data;
+pub mod demo;
 pub mod embed;
 pub mod embeddings;
 pub mod eval;

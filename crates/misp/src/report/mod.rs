@@ -4,3 +4,4 @@
 //! so reports need no plotting or font dependency and render the same on every machine.
 
 pub mod plot;
+pub mod tsne;

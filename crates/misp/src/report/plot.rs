@@ -566,6 +566,30 @@ pub fn render_line_chart(
     x_label: &str,
     y_label: &str,
 ) -> Result<RgbImage, PlotError> {
+    render_points(size, title, series, x_label, y_label, true)
+}
+
+/// A scatter plot: the points of each series as dots, not joined (t-SNE maps).
+pub fn scatter_chart(
+    path: &Path,
+    title: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    x_label: &str,
+    y_label: &str,
+) -> Result<(), PlotError> {
+    let img = render_points(DEFAULT_SIZE, title, series, x_label, y_label, false)?;
+    encode(path, &img)
+}
+
+/// Points of each series on shared axes, joined by lines when `connect`.
+fn render_points(
+    size: (u32, u32),
+    title: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    x_label: &str,
+    y_label: &str,
+    connect: bool,
+) -> Result<RgbImage, PlotError> {
     let points: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).collect();
     if points.is_empty() {
         return Err(PlotError::Input("line chart: no points".into()));
@@ -633,8 +657,10 @@ pub fn render_line_chart(
             .iter()
             .map(|(x, y)| (x_px(*x), frame.y_px(*y)))
             .collect();
-        for pair in px.windows(2) {
-            cv.line(pair[0], pair[1], 2, series_color(s));
+        if connect {
+            for pair in px.windows(2) {
+                cv.line(pair[0], pair[1], 2, series_color(s));
+            }
         }
         for p in &px {
             cv.fill(

@@ -1,0 +1,280 @@
+//! `misp demo`: every stage of MISP-DPO on ShapesWorld, on CPU, ending in `DIR/report.md`.
+//!
+//! The demo runs the very commands a user would type (this binary, as a child process), in
+//! order, and prints each one: world -> embed pool and records -> SAE -> mine (misp, random,
+//! similarity) -> train each variant for each seed from the shipped base -> POPE (3 splits) and
+//! CHAIR on the test split for the base and every run -> report. Every step's output folder is
+//! reused when it is complete, so an interrupted demo continues where it stopped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use misp::demo::{self, DemoPlan, RunEval};
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Output folder (world, embeddings, SAE, negatives, runs, evaluations, report).
+    #[arg(long, default_value = "demo-out")]
+    out: PathBuf,
+    /// The small version (one seed, fewer records and questions, no `similarity`): <= 3 min.
+    #[arg(long)]
+    quick: bool,
+    /// Folder holding the shipped checkpoints `shapes-clip/` and `shapes-llava/`.
+    #[arg(long, default_value = "models")]
+    models: PathBuf,
+    /// Seeds of every trained variant (default: 3 seeds, 1 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<u64>>,
+    /// Evaluate on the validation split instead of test (for tuning the demo's settings).
+    #[arg(long)]
+    validation: bool,
+}
+
+/// Runs `misp ARGS...`, echoing the command; fails naming it.
+fn misp(args: &[String]) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the misp binary")?;
+    eprintln!("\n$ misp {}", args.join(" "));
+    let status = Command::new(exe)
+        .args(args)
+        .status()
+        .with_context(|| format!("running misp {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`misp {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn strings(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|p| p.to_string()).collect()
+}
+
+pub fn run(a: DemoArgs) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let clip = a.models.join("shapes-clip");
+    let llava = a.models.join("shapes-llava");
+    for dir in [&clip, &llava] {
+        if !dir.join("config.json").is_file() {
+            bail!(
+                "{}: shipped ShapesWorld checkpoint missing. Rebuild it with `misp world generate --out world && misp world pretrain --world world --out {}` (see README, \"ShapesWorld models\"), or point --models at the folder holding shapes-clip/ and shapes-llava/",
+                dir.display(),
+                a.models.display()
+            );
+        }
+    }
+    let plan = DemoPlan::new(a.quick, a.seeds.clone(), a.validation);
+    let out = &a.out;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut timings: Vec<(String, f64)> = Vec::new();
+    let mut timed =
+        |name: &str, t: Instant| timings.push((name.to_string(), t.elapsed().as_secs_f64()));
+
+    // 1. The world.
+    let t = Instant::now();
+    let world = out.join("world");
+    let mut args = strings(&["world", "generate", "--out"]);
+    args.push(s(&world));
+    if a.quick {
+        args.push("--quick".into());
+    }
+    misp(&args)?;
+    timed("world", t);
+
+    // 2. CLIP embeddings of the pool and of the records.
+    let t = Instant::now();
+    let pool = out.join("embed/pool");
+    let records = out.join("embed/records");
+    misp(&[
+        "embed".into(),
+        "pool".into(),
+        "--clip".into(),
+        s(&clip),
+        "--images".into(),
+        s(&world.join("pool.txt")),
+        "--out".into(),
+        s(&pool),
+        "--quiet".into(),
+    ])?;
+    misp(&[
+        "embed".into(),
+        "records".into(),
+        "--clip".into(),
+        s(&clip),
+        "--data".into(),
+        s(&world.join("records.jsonl")),
+        "--out".into(),
+        s(&records),
+        "--quiet".into(),
+    ])?;
+    timed("embed", t);
+
+    // 3. SAE and mining.
+    let t = Instant::now();
+    let sae = out.join("sae");
+    if !sae.join("model.safetensors").is_file() {
+        misp(&[
+            "sae".into(),
+            "train".into(),
+            "--pool".into(),
+            s(&pool),
+            "--records".into(),
+            s(&records),
+            "--out".into(),
+            s(&sae),
+            "--epochs".into(),
+            plan.sae_epochs.to_string(),
+            "--candidates".into(),
+            plan.candidates.clone(),
+            "--quiet".into(),
+        ])?;
+    }
+    let neg_dir = out.join("negatives");
+    std::fs::create_dir_all(&neg_dir)?;
+    for strategy in plan.strategies() {
+        let file = neg_dir.join(format!("{strategy}.jsonl"));
+        misp(&[
+            "mine".into(),
+            "--pool".into(),
+            s(&pool),
+            "--records".into(),
+            s(&records),
+            "--sae".into(),
+            s(&sae),
+            "--strategy".into(),
+            strategy.into(),
+            "--k".into(),
+            plan.k.to_string(),
+            "--candidates".into(),
+            plan.candidates.clone(),
+            "--out".into(),
+            s(&file),
+            "--quiet".into(),
+        ])?;
+    }
+    timed("sae + mine", t);
+
+    // 4. Training runs.
+    let t = Instant::now();
+    let configs = out.join("configs");
+    std::fs::create_dir_all(&configs)?;
+    for (name, text) in demo::SHIPPED_CONFIGS {
+        misp::files::write_atomic(&configs.join(format!("{name}.toml")), text.as_bytes())?;
+    }
+    let mut runs: Vec<RunEval> = vec![RunEval::base()];
+    for variant in &plan.variants {
+        for &seed in &plan.seeds {
+            let run_dir = out.join("runs").join(format!("{variant}-s{seed}"));
+            if !run_dir.join("adapter/adapter_model.safetensors").is_file() {
+                let mut args = vec![
+                    "train".into(),
+                    "--config".into(),
+                    s(&configs.join(format!("{variant}.toml"))),
+                    "--model".into(),
+                    s(&llava),
+                    "--data".into(),
+                    s(&world.join("records.jsonl")),
+                    "--out".into(),
+                    s(&run_dir),
+                    "--quiet".into(),
+                ];
+                if let Some(strategy) = demo::negatives_for(variant) {
+                    args.extend([
+                        "--negatives".into(),
+                        s(&neg_dir.join(format!("{strategy}.jsonl"))),
+                        "--pool".into(),
+                        s(&pool),
+                    ]);
+                }
+                if run_dir.join("checkpoints").is_dir() {
+                    args.push("--resume".into());
+                }
+                for set in plan.train_sets(seed) {
+                    args.extend(["--set".into(), set]);
+                }
+                misp(&args)?;
+            }
+            runs.push(RunEval::trained(variant, seed, &run_dir));
+        }
+    }
+    timed("train", t);
+
+    // 5. Evaluation: POPE (3 splits) and CHAIR for the base and every run.
+    let t = Instant::now();
+    let split = if a.validation { "val" } else { "test" };
+    let questions = demo::pope_subsets(&world, split, plan.pope_per_split, &out.join("eval-sets"))?;
+    for run in &runs {
+        let eval_dir = out.join("eval").join(&run.name);
+        let pope_out = eval_dir.join("pope");
+        if !pope_out.join("metrics.json").is_file() {
+            let mut args = vec![
+                "eval".into(),
+                "pope".into(),
+                "--model".into(),
+                s(&llava),
+                "--images".into(),
+                s(&world),
+                "--out".into(),
+                s(&pope_out),
+                "--batch-size".into(),
+                "32".into(),
+                "--max-new-tokens".into(),
+                "3".into(),
+                "--quiet".into(),
+                "--questions".into(),
+            ];
+            args.extend(questions.iter().map(|q| s(q)));
+            if let Some(adapter) = &run.adapter {
+                args.extend(["--adapter".into(), s(adapter)]);
+            }
+            misp(&args)?;
+        }
+        let chair_out = eval_dir.join("chair");
+        if !chair_out.join("metrics.json").is_file() {
+            let annotations =
+                demo::chair_subset(&world, split, plan.chair_images, &out.join("eval-sets"))?;
+            let mut args = vec![
+                "eval".into(),
+                "chair".into(),
+                "--model".into(),
+                s(&llava),
+                "--images".into(),
+                s(&world),
+                "--annotations".into(),
+                s(&annotations),
+                "--synonyms".into(),
+                s(&world.join("chair/synonyms.txt")),
+                "--out".into(),
+                s(&chair_out),
+                "--max-new-tokens".into(),
+                "32".into(),
+                "--batch-size".into(),
+                "32".into(),
+                "--quiet".into(),
+            ];
+            let prompt = std::fs::read_to_string(world.join("captions_prompt.txt"))
+                .unwrap_or_else(|_| "Describe the image.".into());
+            args.extend(["--prompt".into(), prompt.trim().to_string()]);
+            if let Some(adapter) = &run.adapter {
+                args.extend(["--adapter".into(), s(adapter)]);
+            }
+            misp(&args)?;
+        }
+    }
+    timed("eval", t);
+
+    // 6. Report.
+    let report = demo::write_report(out, &plan, &runs, &world, &pool, &neg_dir, split, &timings)?;
+    eprintln!(
+        "\nmisp demo done in {:.1} s: {} (results.json, figures beside it)",
+        start.elapsed().as_secs_f64(),
+        report.display()
+    );
+    print!("{}", demo::results_table(out)?);
+    Ok(())
+}

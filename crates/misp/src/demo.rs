@@ -1,0 +1,631 @@
+//! What `misp demo` needs beyond the stage commands it runs: its plan (variants, seeds, sizes),
+//! the evaluation subsets, and the report — results over seeds, charts, training curves, the
+//! paper's Figure 2 for ShapesWorld (t-SNE of misp-selected vs random negatives) and the share
+//! of selected negatives that really contradict the chosen answer ("negative validity",
+//! WORLD-NOTES 3), which only a world with scene graphs can measure.
+//!
+//! Reads the demo folder's outputs; writes `report.md`, `results.json` and PNGs in it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::{json, Value};
+
+use crate::embeddings::PoolEmbeddings;
+use crate::files::{read_lines, write_atomic, write_json_atomic, FileError};
+use crate::report::plot::{bar_chart, line_chart, scatter_chart};
+use crate::report::tsne::{tsne, TsneConfig};
+use crate::world::scene::Scene;
+use crate::world::text::Claim;
+
+/// The shipped variant configs, compiled in so the demo does not depend on the working
+/// directory.
+pub const SHIPPED_CONFIGS: [(&str, &str); 10] = [
+    ("misp", include_str!("../../../configs/misp.toml")),
+    (
+        "misp-exact",
+        include_str!("../../../configs/misp-exact.toml"),
+    ),
+    (
+        "misp-sample",
+        include_str!("../../../configs/misp-sample.toml"),
+    ),
+    ("random", include_str!("../../../configs/random.toml")),
+    (
+        "similarity",
+        include_str!("../../../configs/similarity.toml"),
+    ),
+    ("dpo", include_str!("../../../configs/dpo.toml")),
+    ("mdpo", include_str!("../../../configs/mdpo.toml")),
+    ("chip", include_str!("../../../configs/chip.toml")),
+    (
+        "noise+misp",
+        include_str!("../../../configs/noise+misp.toml"),
+    ),
+    (
+        "crop+noise+misp",
+        include_str!("../../../configs/crop+noise+misp.toml"),
+    ),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{path}: {message}")]
+    Input { path: String, message: String },
+}
+
+fn bad(path: &Path, message: impl Into<String>) -> DemoError {
+    DemoError::Input {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+/// Sizes and settings of one demo.
+#[derive(Debug, Clone)]
+pub struct DemoPlan {
+    pub quick: bool,
+    pub variants: Vec<String>,
+    pub seeds: Vec<u64>,
+    pub k: usize,
+    pub candidates: String,
+    pub sae_epochs: usize,
+    /// POPE questions per split (half yes, half no).
+    pub pope_per_split: usize,
+    /// Images captioned for CHAIR.
+    pub chair_images: usize,
+    /// `--set` overrides of every training run (chosen on the validation split).
+    pub train: Vec<String>,
+}
+
+impl DemoPlan {
+    pub fn new(quick: bool, seeds: Option<Vec<u64>>, _validation: bool) -> Self {
+        let mut variants: Vec<String> =
+            ["dpo", "mdpo", "random", "misp"].map(String::from).to_vec();
+        if !quick {
+            variants.push("similarity".into());
+        }
+        let train = [
+            "lora_r=16",
+            "lora_alpha=32",
+            "lora_dropout=0.0",
+            "lr=5e-4",
+            "batch_size=16",
+            "micro_batch_size=8",
+            "warmup_ratio=0.1",
+            "checkpoint_every=0",
+        ]
+        .map(String::from)
+        .to_vec();
+        Self {
+            quick,
+            variants,
+            seeds: seeds.unwrap_or_else(|| if quick { vec![0] } else { vec![0, 1, 2] }),
+            k: 3,
+            candidates: "knn:64".into(),
+            sae_epochs: if quick { 1 } else { 3 },
+            pope_per_split: if quick { 100 } else { 300 },
+            chair_images: if quick { 40 } else { 150 },
+            train,
+        }
+    }
+
+    /// Mining strategies the variants need.
+    pub fn strategies(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        for v in &self.variants {
+            if let Some(s) = negatives_for(v) {
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+            }
+        }
+        // The figure compares misp with random even when a variant is left out.
+        for s in ["misp", "random"] {
+            if !out.contains(&s) {
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    /// `--set` overrides of the run with `seed`.
+    pub fn train_sets(&self, seed: u64) -> Vec<String> {
+        let mut sets = self.train.clone();
+        sets.push(format!("seed={seed}"));
+        sets.push(format!("epochs={}", if self.quick { 1 } else { 2 }));
+        sets
+    }
+}
+
+/// The negatives file a variant trains on (`None`: it needs none).
+pub fn negatives_for(variant: &str) -> Option<&'static str> {
+    match variant {
+        "misp" | "misp-exact" | "misp-sample" => Some("misp"),
+        "random" => Some("random"),
+        "similarity" => Some("similarity"),
+        _ => None,
+    }
+}
+
+/// One model to evaluate: the base or a trained run.
+#[derive(Debug, Clone)]
+pub struct RunEval {
+    /// `base` or `VARIANT-sSEED`.
+    pub name: String,
+    pub variant: String,
+    pub seed: Option<u64>,
+    pub adapter: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+}
+
+impl RunEval {
+    pub fn base() -> Self {
+        Self {
+            name: "base".into(),
+            variant: "base".into(),
+            seed: None,
+            adapter: None,
+            run_dir: None,
+        }
+    }
+
+    pub fn trained(variant: &str, seed: u64, run_dir: &Path) -> Self {
+        Self {
+            name: format!("{variant}-s{seed}"),
+            variant: variant.into(),
+            seed: Some(seed),
+            adapter: Some(run_dir.join("adapter")),
+            run_dir: Some(run_dir.to_path_buf()),
+        }
+    }
+}
+
+const POPE_SPLITS: [&str; 3] = ["random", "popular", "adversarial"];
+
+/// Balanced, seeded subsets (`n` questions: half yes, half no) of the world's POPE files for
+/// `split`, written to `out`; returns their paths (named so the split is read from the name).
+pub fn pope_subsets(
+    world: &Path,
+    split: &str,
+    n: usize,
+    out: &Path,
+) -> Result<Vec<PathBuf>, DemoError> {
+    std::fs::create_dir_all(out).map_err(|e| FileError::new(out, e))?;
+    let mut paths = Vec::new();
+    for kind in POPE_SPLITS {
+        let src = world.join("pope").join(format!("{kind}_{split}.jsonl"));
+        let mut yes = Vec::new();
+        let mut no = Vec::new();
+        for (line, text) in read_lines(&src)? {
+            let v: Value =
+                serde_json::from_str(&text).map_err(|e| bad(&src, format!("line {line}: {e}")))?;
+            match v["label"].as_str() {
+                Some("yes") => yes.push(text),
+                Some("no") => no.push(text),
+                _ => return Err(bad(&src, format!("line {line}: label is not yes/no"))),
+            }
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        yes.shuffle(&mut rng);
+        no.shuffle(&mut rng);
+        let half = n / 2;
+        let mut picked: Vec<&String> = yes.iter().take(half).chain(no.iter().take(half)).collect();
+        // Back in file order, so the subset reads like the original.
+        picked.sort_by_key(|t| {
+            serde_json::from_str::<Value>(t)
+                .ok()
+                .and_then(|v| v["question_id"].as_u64())
+                .unwrap_or(0)
+        });
+        let text: String = picked.iter().map(|t| format!("{t}\n")).collect();
+        let path = out.join(format!("{kind}_{split}.jsonl"));
+        write_atomic(&path, text.as_bytes())?;
+        paths.push(path);
+    }
+    Ok(paths)
+}
+
+/// The world's CHAIR annotations for `split`, cut to the first `n` images.
+pub fn chair_subset(world: &Path, split: &str, n: usize, out: &Path) -> Result<PathBuf, DemoError> {
+    let src = world.join("chair").join(format!("instances_{split}.json"));
+    let text = std::fs::read_to_string(&src).map_err(|e| FileError::new(&src, e))?;
+    let mut v: Value = serde_json::from_str(&text).map_err(|e| bad(&src, e.to_string()))?;
+    let images: Vec<Value> = v["images"]
+        .as_array()
+        .ok_or_else(|| bad(&src, "no `images` array"))?
+        .iter()
+        .take(n)
+        .cloned()
+        .collect();
+    let ids: std::collections::HashSet<u64> =
+        images.iter().filter_map(|i| i["id"].as_u64()).collect();
+    let anns: Vec<Value> = v["annotations"]
+        .as_array()
+        .ok_or_else(|| bad(&src, "no `annotations` array"))?
+        .iter()
+        .filter(|a| a["image_id"].as_u64().is_some_and(|i| ids.contains(&i)))
+        .cloned()
+        .collect();
+    v["images"] = Value::Array(images);
+    v["annotations"] = Value::Array(anns);
+    std::fs::create_dir_all(out).map_err(|e| FileError::new(out, e))?;
+    let path = out.join(format!("instances_{split}_{n}.json"));
+    write_json_atomic(&path, &v)?;
+    Ok(path)
+}
+
+fn read_json(path: &Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// `benchmark -> metric -> value` of one evaluated model.
+fn run_metrics(eval_dir: &Path) -> BTreeMap<String, BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    if let Some(p) = read_json(&eval_dir.join("pope/metrics.json")) {
+        for split in POPE_SPLITS {
+            if let Some(m) = p.get(split) {
+                let mut row = BTreeMap::new();
+                for key in ["accuracy", "precision", "recall", "f1", "yes_ratio"] {
+                    if let Some(x) = m[key].as_f64() {
+                        row.insert(key.to_string(), x);
+                    }
+                }
+                out.insert(format!("pope/{split}"), row);
+            }
+        }
+    }
+    if let Some(c) = read_json(&eval_dir.join("chair/metrics.json")) {
+        let mut row = BTreeMap::new();
+        for key in ["chair_s", "chair_i", "recall"] {
+            if let Some(x) = c["chair"][key].as_f64() {
+                row.insert(key.to_string(), x);
+            }
+        }
+        out.insert("chair".into(), row);
+    }
+    out
+}
+
+fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n.max(1.0);
+    let var = if xs.len() > 1 {
+        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// `variant -> benchmark -> metric -> {mean, std, seeds}` over the runs.
+fn aggregate(out: &Path, runs: &[RunEval]) -> Value {
+    let mut acc: BTreeMap<String, BTreeMap<String, BTreeMap<String, Vec<f64>>>> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for run in runs {
+        if !order.contains(&run.variant) {
+            order.push(run.variant.clone());
+        }
+        for (bench, metrics) in run_metrics(&out.join("eval").join(&run.name)) {
+            for (m, v) in metrics {
+                acc.entry(run.variant.clone())
+                    .or_default()
+                    .entry(bench.clone())
+                    .or_default()
+                    .entry(m)
+                    .or_default()
+                    .push(v);
+            }
+        }
+    }
+    let mut result = serde_json::Map::new();
+    for variant in order {
+        let mut benches = serde_json::Map::new();
+        for (bench, metrics) in acc.remove(&variant).unwrap_or_default() {
+            let mut ms = serde_json::Map::new();
+            for (m, seeds) in metrics {
+                let (mean, std) = mean_std(&seeds);
+                ms.insert(m, json!({"mean": mean, "std": std, "seeds": seeds}));
+            }
+            benches.insert(bench, Value::Object(ms));
+        }
+        result.insert(variant, Value::Object(benches));
+    }
+    Value::Object(result)
+}
+
+fn get(results: &Value, variant: &str, bench: &str, metric: &str) -> Option<f64> {
+    results[variant][bench][metric]["mean"].as_f64()
+}
+
+/// Negative validity: the share of a strategy's selected negatives on which the chosen answer
+/// is in fact wrong (a claim of it fails on the negative's scene graph).
+fn negative_validity(world: &Path, neg_file: &Path) -> Option<(f64, usize)> {
+    let scenes: HashMap<String, Scene> = std::fs::read_to_string(world.join("scenes.jsonl"))
+        .ok()?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Scene>(l).ok())
+        .map(|s| (s.image.clone(), s))
+        .collect();
+    let claims: HashMap<String, Vec<Claim>> = std::fs::read_to_string(world.join("records.jsonl"))
+        .ok()?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| {
+            let c: Vec<Claim> = serde_json::from_value(v["claims"].clone()).ok()?;
+            Some((v["id"].as_str()?.to_string(), c))
+        })
+        .collect();
+    let negs = crate::mine::negatives::read(neg_file).ok()?;
+    let (mut valid, mut total) = (0usize, 0usize);
+    for rec in negs {
+        let Some(cs) = claims.get(&rec.id) else {
+            continue;
+        };
+        for n in rec.negatives {
+            let Some(scene) = scenes.get(&n.image) else {
+                continue;
+            };
+            total += 1;
+            if cs.iter().any(|c| !c.holds(scene)) {
+                valid += 1;
+            }
+        }
+    }
+    (total > 0).then(|| (valid as f64 / total as f64, total))
+}
+
+/// Figure 2 for ShapesWorld: t-SNE of the CLIP embeddings of misp-selected and random
+/// negatives (first records of each file).
+fn tsne_figure(pool_dir: &Path, neg_dir: &Path, path: &Path) -> Option<()> {
+    let pool = PoolEmbeddings::load(pool_dir).ok()?;
+    let index: HashMap<&str, usize> = pool
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i))
+        .collect();
+    let mut points = Vec::new();
+    let mut labels = Vec::new();
+    for strategy in ["misp", "random"] {
+        let negs = crate::mine::negatives::read(&neg_dir.join(format!("{strategy}.jsonl"))).ok()?;
+        for rec in negs.iter().take(100) {
+            for n in &rec.negatives {
+                if let Some(&i) = index.get(n.image.as_str()) {
+                    points.push(pool.row(i).to_vec());
+                    labels.push(strategy);
+                }
+            }
+        }
+    }
+    if points.len() < 10 {
+        return None;
+    }
+    let y = tsne(&points, &TsneConfig::default());
+    let series: Vec<(String, Vec<(f64, f64)>)> = ["misp", "random"]
+        .iter()
+        .map(|s| {
+            let pts = y
+                .iter()
+                .zip(&labels)
+                .filter(|(_, l)| *l == s)
+                .map(|(p, _)| *p)
+                .collect();
+            (format!("{s} negatives"), pts)
+        })
+        .collect();
+    scatter_chart(
+        path,
+        "t-SNE of selected negatives (CLIP space)",
+        &series,
+        "t-SNE 1",
+        "t-SNE 2",
+    )
+    .ok()
+}
+
+/// Writes `report.md`, `results.json` and the figures; returns the report's path.
+#[allow(clippy::too_many_arguments)]
+pub fn write_report(
+    out: &Path,
+    plan: &DemoPlan,
+    runs: &[RunEval],
+    world: &Path,
+    pool_dir: &Path,
+    neg_dir: &Path,
+    split: &str,
+    timings: &[(String, f64)],
+) -> Result<PathBuf, DemoError> {
+    let results = aggregate(out, runs);
+    write_json_atomic(&out.join("results.json"), &results)?;
+    let variants: Vec<String> = results
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+
+    // Bar chart: POPE F1 per split and CHAIR_s, one bar per variant.
+    let groups: Vec<String> = POPE_SPLITS
+        .iter()
+        .map(|s| format!("POPE {s} F1"))
+        .chain(["CHAIR_s".to_string(), "CHAIR_i".to_string()])
+        .collect();
+    let series: Vec<(String, Vec<f64>)> = variants
+        .iter()
+        .map(|v| {
+            let mut vals: Vec<f64> = POPE_SPLITS
+                .iter()
+                .map(|s| get(&results, v, &format!("pope/{s}"), "f1").unwrap_or(f64::NAN))
+                .collect();
+            vals.push(get(&results, v, "chair", "chair_s").unwrap_or(f64::NAN));
+            vals.push(get(&results, v, "chair", "chair_i").unwrap_or(f64::NAN));
+            (v.clone(), vals)
+        })
+        .collect();
+    let mut figures = Vec::new();
+    if bar_chart(
+        &out.join("results.png"),
+        "ShapesWorld: POPE F1 and CHAIR",
+        &groups,
+        &series,
+        "value",
+    )
+    .is_ok()
+    {
+        figures.push(("Results", "results.png"));
+    }
+    // Training curves: loss of the first seed of each variant.
+    let mut curves = Vec::new();
+    for run in runs
+        .iter()
+        .filter(|r| r.seed == plan.seeds.first().copied())
+    {
+        let Some(dir) = &run.run_dir else { continue };
+        let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
+        let pts: Vec<(f64, f64)> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?)))
+            .collect();
+        if !pts.is_empty() {
+            curves.push((run.variant.clone(), pts));
+        }
+    }
+    if !curves.is_empty()
+        && line_chart(
+            &out.join("training_loss.png"),
+            "training loss",
+            &curves,
+            "step",
+            "loss",
+        )
+        .is_ok()
+    {
+        figures.push(("Training loss", "training_loss.png"));
+    }
+    if tsne_figure(pool_dir, neg_dir, &out.join("tsne_negatives.png")).is_some() {
+        figures.push((
+            "Figure 2: misp vs random negatives (t-SNE)",
+            "tsne_negatives.png",
+        ));
+    }
+
+    let mut md = String::new();
+    let _ = writeln!(md, "# misp demo on ShapesWorld\n");
+    let _ = writeln!(
+        md,
+        "{} run; seeds {:?}; evaluated on the **{split}** split ({} POPE questions per split, {} CHAIR images). Numbers are mean ± std over seeds (std 0 with one seed).\n",
+        if plan.quick { "Quick" } else { "Full" },
+        plan.seeds,
+        plan.pope_per_split,
+        plan.chair_images
+    );
+    let _ = writeln!(md, "| variant | POPE rand F1 | POPE pop F1 | POPE adv F1 | POPE adv acc | CHAIR_s | CHAIR_i | CHAIR recall |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+    let cell = |v: &str, b: &str, m: &str| match (
+        results[v][b][m]["mean"].as_f64(),
+        results[v][b][m]["std"].as_f64(),
+    ) {
+        (Some(mean), Some(std)) => format!("{:.1} ± {:.1}", 100.0 * mean, 100.0 * std),
+        _ => "-".into(),
+    };
+    for v in &variants {
+        let _ = writeln!(
+            md,
+            "| {v} | {} | {} | {} | {} | {} | {} | {} |",
+            cell(v, "pope/random", "f1"),
+            cell(v, "pope/popular", "f1"),
+            cell(v, "pope/adversarial", "f1"),
+            cell(v, "pope/adversarial", "accuracy"),
+            cell(v, "chair", "chair_s"),
+            cell(v, "chair", "chair_i"),
+            cell(v, "chair", "recall"),
+        );
+    }
+    let _ = writeln!(md, "\n## Does the base model hallucinate?\n");
+    let gap = get(&results, "base", "pope/random", "f1")
+        .zip(get(&results, "base", "pope/adversarial", "f1"))
+        .map(|(r, a)| 100.0 * (r - a));
+    let chair_s = get(&results, "base", "chair", "chair_s").map(|x| 100.0 * x);
+    let _ = writeln!(
+        md,
+        "POPE-random F1 minus POPE-adversarial F1: {} points (target >= 5); CHAIR_s: {}% (target >= 10%). {}\n",
+        gap.map_or("-".into(), |g| format!("{g:.1}")),
+        chair_s.map_or("-".into(), |c| format!("{c:.1}")),
+        if gap.is_some_and(|g| g >= 5.0) || chair_s.is_some_and(|c| c >= 10.0) {
+            "The base model hallucinates measurably."
+        } else {
+            "The base model does NOT reach the hallucination bar here."
+        }
+    );
+    let _ = writeln!(md, "## The paper's ordering\n");
+    let score = |v: &str| {
+        let f1 = get(&results, v, "pope/adversarial", "f1")?;
+        let cs = get(&results, v, "chair", "chair_s")?;
+        Some((f1, cs))
+    };
+    let sentence = match (score("misp"), score("random"), score("mdpo")) {
+        (Some(m), Some(r), Some(s)) => format!(
+            "misp vs random: POPE-adversarial F1 {:.1} vs {:.1}, CHAIR_s {:.1} vs {:.1} — misp {} random here. Multi-negative (misp, random) vs single-negative mDPO: adversarial F1 {:.1} / {:.1} vs {:.1} — the multi-negative variants {} here. With {} seed(s), differences within a std are noise.",
+            100.0 * m.0, 100.0 * r.0, 100.0 * m.1, 100.0 * r.1,
+            if m.0 > r.0 && m.1 <= r.1 { "beats" } else if m.0 >= r.0 || m.1 <= r.1 { "partly beats" } else { "does not beat" },
+            100.0 * m.0, 100.0 * r.0, 100.0 * s.0,
+            if m.0.max(r.0) > s.0 { "do better" } else { "do not do better" },
+            plan.seeds.len()
+        ),
+        _ => "Not all of misp, random and mdpo were evaluated; no ordering to report.".into(),
+    };
+    let _ = writeln!(md, "{sentence}\n");
+    let _ = writeln!(
+        md,
+        "## Negative validity (share of selected negatives on which the chosen answer is wrong)\n"
+    );
+    let _ = writeln!(md, "| strategy | validity | negatives |\n|---|---|---|");
+    for strategy in plan.strategies() {
+        if let Some((v, n)) = negative_validity(world, &neg_dir.join(format!("{strategy}.jsonl"))) {
+            let _ = writeln!(md, "| {strategy} | {:.1}% | {n} |", 100.0 * v);
+        }
+    }
+    let _ = writeln!(md, "\n## Figures\n");
+    for (title, file) in &figures {
+        let _ = writeln!(md, "### {title}\n\n![{title}]({file})\n");
+    }
+    let _ = writeln!(md, "## Time per stage\n\n| stage | seconds |\n|---|---|");
+    for (name, secs) in timings {
+        let _ = writeln!(md, "| {name} | {secs:.1} |");
+    }
+    let _ = writeln!(
+        md,
+        "\nTraining settings of every run (`--set`): `{}`; per-run details in `runs/*/report.md`, every answer in `eval/*/pope/answers.jsonl` and `eval/*/chair/captions.jsonl`.",
+        plan.train.join(" ")
+    );
+    let path = out.join("report.md");
+    write_atomic(&path, md.as_bytes())?;
+    Ok(path)
+}
+
+/// The results table of `out/results.json` as markdown, for the terminal.
+pub fn results_table(out: &Path) -> Result<String, DemoError> {
+    let path = out.join("results.json");
+    let v = read_json(&path).ok_or_else(|| bad(&path, "missing or unreadable"))?;
+    let mut s = String::from("| variant | POPE rand F1 | POPE pop F1 | POPE adv F1 | CHAIR_s | CHAIR_i |\n|---|---|---|---|---|---|\n");
+    for (variant, _) in v.as_object().into_iter().flatten() {
+        let c = |b: &str, m: &str| {
+            get(&v, variant, b, m).map_or("-".into(), |x| format!("{:.1}", 100.0 * x))
+        };
+        let _ = writeln!(
+            s,
+            "| {variant} | {} | {} | {} | {} | {} |",
+            c("pope/random", "f1"),
+            c("pope/popular", "f1"),
+            c("pope/adversarial", "f1"),
+            c("chair", "chair_s"),
+            c("chair", "chair_i")
+        );
+    }
+    Ok(s)
+}
