@@ -12,6 +12,8 @@ use misp::world::{self, WorldConfig};
 pub enum WorldCommand {
     /// Write scenes, images, SFT text, preference records, an image pool, POPE and CHAIR files.
     Generate(GenerateArgs),
+    /// Train the world's tiny CLIP (contrastive) and LLaVA (SFT) and save them in HF layouts.
+    Pretrain(crate::pretrain_cmd::PretrainArgs),
 }
 
 #[derive(Args)]
@@ -76,6 +78,7 @@ impl GenerateArgs {
 pub fn run(cmd: WorldCommand) -> anyhow::Result<()> {
     match cmd {
         WorldCommand::Generate(args) => generate(&args),
+        WorldCommand::Pretrain(args) => crate::pretrain_cmd::run(&args),
     }
 }
 

@@ -1,0 +1,140 @@
+//! Contrastive training of the world's CLIP on (image, description) pairs.
+//!
+//! Stage: world pretrain. Reads nothing itself: the caller passes preprocessed pixels and the
+//! descriptions of `sft.jsonl`. The objective is CLIP's: a batch of `B` pairs gives the `B x B`
+//! matrix of cosine similarities times `exp(logit_scale)` (the learned temperature), and the
+//! loss is the mean of the two cross-entropies that pick each image's caption among the batch's
+//! captions and each caption's image among the batch's images (symmetric InfoNCE).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+use rand::rngs::StdRng;
+use rand::seq::{IndexedRandom, SliceRandom};
+
+use super::init::Params;
+use super::{PixelTable, PretrainError, TrainConfig};
+use crate::model::clip::{ClipConfig, ClipModel, ClipTokenizer};
+use crate::optim::{clip_grad_norm, cosine_with_warmup, AdamW, AdamWConfig};
+
+/// One training pair: an image (index into the pixel table) and a text about it.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    pub image: usize,
+    pub text: String,
+}
+
+/// A model built over the current values of `params` (it holds the `Var`s' tensors, so a
+/// backward pass through it reaches them).
+pub fn clip_model(
+    params: &Params,
+    config: &ClipConfig,
+    device: &Device,
+) -> Result<ClipModel, PretrainError> {
+    let map: HashMap<String, Tensor> = params
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    Ok(ClipModel::new(
+        VarBuilder::from_tensors(map, DType::F32, device),
+        config.clone(),
+    )?)
+}
+
+/// Symmetric InfoNCE of one batch: `(loss, image->text accuracy)`.
+pub fn clip_loss(
+    model: &ClipModel,
+    tokenizer: &ClipTokenizer,
+    pixels: &Tensor,
+    texts: &[&str],
+) -> Result<(Tensor, f64), PretrainError> {
+    let img = model.embed_images(pixels)?;
+    let txt = model.embed_texts(&tokenizer.encode(texts)?)?;
+    let logits = img
+        .matmul(&txt.t()?)?
+        .broadcast_mul(&model.logit_scale.exp()?)?;
+    let b = texts.len();
+    let labels = Tensor::arange(0u32, b as u32, pixels.device())?;
+    let l_i = candle_nn::loss::cross_entropy(&logits, &labels)?;
+    let l_t = candle_nn::loss::cross_entropy(&logits.t()?.contiguous()?, &labels)?;
+    let loss = ((l_i + l_t)? * 0.5)?;
+    let hits: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+    let acc = hits
+        .iter()
+        .enumerate()
+        .filter(|(i, &h)| *i as u32 == h)
+        .count() as f64
+        / b as f64;
+    Ok((loss, acc))
+}
+
+/// Trains `params` in place for `cfg.steps` steps of `cfg.batch` pairs. A batch never holds
+/// the same image twice (its captions would be false negatives of each other by
+/// construction). `log(step, loss, accuracy, lr)` is called after every step.
+#[allow(clippy::too_many_arguments)]
+pub fn train_clip(
+    params: &Params,
+    config: &ClipConfig,
+    tokenizer: &ClipTokenizer,
+    pixels: &PixelTable,
+    pairs: &[Pair],
+    cfg: &TrainConfig,
+    rng: &mut StdRng,
+    log: &mut dyn FnMut(usize, f64, f64, f64),
+) -> Result<(), PretrainError> {
+    if pairs.len() < 2 {
+        return Err(PretrainError::Config(format!(
+            "CLIP training needs at least 2 (image, description) pairs, found {}",
+            pairs.len()
+        )));
+    }
+    let device = Device::Cpu;
+    let vars: Vec<_> = params.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWConfig {
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            ..AdamWConfig::default()
+        },
+    )?;
+    // Group pairs by image so a batch draws distinct images, then one of each image's texts.
+    let mut by_image: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (i, p) in pairs.iter().enumerate() {
+        by_image.entry(p.image).or_default().push(i);
+    }
+    let mut images: Vec<usize> = by_image.keys().copied().collect();
+    images.sort_unstable();
+    let batch = cfg.batch.min(images.len()).max(2);
+    let mut order: Vec<usize> = Vec::new();
+    for step in 0..cfg.steps {
+        if order.len() < batch {
+            let mut epoch = images.clone();
+            epoch.shuffle(rng);
+            order.extend(epoch);
+        }
+        let chosen: Vec<usize> = order.drain(..batch).collect();
+        let picked: Vec<&Pair> = chosen
+            .iter()
+            .map(|img| {
+                let options = &by_image[img];
+                &pairs[*options.choose(rng).unwrap_or(&options[0])]
+            })
+            .collect();
+        let px = pixels.batch(&picked.iter().map(|p| p.image).collect::<Vec<_>>(), &device)?;
+        let texts: Vec<&str> = picked.iter().map(|p| p.text.as_str()).collect();
+        let model = clip_model(params, config, &device)?;
+        let (loss, acc) = clip_loss(&model, tokenizer, &px, &texts)?;
+        let grads = loss.backward()?;
+        let mut g: Vec<Option<Tensor>> = vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned())
+            .collect();
+        clip_grad_norm(&mut g, cfg.max_grad_norm)?;
+        let lr = cfg.lr * cosine_with_warmup(step as u64, cfg.warmup as u64, cfg.steps as u64);
+        opt.step(&g, lr)?;
+        log(step, loss.to_scalar::<f32>()? as f64, acc, lr);
+    }
+    Ok(())
+}

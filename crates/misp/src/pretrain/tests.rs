@@ -1,0 +1,639 @@
+//! Tests of the world pretraining: the tokenizer round trip, that training learns, that
+//! gradients reach exactly the trained weights, that saved folders load back to the same
+//! model, and conformance of the shipped checkpoints with transformers.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use super::tokenizer::{world_words, Flavour, WorldTokenizer};
+use super::*;
+use crate::model::clip::{ClipModel, ClipTokenizer};
+use crate::model::vlm::{PreparedPrompt, Vlm, VlmOptions};
+use crate::world::{self, WorldConfig};
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("misp-pretrain-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// A very small world, generated once per test process.
+fn tiny_world() -> &'static Path {
+    static WORLD: OnceLock<PathBuf> = OnceLock::new();
+    WORLD.get_or_init(|| {
+        let dir = temp("world");
+        let cfg = WorldConfig {
+            train_scenes: 48,
+            val_scenes: 6,
+            test_scenes: 4,
+            pool_images: 4,
+            records: 8,
+            val_records: 4,
+            image_size: 32,
+            ..WorldConfig::quick()
+        };
+        world::generate(&cfg, &dir, false).expect("tiny world");
+        dir
+    })
+}
+
+/// Models small enough for debug builds.
+fn tiny_config() -> PretrainConfig {
+    let train = TrainConfig {
+        steps: 3,
+        batch: 8,
+        lr: 3e-3,
+        warmup: 0,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+    };
+    PretrainConfig {
+        sizes: ModelSizes {
+            patch_size: 16,
+            vision_hidden: 16,
+            vision_layers: 2,
+            vision_heads: 2,
+            text_hidden: 16,
+            text_layers: 1,
+            text_heads: 2,
+            text_positions: 64,
+            projection_dim: 16,
+            llm_hidden: 32,
+            llm_intermediate: 64,
+            llm_layers: 1,
+            llm_heads: 2,
+            llm_positions: 128,
+        },
+        clip: train.clone(),
+        sft: train,
+        eval_batch: 8,
+        skip_eval: true,
+        ..PretrainConfig::default()
+    }
+}
+
+/// Everything one needs to train by hand on the tiny world.
+struct Setup {
+    dir: PathBuf,
+    clip_cfg: crate::model::clip::ClipConfig,
+    llava_cfg: crate::model::llava::LlavaConfig,
+    pixels: PixelTable,
+    rows: Vec<SftRow>,
+}
+
+fn setup(name: &str) -> Setup {
+    let world = tiny_world();
+    let cfg = tiny_config();
+    let rows = read_sft(&world.join("sft.jsonl")).unwrap();
+    let texts = world_texts(world, &rows).unwrap();
+    let words = world_words(texts.iter().map(String::as_str)).unwrap();
+    let (ct, lt) = (
+        WorldTokenizer::build(&words, Flavour::Clip),
+        WorldTokenizer::build(&words, Flavour::Llava),
+    );
+    let dir = temp(name);
+    let (cj, lj) = (
+        save::clip_json(&cfg.sizes, 32, &ct),
+        save::llava_json(&cfg.sizes, 32, &lt),
+    );
+    save::write_clip_files(&dir.join("clip"), &cj, &ct, 32, 64).unwrap();
+    save::write_llava_files(&dir.join("llava"), &lj, &lt, &cfg.sizes, 32).unwrap();
+    let names: Vec<String> = rows
+        .iter()
+        .map(|r| r.image.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let proc = ImageProcessor::from_checkpoint(&dir.join("clip"), 32).unwrap();
+    let pixels = PixelTable::load(world, &names, &proc, 32).unwrap();
+    Setup {
+        clip_cfg: save::clip_config(&cj).unwrap(),
+        llava_cfg: save::llava_config(&lj).unwrap(),
+        dir,
+        pixels,
+        rows,
+    }
+}
+
+fn examples(s: &Setup, vlm: &Vlm) -> Vec<sft::Example> {
+    s.rows
+        .iter()
+        .map(|r| {
+            let (prompt_ids, response_ids) =
+                vlm.processor.scored_ids(&r.prompt, &r.response).unwrap();
+            sft::Example {
+                image: s.pixels.index[&r.image],
+                ids: PreparedScore {
+                    prompt_ids,
+                    response_ids,
+                    pixels: Vec::new(),
+                },
+            }
+        })
+        .collect()
+}
+
+fn tower_of(clip: &init::Params) -> HashMap<String, Tensor> {
+    clip.iter()
+        .filter_map(|(n, v)| {
+            n.strip_prefix("vision_model.")
+                .map(|r| (format!("vision_tower.{r}"), v.as_tensor().detach()))
+        })
+        .collect()
+}
+
+fn llava_vlm(s: &Setup, tower: &HashMap<String, Tensor>, params: &init::Params) -> Vlm {
+    let model = sft::llava_model(tower, params, &s.llava_cfg, &Device::Cpu).unwrap();
+    let processor = LlavaProcessor::from_dir(&s.dir.join("llava"), &s.llava_cfg).unwrap();
+    Vlm::from_parts(
+        model,
+        processor,
+        ImageProcessor::clip_default(32),
+        Device::Cpu,
+    )
+}
+
+#[test]
+fn tokenizer_round_trip_and_special_ids() {
+    let words = world_words(["Is there a ring in the image?", "No, there is no ring."]).unwrap();
+    let dir = temp("tok");
+    std::fs::create_dir_all(&dir).unwrap();
+    let llava = WorldTokenizer::build(&words, Flavour::Llava);
+    llava.save(&dir, 128).unwrap();
+    let tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    assert_eq!(tok.token_to_id("<unk>"), Some(0));
+    assert_eq!(tok.token_to_id("<s>"), Some(1));
+    assert_eq!(tok.token_to_id("</s>"), Some(2));
+    assert_eq!(tok.token_to_id("<image>"), llava.image);
+    let enc = tok.encode("Is there a RING in the image?", true).unwrap();
+    assert_eq!(enc.get_ids()[0], 1, "BOS first");
+    assert!(
+        !enc.get_ids()[1..].contains(&0),
+        "every world word is known"
+    );
+    let text = tok.decode(enc.get_ids(), true).unwrap();
+    assert_eq!(text, "is there a ring in the image ?");
+    let again = tok.encode(text.as_str(), true).unwrap();
+    assert_eq!(again.get_ids(), enc.get_ids());
+    assert_eq!(
+        tok.encode("a zebra", false).unwrap().get_ids()[1],
+        0,
+        "unknown -> <unk>"
+    );
+    // `<image>` is one token however it is surrounded.
+    let img = tok.encode("USER: <image>\nhi", false).unwrap();
+    assert!(img.get_ids().contains(&llava.image.unwrap()));
+
+    let clip = WorldTokenizer::build(&words, Flavour::Clip);
+    let cdir = temp("tok-clip");
+    std::fs::create_dir_all(&cdir).unwrap();
+    clip.save(&cdir, 64).unwrap();
+    assert_eq!(
+        clip.eos as usize,
+        clip.vocab_size - 1,
+        "eos last, never the legacy id 2"
+    );
+    let ct = ClipTokenizer::load(&cdir).unwrap();
+    assert_eq!(ct.pad_id, clip.eos);
+    let ids = ct
+        .encode(&["no ring", "is there a ring"])
+        .unwrap()
+        .ids
+        .to_vec2::<u32>()
+        .unwrap();
+    assert_eq!(ids[0][0], clip.bos);
+    assert_eq!(ids[0][3], clip.eos);
+    assert_eq!(ids[0][4], clip.eos, "padded with <|endoftext|>");
+}
+
+#[test]
+fn clip_gradients_reach_every_parameter_and_training_lowers_the_loss() {
+    let s = setup("clip");
+    let mut rng = StdRng::seed_from_u64(1);
+    let params = init::clip_params(&s.clip_cfg, &mut rng, &Device::Cpu).unwrap();
+    let tok = ClipTokenizer::load(&s.dir.join("clip")).unwrap();
+    let pairs: Vec<clip::Pair> = s
+        .rows
+        .iter()
+        .filter(|r| r.kind == "description")
+        .map(|r| clip::Pair {
+            image: s.pixels.index[&r.image],
+            text: r.response.clone(),
+        })
+        .collect();
+    let batch: Vec<&clip::Pair> = pairs.iter().take(8).collect();
+    let px = s
+        .pixels
+        .batch(
+            &batch.iter().map(|p| p.image).collect::<Vec<_>>(),
+            &Device::Cpu,
+        )
+        .unwrap();
+    let texts: Vec<&str> = batch.iter().map(|p| p.text.as_str()).collect();
+    let model = clip::clip_model(&params, &s.clip_cfg, &Device::Cpu).unwrap();
+    let (loss0, _) = clip::clip_loss(&model, &tok, &px, &texts).unwrap();
+    let grads = loss0.backward().unwrap();
+    for (name, var) in &params {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0, "zero gradient for {name}");
+    }
+    // Steps on this very batch must lower its loss (the optimiser reaches the model).
+    let cfg = TrainConfig {
+        steps: 15,
+        batch: 8,
+        lr: 3e-3,
+        warmup: 0,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+    };
+    let few: Vec<clip::Pair> = batch.iter().map(|p| (*p).clone()).collect();
+    clip::train_clip(
+        &params,
+        &s.clip_cfg,
+        &tok,
+        &s.pixels,
+        &few,
+        &cfg,
+        &mut rng,
+        &mut |_, _, _, _| {},
+    )
+    .unwrap();
+    let model = clip::clip_model(&params, &s.clip_cfg, &Device::Cpu).unwrap();
+    let (loss1, _) = clip::clip_loss(&model, &tok, &px, &texts).unwrap();
+    let (l0, l1) = (
+        loss0.to_scalar::<f32>().unwrap(),
+        loss1.to_scalar::<f32>().unwrap(),
+    );
+    assert!(l1 < l0 - 0.1, "CLIP loss {l0} -> {l1}");
+}
+
+#[test]
+fn sft_gradients_reach_the_trained_weights_only_and_training_lowers_the_loss() {
+    let s = setup("sft");
+    let mut rng = StdRng::seed_from_u64(2);
+    let clip_params = init::clip_params(&s.clip_cfg, &mut rng, &Device::Cpu).unwrap();
+    let tower = tower_of(&clip_params);
+    let params = init::llava_trainable_params(&s.llava_cfg, &mut rng, &Device::Cpu).unwrap();
+    let vlm = llava_vlm(&s, &tower, &params);
+    let ex = examples(&s, &vlm);
+    let batch: Vec<&sft::Example> = ex.iter().take(6).collect();
+    let loss0 = sft::sft_loss(&vlm, &batch, &s.pixels).unwrap();
+    let grads = loss0.backward().unwrap();
+    for (name, var) in &params {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0, "zero gradient for {name}");
+    }
+    for (name, t) in &tower {
+        assert!(
+            grads.get(t).is_none(),
+            "the frozen tower got a gradient for {name}"
+        );
+    }
+    let cfg = TrainConfig {
+        steps: 15,
+        batch: 6,
+        lr: 3e-3,
+        warmup: 0,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+    };
+    let few: Vec<sft::Example> = batch.iter().map(|e| (*e).clone()).collect();
+    sft::train_sft(
+        &vlm,
+        &params,
+        &few,
+        &s.pixels,
+        &cfg,
+        &mut rng,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let loss1 = sft::sft_loss(&vlm, &batch, &s.pixels).unwrap();
+    let (l0, l1) = (
+        loss0.to_scalar::<f32>().unwrap(),
+        loss1.to_scalar::<f32>().unwrap(),
+    );
+    assert!(l1 < l0 - 0.5, "SFT loss {l0} -> {l1}");
+    // The tower is untouched by training.
+    let fresh = tower_of(&clip_params);
+    for (name, t) in &tower {
+        let d = (t - &fresh[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{name} changed");
+    }
+}
+
+#[test]
+fn saved_folders_load_back_to_the_same_models() {
+    let s = setup("save");
+    let mut rng = StdRng::seed_from_u64(3);
+    let cpu = Device::Cpu;
+    let clip_params = init::clip_params(&s.clip_cfg, &mut rng, &cpu).unwrap();
+    let clip_dir = s.dir.join("clip");
+    let tensors: HashMap<String, Tensor> = clip_params
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+        .collect();
+    save::write_weights(&clip_dir, &tensors).unwrap();
+    let mem = clip::clip_model(&clip_params, &s.clip_cfg, &cpu).unwrap();
+    let disk = ClipModel::load(&clip_dir, DType::F32, &cpu).unwrap();
+    let px = s.pixels.batch(&[0, 1, 2], &cpu).unwrap();
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert_eq!(
+        diff(
+            &mem.embed_images(&px).unwrap(),
+            &disk.embed_images(&px).unwrap()
+        ),
+        0.0
+    );
+    let tok = ClipTokenizer::load(&clip_dir).unwrap();
+    let t = tok.encode(&["a red circle", "is there a star"]).unwrap();
+    assert_eq!(
+        diff(
+            &mem.embed_texts(&t).unwrap(),
+            &disk.embed_texts(&t).unwrap()
+        ),
+        0.0
+    );
+
+    let tower = tower_of(&clip_params);
+    let params = init::llava_trainable_params(&s.llava_cfg, &mut rng, &cpu).unwrap();
+    let mem = llava_vlm(&s, &tower, &params);
+    let llava_dir = s.dir.join("llava");
+    let mut all = tower.clone();
+    for (n, v) in &params {
+        all.insert(n.clone(), v.as_tensor().detach());
+    }
+    let disk_names = save::llava_disk_names(all);
+    assert!(disk_names.contains_key("vision_tower.vision_model.embeddings.class_embedding"));
+    assert!(disk_names.contains_key("language_model.model.embed_tokens.weight"));
+    assert!(disk_names.contains_key("language_model.lm_head.weight"));
+    save::write_weights(&llava_dir, &disk_names).unwrap();
+    let disk = Vlm::load(&llava_dir, None, &VlmOptions::default()).unwrap();
+    let ex = examples(&s, &mem);
+    let items: Vec<PreparedScore> = ex
+        .iter()
+        .take(3)
+        .map(|e| PreparedScore {
+            pixels: s.pixels.pixels[e.image].clone(),
+            ..e.ids.clone()
+        })
+        .collect();
+    let a = mem.score_prepared(&items).unwrap();
+    let b = disk.score_prepared(&items).unwrap();
+    assert_eq!(a, b);
+    let prompts: Vec<PreparedPrompt> = items
+        .iter()
+        .map(|i| PreparedPrompt {
+            prompt_ids: i.prompt_ids.clone(),
+            pixels: i.pixels.clone(),
+        })
+        .collect();
+    assert_eq!(
+        mem.generate_ids(&prompts, 5).unwrap(),
+        disk.generate_ids(&prompts, 5).unwrap()
+    );
+}
+
+#[test]
+fn run_writes_both_folders_and_its_record() {
+    let out = temp("run");
+    let mut cfg = tiny_config();
+    cfg.skip_eval = false;
+    let report = run(tiny_world(), &out, &cfg, false).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "preprocessor_config.json",
+    ] {
+        assert!(out.join("shapes-clip").join(f).is_file(), "shapes-clip/{f}");
+    }
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "preprocessor_config.json",
+        "generation_config.json",
+    ] {
+        assert!(
+            out.join("shapes-llava").join(f).is_file(),
+            "shapes-llava/{f}"
+        );
+    }
+    assert!(out.join("pretrain_config.json").is_file());
+    assert!(out.join("pretrain_metrics.jsonl").is_file());
+    assert!(out.join("pretrain_report.json").is_file());
+    let eval = report.eval.expect("evaluated");
+    assert_eq!(eval.pope.len(), 3);
+    assert!(eval.chair.n > 0);
+    // The written config reads back to the one used.
+    let text = std::fs::read_to_string(out.join("pretrain_config.json")).unwrap();
+    let back: PretrainConfig = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, cfg);
+}
+
+#[test]
+fn bad_sft_rows_are_errors_naming_file_line_and_field() {
+    let dir = temp("bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("sft.jsonl");
+    std::fs::write(
+        &path,
+        "{\"id\":\"a\",\"image\":\"x.png\",\"prompt\":\"p\",\"response\":\"r\",\"kind\":\"k\"}\n{\"id\":\"b\",\"image\":\"x.png\",\"prompt\":\"p\",\"kind\":\"k\"}\n",
+    )
+    .unwrap();
+    let msg = read_sft(&path).unwrap_err().to_string();
+    assert!(
+        msg.contains("sft.jsonl:2") && msg.contains("response"),
+        "{msg}"
+    );
+    std::fs::write(
+        &path,
+        "{\"id\":\"a\",\"image\":\"x.png\",\"prompt\":\"p\",\"response\":\" \",\"kind\":\"k\"}\n",
+    )
+    .unwrap();
+    let msg = read_sft(&path).unwrap_err().to_string();
+    assert!(
+        msg.contains("sft.jsonl:1") && msg.contains("`response`"),
+        "{msg}"
+    );
+}
+
+// ---- conformance of the shipped checkpoints with transformers ----
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// `fixtures/world_models/expected.json` was written by `check_transformers.py` from the
+/// shipped `models/`. Tolerances: embeddings cosine >= 0.9999 and summed log-probs within 1e-4
+/// (both sides f32; only the order of float sums differs), ids and greedy tokens exact,
+/// preprocessing 1e-5 (PIL and our decoder read the same PNG bytes; only f32 rounding differs).
+#[test]
+fn shipped_models_match_transformers() {
+    let fixture = repo().join("fixtures/world_models");
+    let text = std::fs::read_to_string(fixture.join("expected.json")).expect("expected.json");
+    let exp: Value = serde_json::from_str(&text).unwrap();
+    let cpu = Device::Cpu;
+
+    let clip_dir = repo().join("models/shapes-clip");
+    let clip = ClipModel::load(&clip_dir, DType::F32, &cpu).unwrap();
+    let tok = ClipTokenizer::load(&clip_dir).unwrap();
+    let c = &exp["clip"];
+    let s = clip.image_size();
+    let proc = ImageProcessor::from_checkpoint(&clip_dir, s).unwrap();
+    let mut all_px = Vec::new();
+    for (name, px) in c["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(c["pixels"].as_array().unwrap())
+    {
+        let want = floats(px);
+        let img = proc
+            .decode_file(&fixture.join(name.as_str().unwrap()))
+            .unwrap();
+        let got = proc.pixels(&img);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "{name}: preprocessing differs by {worst}");
+        all_px.extend(want);
+    }
+    let n = c["images"].as_array().unwrap().len();
+    let px = Tensor::from_vec(all_px, (n, 3, s, s), &cpu).unwrap();
+    let got = clip.embed_images(&px).unwrap().to_vec2::<f32>().unwrap();
+    for (g, w) in got.iter().zip(c["image_embeds"].as_array().unwrap()) {
+        let cos = cosine(g, &floats(w));
+        assert!(cos >= 0.9999, "image embedding cosine {cos}");
+    }
+    let texts: Vec<&str> = c["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let enc = tok.encode(&texts).unwrap();
+    let rows = enc.ids.to_vec2::<u32>().unwrap();
+    for (row, want) in rows.iter().zip(c["text_ids"].as_array().unwrap()) {
+        let want = ids(want);
+        assert_eq!(&row[..want.len()], want.as_slice());
+    }
+    let got = clip.embed_texts(&enc).unwrap().to_vec2::<f32>().unwrap();
+    for (g, w) in got.iter().zip(c["text_embeds"].as_array().unwrap()) {
+        let cos = cosine(g, &floats(w));
+        assert!(cos >= 0.9999, "text embedding cosine {cos}");
+    }
+
+    let vlm = Vlm::load(
+        &repo().join("models/shapes-llava"),
+        None,
+        &VlmOptions::default(),
+    )
+    .unwrap();
+    for item in exp["llava"].as_array().unwrap() {
+        let prompt = item["prompt"].as_str().unwrap();
+        let response = item["response"].as_str().unwrap();
+        let (p, r) = vlm.processor.scored_ids(prompt, response).unwrap();
+        assert_eq!(p, ids(&item["prompt_ids"]), "prompt ids of {prompt:?}");
+        assert_eq!(
+            r,
+            ids(&item["response_ids"]),
+            "response ids of {response:?}"
+        );
+        let pixels = floats(&item["pixels"]);
+        let scored = vlm
+            .score_prepared(&[PreparedScore {
+                prompt_ids: p.clone(),
+                response_ids: r,
+                pixels: pixels.clone(),
+            }])
+            .unwrap();
+        let want = item["logprob"].as_f64().unwrap();
+        assert!(
+            (scored[0].0 - want).abs() <= 1e-4,
+            "log-prob {} vs {want} for {prompt:?}",
+            scored[0].0
+        );
+        let gen = vlm
+            .generate_ids(
+                &[PreparedPrompt {
+                    prompt_ids: p,
+                    pixels,
+                }],
+                24,
+            )
+            .unwrap();
+        assert_eq!(
+            gen[0],
+            ids(&item["greedy_ids"]),
+            "greedy tokens for {prompt:?}"
+        );
+    }
+}
