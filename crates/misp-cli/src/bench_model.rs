@@ -236,10 +236,7 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
         mib(graph_mib),
         mib(step_peak_mib)
     );
-    println!(
-        "peak RSS (VmHWM, last reset before the first step)  {}",
-        mib(peak)
-    );
+    println!("peak RSS (VmHWM, whole process)  {}", mib(peak));
     if a.json {
         let j = serde_json::json!({
             "train_seconds": t_step,
