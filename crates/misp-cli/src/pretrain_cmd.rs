@@ -32,6 +32,9 @@ pub struct PretrainArgs {
     /// the defaults; missing fields take their defaults, the flags above still override.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Reuse the trained CLIP in this folder (e.g. models/shapes-clip) and train only the LLaVA.
+    #[arg(long)]
+    clip_from: Option<PathBuf>,
     /// Skip the POPE / CHAIR evaluation of the base model on val.
     #[arg(long)]
     no_eval: bool,
@@ -61,6 +64,9 @@ impl PretrainArgs {
             cfg.sft.steps = s;
         }
         cfg.skip_eval |= self.no_eval;
+        if self.clip_from.is_some() {
+            cfg.clip_from = self.clip_from.clone();
+        }
         Ok(cfg)
     }
 }

@@ -69,6 +69,43 @@ pub fn clip_loss(
     Ok((loss, acc))
 }
 
+/// The pair indices of every step's batch. Drawn up front, in the order training would draw
+/// them, so a run that reuses a trained CLIP can consume the same random numbers without
+/// training (and its LLaVA then starts from the very same generator state).
+pub fn batch_plan(pairs: &[Pair], cfg: &TrainConfig, rng: &mut StdRng) -> Vec<Vec<usize>> {
+    // Group pairs by image so a batch draws distinct images, then one of each image's texts.
+    let mut by_image: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (i, p) in pairs.iter().enumerate() {
+        by_image.entry(p.image).or_default().push(i);
+    }
+    let mut images: Vec<usize> = by_image.keys().copied().collect();
+    images.sort_unstable();
+    if images.is_empty() {
+        return Vec::new();
+    }
+    let batch = cfg.batch.min(images.len()).max(1);
+    let mut order: Vec<usize> = Vec::new();
+    let mut plan = Vec::with_capacity(cfg.steps);
+    for _ in 0..cfg.steps {
+        if order.len() < batch {
+            let mut epoch = images.clone();
+            epoch.shuffle(rng);
+            order.extend(epoch);
+        }
+        let chosen: Vec<usize> = order.drain(..batch).collect();
+        plan.push(
+            chosen
+                .iter()
+                .map(|img| {
+                    let options = &by_image[img];
+                    *options.choose(rng).unwrap_or(&options[0])
+                })
+                .collect(),
+        );
+    }
+    plan
+}
+
 /// Trains `params` in place for `cfg.steps` steps of `cfg.batch` pairs. A batch never holds
 /// the same image twice (its captions would be false negatives of each other by
 /// construction). `log(step, loss, accuracy, lr)` is called after every step.
@@ -99,29 +136,9 @@ pub fn train_clip(
             ..AdamWConfig::default()
         },
     )?;
-    // Group pairs by image so a batch draws distinct images, then one of each image's texts.
-    let mut by_image: HashMap<usize, Vec<usize>> = HashMap::new();
-    for (i, p) in pairs.iter().enumerate() {
-        by_image.entry(p.image).or_default().push(i);
-    }
-    let mut images: Vec<usize> = by_image.keys().copied().collect();
-    images.sort_unstable();
-    let batch = cfg.batch.min(images.len()).max(2);
-    let mut order: Vec<usize> = Vec::new();
-    for step in 0..cfg.steps {
-        if order.len() < batch {
-            let mut epoch = images.clone();
-            epoch.shuffle(rng);
-            order.extend(epoch);
-        }
-        let chosen: Vec<usize> = order.drain(..batch).collect();
-        let picked: Vec<&Pair> = chosen
-            .iter()
-            .map(|img| {
-                let options = &by_image[img];
-                &pairs[*options.choose(rng).unwrap_or(&options[0])]
-            })
-            .collect();
+    let plan = batch_plan(pairs, cfg, rng);
+    for (step, picked) in plan.iter().enumerate() {
+        let picked: Vec<&Pair> = picked.iter().map(|&i| &pairs[i]).collect();
         let px = pixels.batch(&picked.iter().map(|p| p.image).collect::<Vec<_>>(), &device)?;
         let texts: Vec<&str> = picked.iter().map(|p| p.text.as_str()).collect();
         let model = clip_model(params, config, &device)?;

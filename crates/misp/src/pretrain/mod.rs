@@ -138,6 +138,10 @@ pub struct PretrainConfig {
     pub eval_batch: usize,
     /// Skip the report's POPE / CHAIR evaluation (tests).
     pub skip_eval: bool,
+    /// Reuse the CLIP weights of this folder instead of training them (to tune the SFT alone).
+    /// The random stream is consumed as training would, so with the same seed and CLIP config
+    /// the LLaVA is the one the full run would train.
+    pub clip_from: Option<PathBuf>,
 }
 
 impl Default for PretrainConfig {
@@ -165,6 +169,7 @@ impl Default for PretrainConfig {
             eval_split: "val".into(),
             eval_batch: 64,
             skip_eval: false,
+            clip_from: None,
         }
     }
 }
@@ -438,28 +443,46 @@ pub fn run(
         })
         .collect();
     let clip_params = init::clip_params(&clip_cfg, &mut rng, &device)?;
-    let bar = crate::progress::bar(progress, cfg.clip.steps as u64, "clip", "steps");
     let mut final_clip_loss = f64::NAN;
-    clip::train_clip(
-        &clip_params,
-        &clip_cfg,
-        &clip_tokenizer,
-        &pixels,
-        &pairs,
-        &cfg.clip,
-        &mut rng,
-        &mut |step, loss, acc, lr| {
-            bar.inc(1);
-            bar.set_message(format!("loss {loss:.3} acc {acc:.2}"));
-            final_clip_loss = loss;
-            if step % 10 == 0 || step + 1 == cfg.clip.steps {
-                metrics.push(
-                    json!({"stage": "clip", "step": step, "loss": loss, "accuracy": acc, "lr": lr}),
-                );
-            }
-        },
-    )?;
-    bar.finish();
+    if let Some(from) = &cfg.clip_from {
+        let path = from.join("model.safetensors");
+        let trained =
+            candle_core::safetensors::load(&path, &device).map_err(|e| PretrainError::Input {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        clip::batch_plan(&pairs, &cfg.clip, &mut rng);
+        for (name, var) in &clip_params {
+            let t = trained.get(name).ok_or_else(|| PretrainError::Input {
+                path: path.clone(),
+                message: format!("no tensor `{name}`"),
+            })?;
+            var.set(t).map_err(|e| PretrainError::Input {
+                path: path.clone(),
+                message: format!("tensor `{name}`: {e}"),
+            })?;
+        }
+    } else {
+        let bar = crate::progress::bar(progress, cfg.clip.steps as u64, "clip", "steps");
+        clip::train_clip(
+            &clip_params,
+            &clip_cfg,
+            &clip_tokenizer,
+            &pixels,
+            &pairs,
+            &cfg.clip,
+            &mut rng,
+            &mut |step, loss, acc, lr| {
+                bar.inc(1);
+                bar.set_message(format!("loss {loss:.3} acc {acc:.2}"));
+                final_clip_loss = loss;
+                if step % 10 == 0 || step + 1 == cfg.clip.steps {
+                    metrics.push(json!({"stage": "clip", "step": step, "loss": loss, "accuracy": acc, "lr": lr}));
+                }
+            },
+        )?;
+        bar.finish();
+    }
     let clip_tensors: HashMap<String, Tensor> = clip_params
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
