@@ -637,3 +637,39 @@ fn shipped_models_match_transformers() {
         );
     }
 }
+
+#[test]
+fn a_tuned_tower_gets_gradients_for_every_weight_its_features_use() {
+    let s = setup("tune");
+    let mut rng = StdRng::seed_from_u64(4);
+    let clip_params = init::clip_params(&s.clip_cfg, &mut rng, &Device::Cpu).unwrap();
+    let tower = tower_of(&clip_params);
+    let mut params = init::llava_trainable_params(&s.llava_cfg, &mut rng, &Device::Cpu).unwrap();
+    for (n, t) in &tower {
+        params.push((n.clone(), candle_core::Var::from_tensor(t).unwrap()));
+    }
+    let vlm = llava_vlm(&s, &tower, &params);
+    let ex = examples(&s, &vlm);
+    let batch: Vec<&sft::Example> = ex.iter().take(4).collect();
+    let grads = sft::sft_loss(&vlm, &batch, &s.pixels)
+        .unwrap()
+        .backward()
+        .unwrap();
+    // LLaVA reads hidden_states[-2]: the last layer and post_layernorm are not on the path.
+    let last = s.llava_cfg.vision_config.num_hidden_layers - 1;
+    let unused =
+        |n: &str| n.contains("post_layernorm") || n.contains(&format!("encoder.layers.{last}."));
+    for (name, var) in params.iter().filter(|(n, _)| !unused(n)) {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0, "zero gradient for {name}");
+    }
+}
