@@ -607,7 +607,8 @@ fn shipped_models_match_transformers() {
             ids(&item["response_ids"]),
             "response ids of {response:?}"
         );
-        let pixels = floats(&item["pixels"]);
+        let at = item["pixel_index"].as_u64().expect("pixel_index") as usize;
+        let pixels = floats(&c["pixels"][at]);
         let scored = vlm
             .score_prepared(&[PreparedScore {
                 prompt_ids: p.clone(),
