@@ -225,7 +225,6 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
                 "32".into(),
                 "--max-new-tokens".into(),
                 "3".into(),
-                "--quiet".into(),
                 "--questions".into(),
             ];
             args.extend(questions.iter().map(|q| s(q)));
@@ -255,7 +254,6 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
                 "32".into(),
                 "--batch-size".into(),
                 "32".into(),
-                "--quiet".into(),
             ];
             let prompt = std::fs::read_to_string(world.join("captions_prompt.txt"))
                 .unwrap_or_else(|_| "Describe the image.".into());
