@@ -1,0 +1,79 @@
+//! `misp demo --quick` end to end: the CI smoke test of the whole pipeline on ShapesWorld with
+//! the shipped checkpoints (world -> embed -> SAE -> mine -> train four variants -> POPE and
+//! CHAIR -> report). Slow (minutes): it is the one test that runs every stage for real.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+#[test]
+fn quick_demo_writes_a_complete_report() {
+    let out = std::env::temp_dir().join(format!("misp-demo-quick-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let o = Command::new(env!("CARGO_BIN_EXE_misp"))
+        .args(["demo", "--quick", "--out", out.to_str().unwrap()])
+        .current_dir(root())
+        .output()
+        .expect("run misp demo");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    for variant in ["base", "dpo", "mdpo", "random", "misp"] {
+        for bench in ["pope/random", "pope/popular", "pope/adversarial"] {
+            let f1 = results[variant][bench]["f1"]["mean"].as_f64();
+            assert!(
+                f1.is_some_and(|x| (0.0..=1.0).contains(&x)),
+                "{variant} {bench}"
+            );
+        }
+        let cs = results[variant]["chair"]["chair_s"]["seeds"].as_array();
+        assert_eq!(cs.map(Vec::len), Some(1), "{variant}");
+    }
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for needle in [
+        "Does the base model hallucinate?",
+        "The paper's ordering",
+        "Negative validity",
+    ] {
+        assert!(report.contains(needle), "{needle}");
+    }
+    for png in ["results.png", "training_loss.png", "tsne_negatives.png"] {
+        assert!(out.join(png).is_file(), "{png}");
+    }
+    // A re-run reuses every finished step.
+    let again = Command::new(env!("CARGO_BIN_EXE_misp"))
+        .args(["demo", "--quick", "--out", out.to_str().unwrap()])
+        .current_dir(root())
+        .output()
+        .expect("rerun misp demo");
+    assert!(again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !err.contains("$ misp train"),
+        "a finished run was retrained:\n{err}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_missing_shipped_checkpoint_names_the_rebuild_command() {
+    let o = Command::new(env!("CARGO_BIN_EXE_misp"))
+        .args([
+            "demo",
+            "--quick",
+            "--models",
+            "/nonexistent",
+            "--out",
+            "/tmp/unused-demo",
+        ])
+        .output()
+        .expect("run misp demo");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("misp world pretrain"), "{err}");
+}
