@@ -565,6 +565,15 @@ pub fn write_report(
             "The base model does NOT reach the hallucination bar here."
         }
     );
+    if let Some(acc) = get(&results, "base", "pope/random", "accuracy") {
+        if acc < 0.7 {
+            let _ = writeln!(
+                md,
+                "Caveat: the base model's POPE-random accuracy is {:.1}%, close to chance: it hallucinates mostly because it barely sees, not (only) through the co-occurrence prior this world is built to expose. Read the variant comparisons with that in mind.\n",
+                100.0 * acc
+            );
+        }
+    }
     let _ = writeln!(md, "## The paper's ordering\n");
     let score = |v: &str| {
         let f1 = get(&results, v, "pope/adversarial", "f1")?;
