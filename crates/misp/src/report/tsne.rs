@@ -40,11 +40,11 @@ fn affinities(d2: &[f64], n: usize, perplexity: f64) -> Vec<f64> {
         for _ in 0..64 {
             let mut sum = 0.0;
             let mut weighted = 0.0;
-            for j in 0..n {
+            for (j, &d) in row.iter().enumerate() {
                 if j != i {
-                    let v = (-beta * row[j]).exp();
+                    let v = (-beta * d).exp();
                     sum += v;
-                    weighted += v * row[j];
+                    weighted += v * d;
                 }
             }
             let sum = sum.max(1e-300);
