@@ -387,3 +387,45 @@ fn bad_inputs_are_named() {
     let listed = std::fs::read_to_string(dir.join("o6/skipped.jsonl")).unwrap();
     assert!(listed.contains("unreadable image"), "{listed}");
 }
+
+#[test]
+fn a_non_finite_step_is_refused_and_the_adapter_stays_finite() {
+    let dir = tmp("nan");
+    let (data, neg, pool) = world(&dir, &["misp", "misp"]);
+    let cfg = tiny_cfg(&["epochs=2", "checkpoint_every=0"]);
+    let mut first = inputs(&dir, &data, &neg, &pool, "out");
+    first.stop_after = Some(1);
+    assert!(train(&cfg, &first).is_err());
+    // Poison one record's cached reference value: 1e308 overflows to inf in f32, so every step
+    // that holds record r0 has a non-finite loss.
+    let cache_dir = dir.join("out/reference");
+    let file = std::fs::read_dir(&cache_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut cache: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let entries = cache["entries"].as_object_mut().unwrap();
+    assert!(
+        entries.contains_key("r0"),
+        "first step must have cached r0: {entries:?}"
+    );
+    entries.get_mut("r0").unwrap()["chosen"] = json!(1e308);
+    std::fs::write(&file, serde_json::to_string(&cache).unwrap()).unwrap();
+    let mut resumed = inputs(&dir, &data, &neg, &pool, "out");
+    resumed.resume = true;
+    let s = train(&cfg, &resumed).unwrap();
+    assert!(s.refused_steps >= 1, "no step refused");
+    let refused: Vec<&serde_json::Map<String, Value>> = s
+        .metrics
+        .iter()
+        .filter(|r| r.get("refused").is_some())
+        .collect();
+    assert_eq!(refused.len(), s.refused_steps);
+    let a = adapter(&dir.join("out/adapter"));
+    for (k, t) in &a {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{k} is not finite");
+    }
+}
