@@ -291,9 +291,11 @@ fn run(
 
     let chunks = items.len().div_ceil(cfg.chunk_size);
     let range = cfg.shard.range(chunks);
-    let bar = progress_bar(
+    let bar = crate::progress::bar(
         progress,
         (range.len() * cfg.chunk_size).min(items.len()) as u64,
+        "embedding",
+        "images",
     );
     for c in range {
         let chunk = &items[c * cfg.chunk_size..((c + 1) * cfg.chunk_size).min(items.len())];
@@ -576,17 +578,4 @@ fn merge(
     let parts = parts_dir(out);
     std::fs::remove_dir_all(&parts).map_err(|e| FileError::new(&parts, e))?;
     Ok(skipped.iter().filter(|b| **b == b'\n').count())
-}
-
-fn progress_bar(enabled: bool, len: u64) -> indicatif::ProgressBar {
-    if !enabled {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    let style = indicatif::ProgressStyle::with_template(
-        "embedding [{bar:40}] {pos}/{len} images, {per_sec}, ETA {eta}",
-    )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    bar.set_style(style.progress_chars("=> "));
-    bar
 }

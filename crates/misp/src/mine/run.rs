@@ -275,7 +275,7 @@ pub fn mine(
         pool_invalid_rows: pool.invalid_rows.len(),
         ..Default::default()
     };
-    let bar = progress_bar(progress, range.len() as u64);
+    let bar = crate::progress::bar(progress, range.len() as u64, "mining", "records");
 
     let todo: Vec<usize> = range
         .filter(|&i| {
@@ -457,20 +457,6 @@ fn synthetic(part: Part, seed: u64) -> Negative {
     }
 }
 
-pub(crate) fn progress_bar(enabled: bool, len: u64) -> indicatif::ProgressBar {
-    if !enabled {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    let style = indicatif::ProgressStyle::with_template(
-        "{msg:>8} [{bar:40}] {pos}/{len} records, {per_sec}, ETA {eta}",
-    )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    bar.set_style(style.progress_chars("=> "));
-    bar.set_message("mining");
-    bar
-}
-
 /// The candidate set of every record (empty for records with non-finite embeddings), for SAE
 /// training. Seeded per record like mining.
 pub fn candidate_sets(
@@ -486,8 +472,7 @@ pub fn candidate_sets(
         source,
     })?;
     let invalid = embeddings::invalid_row_set(&records.invalid_rows);
-    let bar = progress_bar(progress, records.len() as u64);
-    bar.set_message("candidates");
+    let bar = crate::progress::bar(progress, records.len() as u64, "candidates", "records");
     let mut out = vec![Vec::new(); records.len()];
     let all: Vec<usize> = (0..records.len())
         .filter(|i| !invalid.contains(i))
