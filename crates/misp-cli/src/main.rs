@@ -7,6 +7,7 @@
 mod bench_mine;
 mod bench_model;
 mod demo_cmd;
+mod malloc;
 mod embed_cmd;
 mod eval_cmd;
 mod mine_cmd;
@@ -87,6 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() {
+    malloc::keep_freed_memory();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
