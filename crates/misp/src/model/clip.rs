@@ -12,9 +12,9 @@
 //! key names the code that reads it. Loading checks all tensors before failing: a checkpoint
 //! with missing or mis-shaped tensors is one error that lists all of them.
 //!
-//! Only plain differentiable candle ops are used (DESIGN.md §4): layer norm is written out and
-//! softmax is the generic `ops::softmax`, because LLaVA's gradients flow through graphs that
-//! contain this tower's output. Layer norm and softmax run in `f32` whatever the weights' dtype,
+//! Only differentiable ops are used (DESIGN.md §4), because LLaVA's gradients flow through
+//! graphs that contain this tower's output: layer norm is written out and softmax is
+//! [`super::fused::scaled_softmax`] (a fused CPU kernel with its own backward). Layer norm and softmax run in `f32` whatever the weights' dtype,
 //! as PyTorch does for half-precision inputs.
 
 mod tokenizer;
@@ -23,7 +23,10 @@ pub(crate) mod weights;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
+
+use super::fused;
+use super::linear::Linear;
 use serde::Deserialize;
 
 pub use tokenizer::{ClipTokenizer, ClipTokens};
@@ -95,6 +98,7 @@ impl Activation {
         match self {
             // Written with exp / recip rather than a fused sigmoid so the op is plainly
             // differentiable; exp overflowing to inf gives recip 0, not NaN.
+            Self::QuickGelu if !x.track_op() => super::fused::quick_gelu_no_grad(x),
             Self::QuickGelu => x * ((x * -1.702)?.exp()? + 1.0)?.recip()?,
             Self::Gelu => x.gelu_erf(),
             Self::GeluTanh => x.gelu(),
@@ -278,10 +282,10 @@ impl ClipAttention {
     fn load(vb: VarBuilder, dim: usize, heads: usize) -> candle_core::Result<Self> {
         let head_dim = dim / heads;
         Ok(Self {
-            q_proj: candle_nn::linear(dim, dim, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(dim, dim, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(dim, dim, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(dim, dim, vb.pp("out_proj"))?,
+            q_proj: Linear::load(vb.pp("q_proj"), dim, dim)?,
+            k_proj: Linear::load(vb.pp("k_proj"), dim, dim)?,
+            v_proj: Linear::load(vb.pp("v_proj"), dim, dim)?,
+            out_proj: Linear::load(vb.pp("out_proj"), dim, dim)?,
             heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
@@ -299,12 +303,8 @@ impl ClipAttention {
         let q = split(self.q_proj.forward(x)?)?;
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?.to_dtype(DType::F32)?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(x.dtype())?;
+        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        let probs = fused::scaled_softmax(&scores, mask, self.scale)?.to_dtype(x.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         self.out_proj.forward(&out)
     }
@@ -326,8 +326,8 @@ impl ClipMlp {
         act: Activation,
     ) -> candle_core::Result<Self> {
         Ok(Self {
-            fc1: candle_nn::linear(dim, inner, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(inner, dim, vb.pp("fc2"))?,
+            fc1: Linear::load(vb.pp("fc1"), dim, inner)?,
+            fc2: Linear::load(vb.pp("fc2"), inner, dim)?,
             act,
         })
     }
@@ -692,12 +692,8 @@ impl ClipModel {
         Ok(Self {
             text_model: ClipTextTransformer::load(vb.pp("text_model"), t)?,
             vision_model: ClipVisionTransformer::load(vb.pp("vision_model"), v)?,
-            visual_projection: candle_nn::linear_no_bias(
-                v.hidden_size,
-                p,
-                vb.pp("visual_projection"),
-            )?,
-            text_projection: candle_nn::linear_no_bias(t.hidden_size, p, vb.pp("text_projection"))?,
+            visual_projection: Linear::load_no_bias(vb.pp("visual_projection"), v.hidden_size, p)?,
+            text_projection: Linear::load_no_bias(vb.pp("text_projection"), t.hidden_size, p)?,
             logit_scale: vb.get((), "logit_scale")?,
             dtype: vb.dtype(),
             device: vb.device().clone(),

@@ -11,7 +11,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::linear::Linear;
 use serde::Deserialize;
 
 use super::clip::{weights, ClipVisionConfig, ClipVisionTower};
@@ -178,8 +180,8 @@ struct Projector {
 impl Projector {
     fn load(vb: VarBuilder, vision: usize, text: usize) -> candle_core::Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(vision, text, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(text, text, vb.pp("linear_2"))?,
+            linear_1: Linear::load(vb.pp("linear_1"), vision, text)?,
+            linear_2: Linear::load(vb.pp("linear_2"), text, text)?,
         })
     }
 

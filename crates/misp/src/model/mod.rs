@@ -7,7 +7,9 @@ pub mod adapter;
 pub mod clip;
 
 pub use clip::ModelError;
+pub mod fused;
 pub mod generate;
+pub mod linear;
 pub mod llama;
 pub mod llava;
 pub mod lora;
