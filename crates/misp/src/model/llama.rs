@@ -9,10 +9,11 @@
 //! Every struct below is one module of the checkpoint and loads from its own key prefix.
 //! Loading checks all tensors before failing: one error lists every missing or mis-shaped one.
 //!
-//! Gradients flow through this model into LoRA, so only plain differentiable candle ops are used
-//! (DESIGN.md §4): RMSNorm and RoPE are written out (the fused `ops::rms_norm` and
-//! `rotary_emb::rope*` drop gradients on 0.11.1), softmax is the generic `ops::softmax`, SiLU is
-//! `x / (1 + exp(-x))`. As in transformers, RMSNorm statistics, RoPE tables, softmax and the
+//! Gradients flow through this model into LoRA, so every op has a backward (DESIGN.md §4: candle's
+//! fused `ops::rms_norm` and `rotary_emb::rope*` drop gradients on 0.11.1). RMSNorm, attention's
+//! scaled masked softmax and SwiGLU run on this crate's fused CPU kernels with their own backward
+//! ([`super::fused`]; the plain composition elsewhere), RoPE is written out, and frozen
+//! projections skip their weight gradient ([`super::linear`]). As in transformers, RMSNorm statistics, RoPE tables, softmax and the
 //! returned logits are f32 whatever the weights' dtype.
 //!
 //! Positions are `0..T` for every row in [`Llama::forward`], as `LlamaForCausalLM.forward` uses
@@ -29,6 +30,8 @@ use serde::Deserialize;
 
 use super::clip::weights;
 pub use super::clip::TensorProblem;
+use super::fused;
+use super::linear::linear;
 use super::lora::{LoraConfig, LoraLinear, LoraSwitch};
 pub use super::ModelError;
 
@@ -175,10 +178,8 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = x.to_dtype(float_dtype(x.dtype()))?;
-        let var = h.sqr()?.mean_keepdim(D::Minus1)?;
-        let h = h.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        h.to_dtype(x.dtype())?.broadcast_mul(&self.weight)
+        // One fused pass on the CPU; elsewhere the composition below, which it equals.
+        fused::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -263,7 +264,7 @@ impl LlamaAttention {
         &self,
         x: &Tensor,
         ctx: &Context,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<LayerKv>>,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
@@ -278,14 +279,7 @@ impl LlamaAttention {
         let k = apply_rope(&k, &cos, &sin)?;
         let (k, v) = match cache {
             None => (k, v),
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    None => (k.contiguous()?, v.contiguous()?),
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
+            Some(slot) => LayerKv::append(slot, &k, &v)?,
         };
         let tk = k.dim(2)?;
         // GQA: each key/value head serves `h / kv` consecutive query heads (`repeat_kv`).
@@ -298,13 +292,18 @@ impl LlamaAttention {
                 .contiguous()?
                 .reshape((b, h, tk, hd))
         };
+        // gemm takes any row / column strides, so the transposed keys and the cache's views
+        // need no copies.
         let k = repeat(k)?;
-        let v = repeat(v)?.contiguous()?;
-        let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+        let v = repeat(v)?;
+        let scores = q.matmul(&k.t()?)?;
         let sdt = float_dtype(x.dtype());
-        let scores = (scores.to_dtype(sdt)? / (hd as f64).sqrt())?;
-        let scores = scores.broadcast_add(&ctx.bias.to_dtype(sdt)?)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(x.dtype())?;
+        let probs = fused::scaled_softmax(
+            &scores.to_dtype(sdt)?,
+            Some(&ctx.bias.to_dtype(sdt)?),
+            1.0 / (hd as f64).sqrt(),
+        )?
+        .to_dtype(x.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * hd))?;
         self.o_proj.forward(&out)
     }
@@ -329,9 +328,8 @@ impl LlamaMlp {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let g = self.gate_proj.forward(x)?;
-        // SiLU written out; exp(-g) overflowing to inf gives 0, the limit.
-        let silu = (&g * (g.neg()?.exp()? + 1.0)?.recip()?)?;
-        self.down_proj.forward(&(silu * self.up_proj.forward(x)?)?)
+        let u = self.up_proj.forward(x)?;
+        self.down_proj.forward(&fused::swiglu(&g, &u)?)
     }
 }
 
@@ -358,7 +356,7 @@ impl LlamaDecoderLayer {
         &self,
         x: &Tensor,
         ctx: &Context,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<LayerKv>>,
     ) -> candle_core::Result<Tensor> {
         let x = (x + self
             .self_attn
@@ -496,14 +494,13 @@ impl Llama {
     /// Final norm and `lm_head`: hidden states -> f32 (f64) logits.
     fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = self.norm.forward(x)?;
-        x.broadcast_matmul(&self.lm_head.t()?)?
-            .to_dtype(float_dtype(self.dtype()))
+        linear(&x, &self.lm_head)?.to_dtype(float_dtype(self.dtype()))
     }
 
     /// An empty KV cache for `batch` rows, for [`Self::forward_cached`].
     pub fn new_cache(&self, batch: usize) -> KvCache {
         KvCache {
-            layers: vec![None; self.layers.len()],
+            layers: (0..self.layers.len()).map(|_| None).collect(),
             mask: None,
             seen: vec![0; batch],
         }
@@ -672,12 +669,54 @@ fn attention_bias(mask: &Tensor, b: usize, t: usize, offset: usize) -> candle_co
 }
 
 /// Keys and values of the positions decoded so far, per layer, with the attention mask over
-/// them and each row's token count (its next position).
-#[derive(Debug, Clone)]
+/// them and each row's token count (its next position). Not `Clone`: its buffers are written in
+/// place, so two copies would share (and corrupt) them.
+#[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
     mask: Option<Tensor>,
     seen: Vec<usize>,
+}
+
+/// One layer's cached keys and values: `[B, kv, capacity, hd]` buffers filled along dim 2 up to
+/// `len`. Appending writes in place and hands out views, so a decoding step copies only its own
+/// new positions; `Tensor::cat` would copy the whole cache every step (quadratic in the length).
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerKv {
+    /// Appends `k, v [B, kv, t, hd]` to `slot` (growing it by doubling when full) and returns
+    /// every position so far.
+    fn append(
+        slot: &mut Option<LayerKv>,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (b, heads, t, hd) = k.dims4()?;
+        let (len, cap) = match slot {
+            Some(c) => (c.len, c.k.dim(2)?),
+            None => (0, 0),
+        };
+        if len + t > cap {
+            let cap = (len + t).max(2 * cap).max(len + t + 32);
+            let nk = Tensor::zeros((b, heads, cap, hd), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((b, heads, cap, hd), v.dtype(), v.device())?;
+            if let Some(c) = slot.as_ref() {
+                nk.slice_set(&c.k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                nv.slice_set(&c.v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            }
+            *slot = Some(LayerKv { k: nk, v: nv, len });
+        }
+        let c = slot.as_mut().expect("allocated above");
+        c.k.slice_set(&k.contiguous()?, 2, c.len)?;
+        c.v.slice_set(&v.contiguous()?, 2, c.len)?;
+        c.len += t;
+        Ok((c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?))
+    }
 }
 
 /// Per-token log-probs of a causal LM: `logits [B, T, V]`, `labels [B, T]` (u32) ->

@@ -12,6 +12,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::linear::linear;
 use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -124,13 +125,17 @@ impl LoraSwitch {
 /// Inverted dropout as `nn.Dropout`: zero with probability `p`, scale survivors by
 /// `1 / (1 - p)`; the mask drawn on the host from `seed`.
 fn dropout(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> {
+    x * dropout_mask(x, p, seed)?
+}
+
+/// The mask [`dropout`] multiplies by: `0` or `1 / (1 - p)` per element, in `x`'s dtype.
+fn dropout_mask(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let keep = 1.0 / (1.0 - p);
     let mask: Vec<f32> = (0..x.elem_count())
         .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
         .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x * mask
+    Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())
 }
 
 /// The trainable pair of one adapted projection.
@@ -143,6 +148,115 @@ pub struct Lora {
     scaling: f64,
     dropout: f32,
     switch: LoraSwitch,
+}
+
+impl Lora {
+    /// `x W^T + s (drop(x) A^T) B^T` as *one* autograd node over `(x, A, B)` ([`LoraStep`]).
+    ///
+    /// Why: written in candle ops this is about ten graph nodes (reshapes, dropout, two
+    /// matmuls, scaling, add), and candle's backward gives every node a zero-filled gradient
+    /// buffer plus an add; over seven projections per layer that bookkeeping cost more than the
+    /// matmuls. The forward runs here on detached tensors; [`LoraStep::bwd`] is the chain rule
+    /// written out.
+    fn train_forward(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (&inp, lead) = dims
+            .split_last()
+            .expect("linear input has a feature dimension");
+        let n: usize = lead.iter().product();
+        let x2 = x.detach().reshape((n, inp))?;
+        let mask = if self.dropout > 0.0 {
+            Some(dropout_mask(
+                &x2,
+                self.dropout,
+                self.switch.next_mask_seed(),
+            )?)
+        } else {
+            None
+        };
+        let h = match &mask {
+            Some(m) => (&x2 * m)?,
+            None => x2.clone(),
+        };
+        let (a, b) = (self.a.as_tensor().detach(), self.b.as_tensor().detach());
+        let z = h.matmul(&a.t()?)?;
+        let y = (x2.matmul(&w.t()?)? + (z.matmul(&b.t()?)? * self.scaling)?)?;
+        let node = LoraStep {
+            y,
+            w: w.detach(),
+            h,
+            z,
+            mask,
+            scaling: self.scaling,
+        };
+        let out = x
+            .reshape((n, inp))?
+            .apply_op3(self.a.as_tensor(), self.b.as_tensor(), node)?;
+        let mut shape = lead.to_vec();
+        shape.push(out.dim(1)?);
+        out.reshape(shape)
+    }
+}
+
+/// The training forward of one adapted projection as a single node; it holds what its
+/// backward needs (all detached): the output, the frozen weight, the dropped input `h`, the
+/// rank-`r` activations `z = h A^T` and the dropout mask.
+struct LoraStep {
+    y: Tensor,
+    w: Tensor,
+    h: Tensor,
+    z: Tensor,
+    mask: Option<Tensor>,
+    scaling: f64,
+}
+
+impl candle_core::CustomOp3 for LoraStep {
+    fn name(&self) -> &'static str {
+        "lora-step"
+    }
+
+    /// Hands over the output computed in [`Lora::train_forward`].
+    fn cpu_fwd(
+        &self,
+        _x: &candle_core::CpuStorage,
+        _xl: &candle_core::Layout,
+        _a: &candle_core::CpuStorage,
+        _al: &candle_core::Layout,
+        _b: &candle_core::CpuStorage,
+        _bl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let y = self.y.flatten_all()?;
+        let storage = match y.dtype() {
+            DType::F32 => candle_core::CpuStorage::F32(y.to_vec1()?),
+            DType::F64 => candle_core::CpuStorage::F64(y.to_vec1()?),
+            dt => candle_core::bail!("lora-step: no CPU node for {dt:?}"),
+        };
+        Ok((storage, self.y.shape().clone()))
+    }
+
+    /// With `g = dL/dy` (`[n, out]`) and `dz = s g B`: `dB = s g^T z`, `dA = dz^T h`,
+    /// `dx = g W + (dz A) * mask`.
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (a, b) = (a.detach(), b.detach());
+        let g = g.detach();
+        let dz = (g.matmul(&b)? * self.scaling)?;
+        let db = (g.t()?.matmul(&self.z)? * self.scaling)?;
+        let da = dz.t()?.matmul(&self.h)?;
+        let dh = dz.matmul(&a)?;
+        let dh = match &self.mask {
+            Some(m) => (dh * m)?,
+            None => dh,
+        };
+        let dx = (g.matmul(&self.w)? + dh)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
 }
 
 /// A bias-free linear layer (`x W^T`) with an optional LoRA adapter.
@@ -218,20 +332,25 @@ impl LoraLinear {
 
     /// `x [.., in] -> [.., out]` in `x`'s dtype; the LoRA path runs in f32.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let base = x.broadcast_matmul(&self.weight.t()?)?;
+        let base = linear(x, &self.weight)?;
         let Some(l) = &self.lora else {
             return Ok(base);
         };
         if !l.switch.enabled() {
             return Ok(base);
         }
+        if l.switch.training()
+            && x.device().is_cpu()
+            && x.dtype() == l.a.dtype()
+            && !self.weight.is_variable()
+        {
+            return l.train_forward(x, &self.weight);
+        }
         let mut h = x.to_dtype(l.a.dtype())?;
         if l.switch.training() && l.dropout > 0.0 {
             h = dropout(&h, l.dropout, l.switch.next_mask_seed())?;
         }
-        let delta = h
-            .broadcast_matmul(&l.a.as_tensor().t()?)?
-            .broadcast_matmul(&l.b.as_tensor().t()?)?;
+        let delta = linear(&linear(&h, l.a.as_tensor())?, l.b.as_tensor())?;
         base + (delta * l.scaling)?.to_dtype(x.dtype())?
     }
 
@@ -350,6 +469,115 @@ mod tests {
         let eval = l.forward(&x).unwrap();
         assert!(max_abs(&train, &eval) > 0.0);
         assert_eq!(max_abs(&l.forward(&x).unwrap(), &eval), 0.0);
+    }
+
+    /// Gradients of `sum(c * layer(x))` for `x`, `A`, `B`.
+    fn grads(l: &LoraLinear, x: &Tensor, c: &Tensor, sw: &LoraSwitch) -> Vec<Tensor> {
+        sw.set_dropout_seed(7);
+        let xv = Var::from_tensor(x).unwrap();
+        let lo = l.lora().unwrap();
+        let g = (l.forward(xv.as_tensor()).unwrap() * c)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        [xv.as_tensor(), lo.a.as_tensor(), lo.b.as_tensor()]
+            .iter()
+            .map(|t| g.get(t).unwrap().clone())
+            .collect()
+    }
+
+    fn layer64(dropout: f32) -> (LoraLinear, LoraSwitch) {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f64, 1.0, (6, 5), &dev).unwrap();
+        let mut l = LoraLinear::new(w);
+        let cfg = LoraConfig {
+            r: 3,
+            lora_alpha: 6.0,
+            lora_dropout: dropout,
+            ..LoraConfig::default()
+        };
+        let sw = LoraSwitch::default();
+        l.attach(&cfg, &sw, &mut init_rng(1)).unwrap();
+        let b = Tensor::randn(0f64, 1.0, (6, 3), &dev).unwrap();
+        l.lora().unwrap().b.set(&b).unwrap();
+        (l, sw)
+    }
+
+    #[test]
+    fn training_node_matches_the_plain_graph_and_finite_differences() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 1.0, (2, 4, 5), &dev).unwrap();
+        let c = Tensor::randn(0f64, 1.0, (2, 4, 6), &dev).unwrap();
+        // Without dropout, training (one node) and eval (plain ops) are the same function.
+        let (l, sw) = layer64(0.0);
+        let plain = grads(&l, &x, &c, &sw);
+        sw.set_training(true);
+        let node = grads(&l, &x, &c, &sw);
+        for (p, n) in plain.iter().zip(&node) {
+            let d = (p - n)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            assert!(d.to_scalar::<f64>().unwrap() < 1e-12);
+        }
+        // With dropout (the same seeded mask every forward), against central differences.
+        let (l, sw) = layer64(0.5);
+        sw.set_training(true);
+        let g = grads(&l, &x, &c, &sw);
+        let lo = l.lora().unwrap().clone();
+        let loss = |l: &LoraLinear, x: &Tensor| -> f64 {
+            sw.set_dropout_seed(7);
+            (l.forward(x).unwrap() * &c)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let h = 1e-6;
+        for (which, grad) in g.iter().enumerate() {
+            let base = [&x, lo.a.as_tensor(), lo.b.as_tensor()][which].copy().unwrap();
+            let flat: Vec<f64> = base.flatten_all().unwrap().to_vec1().unwrap();
+            let gv: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(
+                gv.iter().any(|v| v.abs() > 1e-3),
+                "zero gradient for input {which}"
+            );
+            for i in 0..flat.len() {
+                let at = |d: f64| {
+                    let mut v = flat.clone();
+                    v[i] += d;
+                    let t = Tensor::from_vec(v, base.dims(), &dev).unwrap();
+                    match which {
+                        0 => loss(&l, &t),
+                        1 => {
+                            lo.a.set(&t).unwrap();
+                            let r = loss(&l, &x);
+                            lo.a.set(&base).unwrap();
+                            r
+                        }
+                        _ => {
+                            lo.b.set(&t).unwrap();
+                            let r = loss(&l, &x);
+                            lo.b.set(&base).unwrap();
+                            r
+                        }
+                    }
+                };
+                let fd = (at(h) - at(-h)) / (2.0 * h);
+                assert!(
+                    (fd - gv[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                    "input {which} [{i}]: {fd} vs {}",
+                    gv[i]
+                );
+            }
+        }
     }
 
     #[test]

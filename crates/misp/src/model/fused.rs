@@ -1,0 +1,717 @@
+//! Fused CPU kernels, with their backward passes, for the element-wise stretches of the models
+//! that dominate a LoRA step once the matmuls are fast.
+//!
+//! Written out in candle ops, attention's `softmax(scale * s + bias)` is six graph nodes over a
+//! `[B, H, T, T]` tensor, SwiGLU five over `[B, T, I]` and RMSNorm five over `[B, T, D]`: each
+//! allocates and zero-fills an output, and backward adds as many again (candle accumulates
+//! every node's gradient into a zeroed buffer). `perf` put those element-wise passes and their
+//! memsets at over half of a step. Here each is one forward pass and one backward pass.
+//!
+//! Only the CPU and `f32` / `f64` have kernels; every entry point falls back to the plain
+//! composition (the reference the tests compare against) on other devices and dtypes, so the
+//! CUDA build keeps working unchanged.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// Rows handed to one rayon task: enough work to amortise the task, small enough to share.
+const MIN_ELEMS_PER_TASK: usize = 1 << 14;
+
+/// Whether `x` runs on a fused kernel here (CPU, `f32` / `f64`).
+pub fn fusable(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// A contiguous view of a storage as `&[T]`, or an error naming the op.
+macro_rules! slice {
+    ($storage:expr, $layout:expr, $variant:ident, $op:expr) => {{
+        let CpuStorage::$variant(v) = $storage else {
+            candle_core::bail!("{}: dtype mismatch between inputs", $op)
+        };
+        match $layout.contiguous_offsets() {
+            Some((a, b)) => &v[a..b],
+            None => candle_core::bail!("{}: input is not contiguous", $op),
+        }
+    }};
+}
+
+/// The float types the kernels run on.
+trait Real:
+    Copy
+    + Send
+    + Sync
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + PartialOrd
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INF: Self;
+    /// `e^x`: [`exp_f32`] for `f32`, the library's for `f64` (the finite-difference tests).
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn from_f64(v: f64) -> Self;
+}
+
+macro_rules! real {
+    ($t:ty) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const NEG_INF: Self = <$t>::NEG_INFINITY;
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+        }
+    };
+}
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INF: Self = f32::NEG_INFINITY;
+    fn exp(self) -> Self {
+        exp_f32(self)
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+real!(f64);
+
+/// `e^x` in `f32` to about 1 ulp, branch-free so loops over it vectorise (libm's `expf` is a
+/// call per element: 6-7 % of a decoding step in `perf`). Range reduction `x = n ln2 + r` with
+/// `ln2` split in two (Cody-Waite), Cephes' degree-6 polynomial for `e^r` on
+/// `|r| <= ln2 / 2`, and `2^n` built in the exponent bits. Inputs below -87.3 give 0 (as
+/// `expf` underflows), above 88.3 are clamped (finite, ~2.2e38).
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a call.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.3, 88.3);
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        e * scale
+    }
+}
+
+/// `sum(v)` with eight partial sums, so the loop vectorises without reassociation licence.
+fn lane_sum<T: Real>(v: &[T]) -> T {
+    let mut acc = [T::ZERO; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = *a + x;
+        }
+    }
+    let tail = chunks.remainder().iter().fold(T::ZERO, |a, &x| a + x);
+    acc.iter().fold(tail, |a, &x| a + x)
+}
+
+fn rows_per_task(cols: usize) -> usize {
+    (MIN_ELEMS_PER_TASK / cols.max(1)).max(1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// softmax(scale * s + bias) over the last dimension
+
+/// `softmax(scale * scores + bias)` over the last dimension. `scores [B, H, T, Tk]`; `bias`
+/// additive, `[B, 1, T, Tk]` or `[1, 1, T, Tk]` (shared by the heads), or none. The bias gets
+/// no gradient (it is a mask).
+pub fn scaled_softmax(
+    scores: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let plain = || -> candle_core::Result<Tensor> {
+        let s = (scores * scale)?;
+        let s = match bias {
+            Some(b) => s.broadcast_add(&b.to_dtype(s.dtype())?)?,
+            None => s,
+        };
+        candle_nn::ops::softmax(&s, D::Minus1)
+    };
+    if !fusable(scores) || scores.rank() != 4 {
+        return plain();
+    }
+    let (b, h, t, tk) = scores.dims4()?;
+    let scores = scores.contiguous()?;
+    match bias {
+        None => scores.apply_op1(Softmax {
+            scale,
+            heads: h,
+            t,
+            bias_batches: 0,
+        }),
+        Some(bias) => {
+            let (bb, one, bt, btk) = bias.dims4()?;
+            if one != 1 || bt != t || btk != tk || !(bb == 1 || bb == b) {
+                return plain();
+            }
+            let bias = bias.to_dtype(scores.dtype())?.contiguous()?;
+            scores.apply_op2(
+                &bias,
+                Softmax {
+                    scale,
+                    heads: h,
+                    t,
+                    bias_batches: bb,
+                },
+            )
+        }
+    }
+}
+
+struct Softmax {
+    scale: f64,
+    heads: usize,
+    t: usize,
+    /// 0: no bias; 1: one bias for every batch row; B: one per batch row.
+    bias_batches: usize,
+}
+
+impl Softmax {
+    fn run<T: Real>(&self, s: &[T], bias: Option<&[T]>, cols: usize) -> Vec<T> {
+        let scale = T::from_f64(self.scale);
+        let mut out = vec![T::ZERO; s.len()];
+        let (heads, t, bb) = (self.heads, self.t, self.bias_batches);
+        out.par_chunks_mut(cols * rows_per_task(cols))
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                let first = task * rows_per_task(cols);
+                for (i, row) in chunk.chunks_mut(cols).enumerate() {
+                    let r = first + i;
+                    let src = &s[r * cols..(r + 1) * cols];
+                    let b_row = bias.map(|b| {
+                        let batch = if bb == 1 { 0 } else { r / (heads * t) };
+                        let q = r % t;
+                        &b[(batch * t + q) * cols..(batch * t + q + 1) * cols]
+                    });
+                    let mut max = T::NEG_INF;
+                    for (j, o) in row.iter_mut().enumerate() {
+                        let v = match b_row {
+                            Some(b) => scale * src[j] + b[j],
+                            None => scale * src[j],
+                        };
+                        *o = v;
+                        if v > max {
+                            max = v;
+                        }
+                    }
+                    // Separate loops: the exps vectorise, the sum uses eight lanes.
+                    for o in row.iter_mut() {
+                        *o = (*o - max).exp();
+                    }
+                    let inv = T::ONE / lane_sum(row);
+                    for o in row.iter_mut() {
+                        *o = *o * inv;
+                    }
+                }
+            });
+        out
+    }
+
+    fn fwd(
+        &self,
+        s: &CpuStorage,
+        sl: &Layout,
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let cols = *sl.dims().last().unwrap_or(&1);
+        let out = match s {
+            CpuStorage::F32(_) => {
+                let x = slice!(s, sl, F32, "softmax");
+                let b = match bias {
+                    Some((b, bl)) => Some(slice!(b, bl, F32, "softmax")),
+                    None => None,
+                };
+                CpuStorage::F32(self.run(x, b, cols))
+            }
+            CpuStorage::F64(_) => {
+                let x = slice!(s, sl, F64, "softmax");
+                let b = match bias {
+                    Some((b, bl)) => Some(slice!(b, bl, F64, "softmax")),
+                    None => None,
+                };
+                CpuStorage::F64(self.run(x, b, cols))
+            }
+            _ => candle_core::bail!("softmax: only f32 and f64 have a CPU kernel"),
+        };
+        Ok((out, sl.shape().clone()))
+    }
+
+    /// `ds = scale * p * (g - sum(g * p))` per row.
+    fn grad(&self, p: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        p.contiguous()?
+            .apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad { scale: self.scale })
+    }
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "scaled-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.fwd(s, l, None)
+    }
+    fn bwd(&self, _s: &Tensor, p: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.grad(p, g)?))
+    }
+}
+
+impl CustomOp2 for Softmax {
+    fn name(&self) -> &'static str {
+        "scaled-masked-softmax"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        sl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.fwd(s, sl, Some((b, bl)))
+    }
+    fn bwd(
+        &self,
+        _s: &Tensor,
+        _b: &Tensor,
+        p: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.grad(p, g)?), None))
+    }
+}
+
+struct SoftmaxGrad {
+    scale: f64,
+}
+
+impl SoftmaxGrad {
+    fn run<T: Real>(&self, p: &[T], g: &[T], cols: usize) -> Vec<T> {
+        let scale = T::from_f64(self.scale);
+        let mut out = vec![T::ZERO; p.len()];
+        out.par_chunks_mut(cols * rows_per_task(cols))
+            .zip(p.par_chunks(cols * rows_per_task(cols)))
+            .zip(g.par_chunks(cols * rows_per_task(cols)))
+            .for_each(|((o, p), g)| {
+                for ((o, p), g) in o.chunks_mut(cols).zip(p.chunks(cols)).zip(g.chunks(cols)) {
+                    let dot = p.iter().zip(g).fold(T::ZERO, |a, (&p, &g)| a + p * g);
+                    for ((o, &p), &g) in o.iter_mut().zip(p).zip(g) {
+                        *o = scale * p * (g - dot);
+                    }
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "scaled-softmax-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        p: &CpuStorage,
+        pl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let cols = *pl.dims().last().unwrap_or(&1);
+        let out = match p {
+            CpuStorage::F32(_) => CpuStorage::F32(self.run(
+                slice!(p, pl, F32, "softmax grad"),
+                slice!(g, gl, F32, "softmax grad"),
+                cols,
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(self.run(
+                slice!(p, pl, F64, "softmax grad"),
+                slice!(g, gl, F64, "softmax grad"),
+                cols,
+            )),
+            _ => candle_core::bail!("softmax grad: only f32 and f64 have a CPU kernel"),
+        };
+        Ok((out, pl.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU: silu(g) * u
+
+/// `silu(gate) * up`, the LLaMA MLP's gating (SiLU as `x / (1 + exp(-x))`).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if !fusable(gate) || gate.dims() != up.dims() || gate.dtype() != up.dtype() {
+        let silu = (gate * (gate.neg()?.exp()? + 1.0)?.recip()?)?;
+        return silu * up;
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+struct SwiGlu;
+
+/// `1 / (1 + exp(-x))`; `exp` overflowing to inf gives 0, the limit.
+fn sigmoid<T: Real>(x: T) -> T {
+    T::ONE / (T::ONE + (T::ZERO - x).exp())
+}
+
+fn map2<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::ZERO; a.len()];
+    out.par_chunks_mut(MIN_ELEMS_PER_TASK)
+        .zip(a.par_chunks(MIN_ELEMS_PER_TASK))
+        .zip(b.par_chunks(MIN_ELEMS_PER_TASK))
+        .for_each(|((o, a), b)| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                *o = f(a, b);
+            }
+        });
+    out
+}
+
+fn map3<T: Real>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::ZERO; a.len()];
+    out.par_chunks_mut(MIN_ELEMS_PER_TASK)
+        .zip(a.par_chunks(MIN_ELEMS_PER_TASK))
+        .zip(b.par_chunks(MIN_ELEMS_PER_TASK))
+        .zip(c.par_chunks(MIN_ELEMS_PER_TASK))
+        .for_each(|(((o, a), b), c)| {
+            for (((o, &a), &b), &c) in o.iter_mut().zip(a).zip(b).zip(c) {
+                *o = f(a, b, c);
+            }
+        });
+    out
+}
+
+/// An element-wise op of two same-shape contiguous tensors, by a closure generic in the float.
+macro_rules! elementwise2 {
+    ($name:ident, $label:expr, |$a:ident, $b:ident| $body:expr) => {
+        struct $name;
+        impl CustomOp2 for $name {
+            fn name(&self) -> &'static str {
+                $label
+            }
+            fn cpu_fwd(
+                &self,
+                a: &CpuStorage,
+                al: &Layout,
+                b: &CpuStorage,
+                bl: &Layout,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                fn f<T: Real>($a: T, $b: T) -> T {
+                    $body
+                }
+                let out = match a {
+                    CpuStorage::F32(_) => CpuStorage::F32(map2(
+                        slice!(a, al, F32, $label),
+                        slice!(b, bl, F32, $label),
+                        f::<f32>,
+                    )),
+                    CpuStorage::F64(_) => CpuStorage::F64(map2(
+                        slice!(a, al, F64, $label),
+                        slice!(b, bl, F64, $label),
+                        f::<f64>,
+                    )),
+                    _ => candle_core::bail!("{}: only f32 and f64 have a CPU kernel", $label),
+                };
+                Ok((out, al.shape().clone()))
+            }
+        }
+    };
+}
+
+// silu(g) * u
+elementwise2!(SwiGluFwd, "swiglu", |g, u| g * sigmoid(g) * u);
+// d/du: grad * silu(g)   (inputs: g, grad)
+elementwise2!(SwiGluGradUp, "swiglu-grad-up", |g, grad| grad
+    * g
+    * sigmoid(g));
+
+/// d/dg: grad * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)))   (inputs: g, u, grad)
+struct SwiGluGradGate;
+
+impl CustomOp3 for SwiGluGradGate {
+    fn name(&self) -> &'static str {
+        "swiglu-grad-gate"
+    }
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        u: &CpuStorage,
+        ul: &Layout,
+        d: &CpuStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn f<T: Real>(g: T, u: T, d: T) -> T {
+            let s = sigmoid(g);
+            d * u * s * (T::ONE + g * (T::ONE - s))
+        }
+        let out = match g {
+            CpuStorage::F32(_) => CpuStorage::F32(map3(
+                slice!(g, gl, F32, "swiglu grad"),
+                slice!(u, ul, F32, "swiglu grad"),
+                slice!(d, dl, F32, "swiglu grad"),
+                f::<f32>,
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(map3(
+                slice!(g, gl, F64, "swiglu grad"),
+                slice!(u, ul, F64, "swiglu grad"),
+                slice!(d, dl, F64, "swiglu grad"),
+                f::<f64>,
+            )),
+            _ => candle_core::bail!("swiglu grad: only f32 and f64 have a CPU kernel"),
+        };
+        Ok((out, gl.shape().clone()))
+    }
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        u: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        SwiGluFwd.cpu_fwd(g, gl, u, ul)
+    }
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dg = g.apply_op3_no_bwd(u, &grad, &SwiGluGradGate)?;
+        let du = g.apply_op2_no_bwd(&grad, &SwiGluGradUp)?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// QuickGELU (inference)
+
+/// `x * sigmoid(1.702 x)`, OpenAI CLIP's activation, in one pass. Forward only: callers use it
+/// where no gradient is wanted (a frozen tower on constant pixels) and keep the differentiable
+/// composition otherwise.
+pub fn quick_gelu_no_grad(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !fusable(x) {
+        return x * ((x * -1.702)?.exp()? + 1.0)?.recip()?;
+    }
+    x.contiguous()?.apply_op1_no_bwd(&QuickGelu)
+}
+
+struct QuickGelu;
+
+impl CustomOp1 for QuickGelu {
+    fn name(&self) -> &'static str {
+        "quick-gelu"
+    }
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn f<T: Real>(x: T, _: T) -> T {
+            x * sigmoid(T::from_f64(1.702) * x)
+        }
+        let out = match x {
+            CpuStorage::F32(_) => {
+                let v = slice!(x, l, F32, "quick gelu");
+                CpuStorage::F32(map2(v, v, f::<f32>))
+            }
+            CpuStorage::F64(_) => {
+                let v = slice!(x, l, F64, "quick gelu");
+                CpuStorage::F64(map2(v, v, f::<f64>))
+            }
+            _ => candle_core::bail!("quick gelu: only f32 and f64 have a CPU kernel"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm: w * x / sqrt(mean(x^2) + eps)
+
+/// `weight * x / sqrt(mean(x^2) + eps)` over the last dimension. `weight` gets a gradient only
+/// when it is itself on a path to a variable (the world pretraining trains it; LoRA does not).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if !fusable(x) || x.dtype() != weight.dtype() || weight.rank() != 1 {
+        // As transformers: statistics in f32 (f64 for f64), cast back before the weight.
+        let stat = if x.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let h = x.to_dtype(stat)?;
+        let var = h.sqr()?.mean_keepdim(D::Minus1)?;
+        let h = h.broadcast_div(&(var + eps)?.sqrt()?)?;
+        return h.to_dtype(x.dtype())?.broadcast_mul(weight);
+    }
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, RmsNorm { eps })
+}
+
+struct RmsNorm {
+    eps: f64,
+}
+
+/// `1 / sqrt(mean(x^2) + eps)` of one row.
+fn inv_rms<T: Real>(row: &[T], eps: T) -> T {
+    let n = T::from_f64(row.len() as f64);
+    let ss = row.iter().fold(T::ZERO, |a, &v| a + v * v);
+    T::ONE / (ss / n + eps).sqrt()
+}
+
+impl RmsNorm {
+    fn run<T: Real>(&self, x: &[T], w: &[T]) -> Vec<T> {
+        let cols = w.len();
+        let eps = T::from_f64(self.eps);
+        let mut out = vec![T::ZERO; x.len()];
+        let per = cols * rows_per_task(cols);
+        out.par_chunks_mut(per)
+            .zip(x.par_chunks(per))
+            .for_each(|(o, x)| {
+                for (o, x) in o.chunks_mut(cols).zip(x.chunks(cols)) {
+                    let r = inv_rms(x, eps);
+                    for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                        *o = x * r * w;
+                    }
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match x {
+            CpuStorage::F32(_) => CpuStorage::F32(self.run(
+                slice!(x, xl, F32, "rms norm"),
+                slice!(w, wl, F32, "rms norm"),
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(self.run(
+                slice!(x, xl, F64, "rms norm"),
+                slice!(w, wl, F64, "rms norm"),
+            )),
+            _ => candle_core::bail!("rms norm: only f32 and f64 have a CPU kernel"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &grad, &RmsNormGradInput { eps: self.eps })?;
+        let dw = if w.track_op() {
+            // sum over rows of grad * x_hat: rare (pretraining), so plain ops are fine.
+            let d = w.dim(0)?;
+            let x2 = x.reshape(((), d))?;
+            let r = (x2.sqr()?.mean_keepdim(1)? + self.eps)?.sqrt()?.recip()?;
+            let xh = x2.broadcast_mul(&r)?;
+            Some((grad.reshape(((), d))? * xh)?.sum(0)?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw))
+    }
+}
+
+/// `dx = r * (g w - x_hat * mean(g w x_hat))`, `x_hat = r x`   (inputs: x, w, grad)
+struct RmsNormGradInput {
+    eps: f64,
+}
+
+impl RmsNormGradInput {
+    fn run<T: Real>(&self, x: &[T], w: &[T], g: &[T]) -> Vec<T> {
+        let cols = w.len();
+        let eps = T::from_f64(self.eps);
+        let n = T::from_f64(cols as f64);
+        let mut out = vec![T::ZERO; x.len()];
+        let per = cols * rows_per_task(cols);
+        out.par_chunks_mut(per)
+            .zip(x.par_chunks(per))
+            .zip(g.par_chunks(per))
+            .for_each(|((o, x), g)| {
+                for ((o, x), g) in o.chunks_mut(cols).zip(x.chunks(cols)).zip(g.chunks(cols)) {
+                    let r = inv_rms(x, eps);
+                    let mut dot = T::ZERO;
+                    for ((&x, &w), &g) in x.iter().zip(w).zip(g) {
+                        dot = dot + g * w * x * r;
+                    }
+                    let m = dot / n;
+                    for (((o, &x), &w), &g) in o.iter_mut().zip(x).zip(w).zip(g) {
+                        *o = r * (g * w - x * r * m);
+                    }
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp3 for RmsNormGradInput {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match x {
+            CpuStorage::F32(_) => CpuStorage::F32(self.run(
+                slice!(x, xl, F32, "rms norm grad"),
+                slice!(w, wl, F32, "rms norm grad"),
+                slice!(g, gl, F32, "rms norm grad"),
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(self.run(
+                slice!(x, xl, F64, "rms norm grad"),
+                slice!(w, wl, F64, "rms norm grad"),
+                slice!(g, gl, F64, "rms norm grad"),
+            )),
+            _ => candle_core::bail!("rms norm grad: only f32 and f64 have a CPU kernel"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests;
