@@ -278,7 +278,8 @@ impl LlamaAttention {
         let q = apply_rope(&q, &cos, &sin)?;
         let k = apply_rope(&k, &cos, &sin)?;
         let (k, v) = match cache {
-            None => (k, v),
+            // `[B, T, kv, hd]` transposed: gemm needs one stride across the (B, kv) batch.
+            None => (k.contiguous()?, v.contiguous()?),
             Some(slot) => LayerKv::append(slot, &k, &v)?,
         };
         let tk = k.dim(2)?;

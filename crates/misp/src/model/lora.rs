@@ -129,12 +129,26 @@ fn dropout(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> {
 }
 
 /// The mask [`dropout`] multiplies by: `0` or `1 / (1 - p)` per element, in `x`'s dtype.
+///
+/// Element `i` is decided by `splitmix64(seed + i)` alone (a counter-based draw), so the mask
+/// is filled in parallel and is the same whatever the thread count; a sequential generator was
+/// a serial few percent of every step.
 fn dropout_mask(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    use rayon::prelude::*;
     let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
-        .collect();
+    // Drop when the top 24 bits, as a fraction of 2^24, fall below p.
+    let cut = (p as f64 * (1u64 << 24) as f64) as u64;
+    let base = crate::files::splitmix64(seed);
+    let mut mask = vec![0f32; x.elem_count()];
+    mask.par_chunks_mut(1 << 14)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let first = (c << 14) as u64;
+            for (i, m) in chunk.iter_mut().enumerate() {
+                let r = crate::files::splitmix64(base.wrapping_add(first + i as u64)) >> 40;
+                *m = if r < cut { 0.0 } else { keep };
+            }
+        });
     Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())
 }
 
@@ -180,9 +194,8 @@ impl Lora {
         };
         let (a, b) = (self.a.as_tensor().detach(), self.b.as_tensor().detach());
         let z = h.matmul(&a.t()?)?;
-        let y = (x2.matmul(&w.t()?)? + (z.matmul(&b.t()?)? * self.scaling)?)?;
         let node = LoraStep {
-            y,
+            products: std::sync::Mutex::new(Some((x2.matmul(&w.t()?)?, z.matmul(&b.t()?)?))),
             w: w.detach(),
             h,
             z,
@@ -198,11 +211,12 @@ impl Lora {
     }
 }
 
-/// The training forward of one adapted projection as a single node; it holds what its
-/// backward needs (all detached): the output, the frozen weight, the dropped input `h`, the
-/// rank-`r` activations `z = h A^T` and the dropout mask.
+/// The training forward of one adapted projection as a single node; it holds (all detached)
+/// the two products its output sums, `x W^T` and `z B^T`, and what its backward needs: the
+/// frozen weight, the dropped input `h`, the rank-`r` activations `z = h A^T` and the mask.
 struct LoraStep {
-    y: Tensor,
+    /// `(x W^T, z B^T)`, taken (and freed) by the forward.
+    products: std::sync::Mutex<Option<(Tensor, Tensor)>>,
     w: Tensor,
     h: Tensor,
     z: Tensor,
@@ -215,7 +229,7 @@ impl candle_core::CustomOp3 for LoraStep {
         "lora-step"
     }
 
-    /// Hands over the output computed in [`Lora::train_forward`].
+    /// `x W^T + s z B^T`, both products computed in [`Lora::train_forward`], in one pass.
     fn cpu_fwd(
         &self,
         _x: &candle_core::CpuStorage,
@@ -225,13 +239,46 @@ impl candle_core::CustomOp3 for LoraStep {
         _b: &candle_core::CpuStorage,
         _bl: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let y = self.y.flatten_all()?;
-        let storage = match y.dtype() {
-            DType::F32 => candle_core::CpuStorage::F32(y.to_vec1()?),
-            DType::F64 => candle_core::CpuStorage::F64(y.to_vec1()?),
-            dt => candle_core::bail!("lora-step: no CPU node for {dt:?}"),
+        use candle_core::{CpuStorage, Storage};
+        fn sum<T>(base: &[T], zb: &[T], s: T) -> Vec<T>
+        where
+            T: Copy + Send + Sync + std::ops::Add<Output = T> + std::ops::Mul<Output = T>,
+        {
+            use rayon::prelude::*;
+            let mut out = base.to_vec();
+            out.par_chunks_mut(1 << 14)
+                .zip(zb.par_chunks(1 << 14))
+                .for_each(|(o, z)| {
+                    for (o, &z) in o.iter_mut().zip(z) {
+                        *o = *o + s * z;
+                    }
+                });
+            out
+        }
+        let Some((base, zb)) = self
+            .products
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("lora-step: poisoned".into()))?
+            .take()
+        else {
+            candle_core::bail!("lora-step: forward ran twice")
         };
-        Ok((storage, self.y.shape().clone()))
+        let (bs, bl) = base.storage_and_layout();
+        let (zs, zl) = zb.storage_and_layout();
+        let (Some((b0, b1)), Some((z0, z1))) = (bl.contiguous_offsets(), zl.contiguous_offsets())
+        else {
+            candle_core::bail!("lora-step: products are not contiguous")
+        };
+        let out = match (&*bs, &*zs) {
+            (Storage::Cpu(CpuStorage::F32(b)), Storage::Cpu(CpuStorage::F32(z))) => {
+                CpuStorage::F32(sum(&b[b0..b1], &z[z0..z1], self.scaling as f32))
+            }
+            (Storage::Cpu(CpuStorage::F64(b)), Storage::Cpu(CpuStorage::F64(z))) => {
+                CpuStorage::F64(sum(&b[b0..b1], &z[z0..z1], self.scaling))
+            }
+            _ => candle_core::bail!("lora-step: no CPU node for {:?}", base.dtype()),
+        };
+        Ok((out, base.shape().clone()))
     }
 
     /// With `g = dL/dy` (`[n, out]`) and `dz = s g B`: `dB = s g^T z`, `dA = dz^T h`,
@@ -542,7 +589,9 @@ mod tests {
         };
         let h = 1e-6;
         for (which, grad) in g.iter().enumerate() {
-            let base = [&x, lo.a.as_tensor(), lo.b.as_tensor()][which].copy().unwrap();
+            let base = [&x, lo.a.as_tensor(), lo.b.as_tensor()][which]
+                .copy()
+                .unwrap();
             let flat: Vec<f64> = base.flatten_all().unwrap().to_vec1().unwrap();
             let gv: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
             assert!(

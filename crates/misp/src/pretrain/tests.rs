@@ -367,6 +367,10 @@ fn saved_folders_load_back_to_the_same_models() {
     let mem = clip::clip_model(&clip_params, &s.clip_cfg, &cpu).unwrap();
     let disk = ClipModel::load(&clip_dir, DType::F32, &cpu).unwrap();
     let px = s.pixels.batch(&[0, 1, 2], &cpu).unwrap();
+    // Not bit-equal: the in-memory weights are `Var`s, so that model takes the differentiable
+    // compositions, the loaded one the fused inference kernels (QuickGELU); they agree to
+    // rounding, while a weight lost or misnamed on saving would differ by far more.
+    let same = 1e-6;
     let diff = |a: &Tensor, b: &Tensor| {
         (a - b)
             .unwrap()
@@ -377,21 +381,19 @@ fn saved_folders_load_back_to_the_same_models() {
             .to_scalar::<f32>()
             .unwrap()
     };
-    assert_eq!(
+    assert!(
         diff(
             &mem.embed_images(&px).unwrap(),
             &disk.embed_images(&px).unwrap()
-        ),
-        0.0
+        ) < same
     );
     let tok = ClipTokenizer::load(&clip_dir).unwrap();
     let t = tok.encode(&["a red circle", "is there a star"]).unwrap();
-    assert_eq!(
+    assert!(
         diff(
             &mem.embed_texts(&t).unwrap(),
             &disk.embed_texts(&t).unwrap()
-        ),
-        0.0
+        ) < same
     );
 
     let tower = tower_of(&clip_params);
