@@ -7,9 +7,9 @@
 mod bench_mine;
 mod bench_model;
 mod demo_cmd;
-mod malloc;
 mod embed_cmd;
 mod eval_cmd;
+mod malloc;
 mod mine_cmd;
 mod pretrain_cmd;
 mod sae_cmd;
