@@ -22,17 +22,41 @@ pub fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
-/// A contiguous view of a storage as `&[T]`, or an error naming the op.
-macro_rules! slice {
-    ($storage:expr, $layout:expr, $variant:ident, $op:expr) => {{
-        let CpuStorage::$variant(v) = $storage else {
-            candle_core::bail!("{}: dtype mismatch between inputs", $op)
-        };
-        match $layout.contiguous_offsets() {
-            Some((a, b)) => &v[a..b],
-            None => candle_core::bail!("{}: input is not contiguous", $op),
+/// A kernel over `N` contiguous inputs of one float type, written once for every [`Real`].
+trait Kernel<const N: usize> {
+    const NAME: &'static str;
+    fn run<T: Real>(&self, inputs: [&[T]; N]) -> Vec<T>;
+}
+
+/// Runs `k` on the inputs' `f32` or `f64` data: the `cpu_fwd` of every op here. The output has
+/// the first input's shape; a dtype mix or a strided input is an error naming the op.
+fn dispatch<const N: usize, K: Kernel<N>>(
+    k: &K,
+    inputs: [(&CpuStorage, &Layout); N],
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn slices<'a, T: Real, const N: usize>(
+        name: &str,
+        inputs: [(&'a CpuStorage, &Layout); N],
+    ) -> candle_core::Result<[&'a [T]; N]> {
+        let mut out: [&[T]; N] = [&[]; N];
+        for (o, (s, l)) in out.iter_mut().zip(inputs) {
+            let Some(v) = T::slice(s) else {
+                candle_core::bail!("{name}: dtype mismatch between inputs")
+            };
+            let Some((a, b)) = l.contiguous_offsets() else {
+                candle_core::bail!("{name}: input is not contiguous")
+            };
+            *o = &v[a..b];
         }
-    }};
+        Ok(out)
+    }
+    let shape = inputs[0].1.shape().clone();
+    let out = match inputs[0].0 {
+        CpuStorage::F32(_) => CpuStorage::F32(k.run(slices::<f32, N>(K::NAME, inputs)?)),
+        CpuStorage::F64(_) => CpuStorage::F64(k.run(slices::<f64, N>(K::NAME, inputs)?)),
+        _ => candle_core::bail!("{}: only f32 and f64 have a CPU kernel", K::NAME),
+    };
+    Ok((out, shape))
 }
 
 /// The float types the kernels run on.
@@ -53,26 +77,10 @@ trait Real:
     fn exp(self) -> Self;
     fn sqrt(self) -> Self;
     fn from_f64(v: f64) -> Self;
+    /// The storage's data if it holds this type.
+    fn slice(s: &CpuStorage) -> Option<&[Self]>;
 }
 
-macro_rules! real {
-    ($t:ty) => {
-        impl Real for $t {
-            const ZERO: Self = 0.0;
-            const ONE: Self = 1.0;
-            const NEG_INF: Self = <$t>::NEG_INFINITY;
-            fn exp(self) -> Self {
-                <$t>::exp(self)
-            }
-            fn sqrt(self) -> Self {
-                <$t>::sqrt(self)
-            }
-            fn from_f64(v: f64) -> Self {
-                v as $t
-            }
-        }
-    };
-}
 impl Real for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
@@ -86,8 +94,33 @@ impl Real for f32 {
     fn from_f64(v: f64) -> Self {
         v as f32
     }
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
 }
-real!(f64);
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INF: Self = f64::NEG_INFINITY;
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+}
 
 /// `e^x` in `f32` to about 1 ulp, branch-free so loops over it vectorise (libm's `expf` is a
 /// call per element: 6-7 % of a decoding step in `perf`). Range reduction `x = n ln2 + r` with
@@ -163,6 +196,7 @@ pub fn scaled_softmax(
             scale,
             heads: h,
             t,
+            cols: tk,
             bias_batches: 0,
         }),
         Some(bias) => {
@@ -177,6 +211,7 @@ pub fn scaled_softmax(
                     scale,
                     heads: h,
                     t,
+                    cols: tk,
                     bias_batches: bb,
                 },
             )
@@ -188,15 +223,16 @@ struct Softmax {
     scale: f64,
     heads: usize,
     t: usize,
+    cols: usize,
     /// 0: no bias; 1: one bias for every batch row; B: one per batch row.
     bias_batches: usize,
 }
 
 impl Softmax {
-    fn run<T: Real>(&self, s: &[T], bias: Option<&[T]>, cols: usize) -> Vec<T> {
+    fn softmax<T: Real>(&self, s: &[T], bias: Option<&[T]>) -> Vec<T> {
         let scale = T::from_f64(self.scale);
         let mut out = vec![T::ZERO; s.len()];
-        let (heads, t, bb) = (self.heads, self.t, self.bias_batches);
+        let (heads, t, cols, bb) = (self.heads, self.t, self.cols, self.bias_batches);
         out.par_chunks_mut(cols * rows_per_task(cols))
             .enumerate()
             .for_each(|(task, chunk)| {
@@ -233,39 +269,29 @@ impl Softmax {
         out
     }
 
-    fn fwd(
-        &self,
-        s: &CpuStorage,
-        sl: &Layout,
-        bias: Option<(&CpuStorage, &Layout)>,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let cols = *sl.dims().last().unwrap_or(&1);
-        let out = match s {
-            CpuStorage::F32(_) => {
-                let x = slice!(s, sl, F32, "softmax");
-                let b = match bias {
-                    Some((b, bl)) => Some(slice!(b, bl, F32, "softmax")),
-                    None => None,
-                };
-                CpuStorage::F32(self.run(x, b, cols))
-            }
-            CpuStorage::F64(_) => {
-                let x = slice!(s, sl, F64, "softmax");
-                let b = match bias {
-                    Some((b, bl)) => Some(slice!(b, bl, F64, "softmax")),
-                    None => None,
-                };
-                CpuStorage::F64(self.run(x, b, cols))
-            }
-            _ => candle_core::bail!("softmax: only f32 and f64 have a CPU kernel"),
-        };
-        Ok((out, sl.shape().clone()))
-    }
-
     /// `ds = scale * p * (g - sum(g * p))` per row.
     fn grad(&self, p: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
-        p.contiguous()?
-            .apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad { scale: self.scale })
+        p.contiguous()?.apply_op2_no_bwd(
+            &g.contiguous()?,
+            &SoftmaxGrad {
+                scale: self.scale,
+                cols: self.cols,
+            },
+        )
+    }
+}
+
+impl Kernel<1> for Softmax {
+    const NAME: &'static str = "softmax";
+    fn run<T: Real>(&self, [s]: [&[T]; 1]) -> Vec<T> {
+        self.softmax(s, None)
+    }
+}
+
+impl Kernel<2> for Softmax {
+    const NAME: &'static str = "softmax";
+    fn run<T: Real>(&self, [s, bias]: [&[T]; 2]) -> Vec<T> {
+        self.softmax(s, Some(bias))
     }
 }
 
@@ -274,7 +300,7 @@ impl CustomOp1 for Softmax {
         "scaled-softmax"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.fwd(s, l, None)
+        dispatch(self, [(s, l)])
     }
     fn bwd(&self, _s: &Tensor, p: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(self.grad(p, g)?))
@@ -292,7 +318,7 @@ impl CustomOp2 for Softmax {
         b: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.fwd(s, sl, Some((b, bl)))
+        dispatch(self, [(s, sl), (b, bl)])
     }
     fn bwd(
         &self,
@@ -307,11 +333,13 @@ impl CustomOp2 for Softmax {
 
 struct SoftmaxGrad {
     scale: f64,
+    cols: usize,
 }
 
-impl SoftmaxGrad {
-    fn run<T: Real>(&self, p: &[T], g: &[T], cols: usize) -> Vec<T> {
-        let scale = T::from_f64(self.scale);
+impl Kernel<2> for SoftmaxGrad {
+    const NAME: &'static str = "softmax grad";
+    fn run<T: Real>(&self, [p, g]: [&[T]; 2]) -> Vec<T> {
+        let (scale, cols) = (T::from_f64(self.scale), self.cols);
         let mut out = vec![T::ZERO; p.len()];
         out.par_chunks_mut(cols * rows_per_task(cols))
             .zip(p.par_chunks(cols * rows_per_task(cols)))
@@ -339,21 +367,7 @@ impl CustomOp2 for SoftmaxGrad {
         g: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let cols = *pl.dims().last().unwrap_or(&1);
-        let out = match p {
-            CpuStorage::F32(_) => CpuStorage::F32(self.run(
-                slice!(p, pl, F32, "softmax grad"),
-                slice!(g, gl, F32, "softmax grad"),
-                cols,
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(self.run(
-                slice!(p, pl, F64, "softmax grad"),
-                slice!(g, gl, F64, "softmax grad"),
-                cols,
-            )),
-            _ => candle_core::bail!("softmax grad: only f32 and f64 have a CPU kernel"),
-        };
-        Ok((out, pl.shape().clone()))
+        dispatch(self, [(p, pl), (g, gl)])
     }
 }
 
@@ -403,52 +417,51 @@ fn map3<T: Real>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T + Sync) -> 
     out
 }
 
-/// An element-wise op of two same-shape contiguous tensors, by a closure generic in the float.
-macro_rules! elementwise2 {
-    ($name:ident, $label:expr, |$a:ident, $b:ident| $body:expr) => {
-        struct $name;
-        impl CustomOp2 for $name {
-            fn name(&self) -> &'static str {
-                $label
-            }
-            fn cpu_fwd(
-                &self,
-                a: &CpuStorage,
-                al: &Layout,
-                b: &CpuStorage,
-                bl: &Layout,
-            ) -> candle_core::Result<(CpuStorage, Shape)> {
-                fn f<T: Real>($a: T, $b: T) -> T {
-                    $body
-                }
-                let out = match a {
-                    CpuStorage::F32(_) => CpuStorage::F32(map2(
-                        slice!(a, al, F32, $label),
-                        slice!(b, bl, F32, $label),
-                        f::<f32>,
-                    )),
-                    CpuStorage::F64(_) => CpuStorage::F64(map2(
-                        slice!(a, al, F64, $label),
-                        slice!(b, bl, F64, $label),
-                        f::<f64>,
-                    )),
-                    _ => candle_core::bail!("{}: only f32 and f64 have a CPU kernel", $label),
-                };
-                Ok((out, al.shape().clone()))
-            }
-        }
-    };
+/// `silu(g) * u`   (inputs: g, u)
+impl Kernel<2> for SwiGlu {
+    const NAME: &'static str = "swiglu";
+    fn run<T: Real>(&self, [g, u]: [&[T]; 2]) -> Vec<T> {
+        map2(g, u, |g, u| g * sigmoid(g) * u)
+    }
 }
 
-// silu(g) * u
-elementwise2!(SwiGluFwd, "swiglu", |g, u| g * sigmoid(g) * u);
-// d/du: grad * silu(g)   (inputs: g, grad)
-elementwise2!(SwiGluGradUp, "swiglu-grad-up", |g, grad| grad
-    * g
-    * sigmoid(g));
+/// d/du: `grad * silu(g)`   (inputs: g, grad)
+struct SwiGluGradUp;
 
-/// d/dg: grad * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)))   (inputs: g, u, grad)
+impl Kernel<2> for SwiGluGradUp {
+    const NAME: &'static str = "swiglu grad up";
+    fn run<T: Real>(&self, [g, grad]: [&[T]; 2]) -> Vec<T> {
+        map2(g, grad, |g, grad| grad * g * sigmoid(g))
+    }
+}
+
+impl CustomOp2 for SwiGluGradUp {
+    fn name(&self) -> &'static str {
+        "swiglu-grad-up"
+    }
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        d: &CpuStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch(self, [(g, gl), (d, dl)])
+    }
+}
+
+/// d/dg: `grad * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)))`   (inputs: g, u, grad)
 struct SwiGluGradGate;
+
+impl Kernel<3> for SwiGluGradGate {
+    const NAME: &'static str = "swiglu grad gate";
+    fn run<T: Real>(&self, [g, u, grad]: [&[T]; 3]) -> Vec<T> {
+        map3(g, u, grad, |g, u, d| {
+            let s = sigmoid(g);
+            d * u * s * (T::ONE + g * (T::ONE - s))
+        })
+    }
+}
 
 impl CustomOp3 for SwiGluGradGate {
     fn name(&self) -> &'static str {
@@ -463,26 +476,7 @@ impl CustomOp3 for SwiGluGradGate {
         d: &CpuStorage,
         dl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        fn f<T: Real>(g: T, u: T, d: T) -> T {
-            let s = sigmoid(g);
-            d * u * s * (T::ONE + g * (T::ONE - s))
-        }
-        let out = match g {
-            CpuStorage::F32(_) => CpuStorage::F32(map3(
-                slice!(g, gl, F32, "swiglu grad"),
-                slice!(u, ul, F32, "swiglu grad"),
-                slice!(d, dl, F32, "swiglu grad"),
-                f::<f32>,
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(map3(
-                slice!(g, gl, F64, "swiglu grad"),
-                slice!(u, ul, F64, "swiglu grad"),
-                slice!(d, dl, F64, "swiglu grad"),
-                f::<f64>,
-            )),
-            _ => candle_core::bail!("swiglu grad: only f32 and f64 have a CPU kernel"),
-        };
-        Ok((out, gl.shape().clone()))
+        dispatch(self, [(g, gl), (u, ul), (d, dl)])
     }
 }
 
@@ -497,7 +491,7 @@ impl CustomOp2 for SwiGlu {
         u: &CpuStorage,
         ul: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        SwiGluFwd.cpu_fwd(g, gl, u, ul)
+        dispatch(self, [(g, gl), (u, ul)])
     }
     fn bwd(
         &self,
@@ -528,26 +522,20 @@ pub fn quick_gelu_no_grad(x: &Tensor) -> candle_core::Result<Tensor> {
 
 struct QuickGelu;
 
+impl Kernel<1> for QuickGelu {
+    const NAME: &'static str = "quick gelu";
+    fn run<T: Real>(&self, [x]: [&[T]; 1]) -> Vec<T> {
+        let k = T::from_f64(1.702);
+        map2(x, x, |x, _| x * sigmoid(k * x))
+    }
+}
+
 impl CustomOp1 for QuickGelu {
     fn name(&self) -> &'static str {
         "quick-gelu"
     }
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        fn f<T: Real>(x: T, _: T) -> T {
-            x * sigmoid(T::from_f64(1.702) * x)
-        }
-        let out = match x {
-            CpuStorage::F32(_) => {
-                let v = slice!(x, l, F32, "quick gelu");
-                CpuStorage::F32(map2(v, v, f::<f32>))
-            }
-            CpuStorage::F64(_) => {
-                let v = slice!(x, l, F64, "quick gelu");
-                CpuStorage::F64(map2(v, v, f::<f64>))
-            }
-            _ => candle_core::bail!("quick gelu: only f32 and f64 have a CPU kernel"),
-        };
-        Ok((out, l.shape().clone()))
+        dispatch(self, [(x, l)])
     }
 }
 
@@ -584,8 +572,9 @@ fn inv_rms<T: Real>(row: &[T], eps: T) -> T {
     T::ONE / (ss / n + eps).sqrt()
 }
 
-impl RmsNorm {
-    fn run<T: Real>(&self, x: &[T], w: &[T]) -> Vec<T> {
+impl Kernel<2> for RmsNorm {
+    const NAME: &'static str = "rms norm";
+    fn run<T: Real>(&self, [x, w]: [&[T]; 2]) -> Vec<T> {
         let cols = w.len();
         let eps = T::from_f64(self.eps);
         let mut out = vec![T::ZERO; x.len()];
@@ -615,18 +604,7 @@ impl CustomOp2 for RmsNorm {
         w: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match x {
-            CpuStorage::F32(_) => CpuStorage::F32(self.run(
-                slice!(x, xl, F32, "rms norm"),
-                slice!(w, wl, F32, "rms norm"),
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(self.run(
-                slice!(x, xl, F64, "rms norm"),
-                slice!(w, wl, F64, "rms norm"),
-            )),
-            _ => candle_core::bail!("rms norm: only f32 and f64 have a CPU kernel"),
-        };
-        Ok((out, xl.shape().clone()))
+        dispatch(self, [(x, xl), (w, wl)])
     }
     fn bwd(
         &self,
@@ -656,8 +634,9 @@ struct RmsNormGradInput {
     eps: f64,
 }
 
-impl RmsNormGradInput {
-    fn run<T: Real>(&self, x: &[T], w: &[T], g: &[T]) -> Vec<T> {
+impl Kernel<3> for RmsNormGradInput {
+    const NAME: &'static str = "rms norm grad";
+    fn run<T: Real>(&self, [x, w, g]: [&[T]; 3]) -> Vec<T> {
         let cols = w.len();
         let eps = T::from_f64(self.eps);
         let n = T::from_f64(cols as f64);
@@ -696,20 +675,7 @@ impl CustomOp3 for RmsNormGradInput {
         g: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match x {
-            CpuStorage::F32(_) => CpuStorage::F32(self.run(
-                slice!(x, xl, F32, "rms norm grad"),
-                slice!(w, wl, F32, "rms norm grad"),
-                slice!(g, gl, F32, "rms norm grad"),
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(self.run(
-                slice!(x, xl, F64, "rms norm grad"),
-                slice!(w, wl, F64, "rms norm grad"),
-                slice!(g, gl, F64, "rms norm grad"),
-            )),
-            _ => candle_core::bail!("rms norm grad: only f32 and f64 have a CPU kernel"),
-        };
-        Ok((out, xl.shape().clone()))
+        dispatch(self, [(x, xl), (w, wl), (g, gl)])
     }
 }
 
