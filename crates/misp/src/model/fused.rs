@@ -271,14 +271,21 @@ impl Softmax {
 
     /// `ds = scale * p * (g - sum(g * p))` per row.
     fn grad(&self, p: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
-        p.contiguous()?.apply_op2_no_bwd(
-            &g.contiguous()?,
-            &SoftmaxGrad {
-                scale: self.scale,
-                cols: self.cols,
-            },
-        )
+        softmax_grad(p, g, self.scale)
     }
+}
+
+/// The gradient of [`scaled_softmax`] with respect to its scores, given its output `p` and the
+/// gradient `g` of that output: `scale * p * (g - sum(g * p))` per row of the last dimension.
+/// No graph is recorded (the fused attention's backward calls it on detached tensors).
+pub(crate) fn softmax_grad(p: &Tensor, g: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    p.contiguous()?.apply_op2_no_bwd(
+        &g.contiguous()?,
+        &SoftmaxGrad {
+            scale,
+            cols: p.dim(D::Minus1)?,
+        },
+    )
 }
 
 impl Kernel<1> for Softmax {
@@ -368,6 +375,129 @@ impl CustomOp2 for SoftmaxGrad {
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         dispatch(self, [(p, pl), (g, gl)])
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE, fused with the move between the projections' `[B, T, N * hd]` and attention's
+// `[B, N, T, hd]`
+
+/// HF's RoPE (`x * cos + rotate_half(x) * sin`, `rotate_half(x) = cat(-x2, x1)`) of a projection
+/// output `x [B, T, N * hd]`, returned per head as `[B, N, T, hd]`; `cos`, `sin [T, hd]`. One
+/// pass instead of a transpose, a copy and seven element-wise ops. No graph is recorded: the
+/// fused attention calls it on detached tensors and writes the backward itself
+/// ([`rope_from_heads`]). CPU `f32` / `f64` only.
+pub(crate) fn rope_to_heads(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, t, nd) = x.dims3()?;
+    let hd = nd / heads;
+    let k = Rope {
+        b,
+        t,
+        heads,
+        hd,
+        backward: false,
+    };
+    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+    x.contiguous()?
+        .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &k)?
+        .reshape((b, heads, t, hd))
+}
+
+/// The transpose of [`rope_to_heads`]: a gradient `g [B, N, T, hd]` of its output mapped back
+/// to `[B, T, N * hd]`: `g * cos + rotate_half^T(g * sin)`, `rotate_half^T(y) = cat(y2, -y1)`.
+pub(crate) fn rope_from_heads(
+    g: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (b, heads, t, hd) = g.dims4()?;
+    let k = Rope {
+        b,
+        t,
+        heads,
+        hd,
+        backward: true,
+    };
+    let (cos, sin) = (cos.to_dtype(g.dtype())?, sin.to_dtype(g.dtype())?);
+    g.contiguous()?
+        .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &k)?
+        .reshape((b, t, heads * hd))
+}
+
+struct Rope {
+    b: usize,
+    t: usize,
+    heads: usize,
+    hd: usize,
+    /// `false`: `[B, T, N*hd]` -> rotated `[B, N, T, hd]`; `true`: the transposed map back.
+    backward: bool,
+}
+
+impl Kernel<3> for Rope {
+    const NAME: &'static str = "rope";
+    fn run<T: Real>(&self, [x, cos, sin]: [&[T]; 3]) -> Vec<T> {
+        let (t, n, hd, half) = (self.t, self.heads, self.hd, self.hd / 2);
+        let mut out = vec![T::ZERO; x.len()];
+        debug_assert_eq!(x.len(), self.b * t * n * hd);
+        if !self.backward {
+            // One task per (batch row, head): `t * hd` outputs read with stride `n * hd`.
+            out.par_chunks_mut(t * hd).enumerate().for_each(|(bn, o)| {
+                let (bi, h) = (bn / n, bn % n);
+                for (p, o) in o.chunks_mut(hd).enumerate() {
+                    let src = &x[((bi * t + p) * n + h) * hd..][..hd];
+                    let (c, s) = (&cos[p * hd..][..hd], &sin[p * hd..][..hd]);
+                    for i in 0..half {
+                        o[i] = src[i] * c[i] - src[i + half] * s[i];
+                        o[i + half] = src[i + half] * c[i + half] + src[i] * s[i + half];
+                    }
+                }
+            });
+        } else {
+            // One task per (batch row, position): `n * hd` outputs gathered from the heads.
+            out.par_chunks_mut(n * hd).enumerate().for_each(|(bp, o)| {
+                let (bi, p) = (bp / t, bp % t);
+                let (c, s) = (&cos[p * hd..][..hd], &sin[p * hd..][..hd]);
+                for (h, o) in o.chunks_mut(hd).enumerate() {
+                    let g = &x[((bi * n + h) * t + p) * hd..][..hd];
+                    for i in 0..half {
+                        o[i] = g[i] * c[i] + g[i + half] * s[i + half];
+                        o[i + half] = g[i + half] * c[i + half] - g[i] * s[i];
+                    }
+                }
+            });
+        }
+        out
+    }
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        c: &CpuStorage,
+        cl: &Layout,
+        s: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if cl.shape().dims() != [self.t, self.hd] || sl.shape().dims() != [self.t, self.hd] {
+            candle_core::bail!(
+                "rope: tables {:?} / {:?}, expected [{}, {}]",
+                cl.shape(),
+                sl.shape(),
+                self.t,
+                self.hd
+            );
+        }
+        dispatch(self, [(x, xl), (c, cl), (s, sl)])
     }
 }
 

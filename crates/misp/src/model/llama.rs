@@ -28,6 +28,7 @@ use candle_nn::VarBuilder;
 use rand::Rng;
 use serde::Deserialize;
 
+use super::attention::{self, AttentionInputs};
 use super::clip::weights;
 pub use super::clip::TensorProblem;
 use super::fused;
@@ -266,15 +267,46 @@ impl LlamaAttention {
         ctx: &Context,
         cache: Option<&mut Option<LayerKv>>,
     ) -> candle_core::Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        let out = match cache {
+            // Without a cache (training, scoring, a prompt's first pass) the whole core is one
+            // fused node on the CPU.
+            None if attention::fusable(&q) => {
+                let inputs = AttentionInputs {
+                    cos: &ctx.cos,
+                    sin: &ctx.sin,
+                    bias: &ctx.bias,
+                    heads: self.heads,
+                    kv_heads: self.kv_heads,
+                    head_dim: self.head_dim,
+                };
+                attention::attention(&q, &k, &v, &inputs)?
+            }
+            cache => self.composed(&q, &k, &v, ctx, cache)?,
+        };
+        self.o_proj.forward(&out)
+    }
+
+    /// The attention core in candle ops, from the projections `q [B, T, H * hd]`,
+    /// `k, v [B, T, kv * hd]` to the merged heads `[B, T, H * hd]`: the path of the KV cache,
+    /// of other devices and dtypes, and the reference the fused node is tested against.
+    fn composed(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &Context,
+        cache: Option<&mut Option<LayerKv>>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = q.dims3()?;
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let split = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
-        let q = split(self.q_proj.forward(x)?, h)?;
-        let k = split(self.k_proj.forward(x)?, kv)?;
-        let v = split(self.v_proj.forward(x)?, kv)?;
+        let split = |y: &Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
+        let (q, k, v) = (split(q, h)?, split(k, kv)?, split(v, kv)?);
         // Tables are f32, as transformers computes them, cast to the activations' dtype.
-        let cos = ctx.cos.to_dtype(x.dtype())?;
-        let sin = ctx.sin.to_dtype(x.dtype())?;
+        let cos = ctx.cos.to_dtype(q.dtype())?;
+        let sin = ctx.sin.to_dtype(q.dtype())?;
         let q = apply_rope(&q, &cos, &sin)?;
         let k = apply_rope(&k, &cos, &sin)?;
         let (k, v) = match cache {
@@ -298,15 +330,14 @@ impl LlamaAttention {
         let k = repeat(k)?;
         let v = repeat(v)?;
         let scores = q.matmul(&k.t()?)?;
-        let sdt = float_dtype(x.dtype());
+        let sdt = float_dtype(q.dtype());
         let probs = fused::scaled_softmax(
             &scores.to_dtype(sdt)?,
             Some(&ctx.bias.to_dtype(sdt)?),
             1.0 / (hd as f64).sqrt(),
         )?
-        .to_dtype(x.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * hd))?;
-        self.o_proj.forward(&out)
+        .to_dtype(q.dtype())?;
+        probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * hd))
     }
 }
 

@@ -4,6 +4,7 @@
 //! Each module mirrors its checkpoint's key tree, so a missing tensor names its own path.
 
 pub mod adapter;
+mod attention;
 pub mod clip;
 
 pub use clip::ModelError;
