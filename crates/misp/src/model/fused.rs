@@ -60,8 +60,9 @@ fn dispatch<const N: usize, K: Kernel<N>>(
 }
 
 /// The float types the kernels run on.
-trait Real:
-    Copy
+pub(crate) trait Real:
+    'static
+    + Copy
     + Send
     + Sync
     + std::ops::Add<Output = Self>
@@ -79,6 +80,8 @@ trait Real:
     fn from_f64(v: f64) -> Self;
     /// The storage's data if it holds this type.
     fn slice(s: &CpuStorage) -> Option<&[Self]>;
+    /// Data of this type as a storage.
+    fn wrap(v: Vec<Self>) -> CpuStorage;
 }
 
 impl Real for f32 {
@@ -100,6 +103,9 @@ impl Real for f32 {
             _ => None,
         }
     }
+    fn wrap(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
 }
 impl Real for f64 {
     const ZERO: Self = 0.0;
@@ -119,6 +125,9 @@ impl Real for f64 {
             CpuStorage::F64(v) => Some(v),
             _ => None,
         }
+    }
+    fn wrap(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(v)
     }
 }
 

@@ -12,6 +12,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::fused::{self, Real};
+use super::gemm::{self, Mat};
 use super::linear::linear;
 use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -128,25 +130,49 @@ fn dropout(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> {
     x * dropout_mask(x, p, seed)?
 }
 
+/// The counter-based draw behind every dropout mask: element `i` of the mask of `seed` is kept
+/// unless the top 24 bits of `splitmix64(splitmix64(seed) + i)`, as a fraction of 2^24, fall
+/// below `p`. Being a function of `i` alone, a mask is filled in parallel and is the same
+/// whatever the thread count (a sequential generator was a serial few percent of every step),
+/// and the fused and the plain LoRA paths draw identical masks.
+#[derive(Clone, Copy)]
+struct MaskDraw {
+    base: u64,
+    cut: u64,
+}
+
+impl MaskDraw {
+    fn new(p: f32, seed: u64) -> Self {
+        Self {
+            base: crate::files::splitmix64(seed),
+            cut: (p as f64 * (1u64 << 24) as f64) as u64,
+        }
+    }
+
+    #[inline]
+    fn keep(self, i: usize) -> bool {
+        (crate::files::splitmix64(self.base.wrapping_add(i as u64)) >> 40) >= self.cut
+    }
+}
+
+/// Elements handed to one rayon task by the mask loops.
+const MASK_CHUNK: usize = 1 << 14;
+
 /// The mask [`dropout`] multiplies by: `0` or `1 / (1 - p)` per element, in `x`'s dtype.
-///
-/// Element `i` is decided by `splitmix64(seed + i)` alone (a counter-based draw), so the mask
-/// is filled in parallel and is the same whatever the thread count; a sequential generator was
-/// a serial few percent of every step.
 fn dropout_mask(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> {
     use rayon::prelude::*;
     let keep = 1.0 / (1.0 - p);
-    // Drop when the top 24 bits, as a fraction of 2^24, fall below p.
-    let cut = (p as f64 * (1u64 << 24) as f64) as u64;
-    let base = crate::files::splitmix64(seed);
+    let draw = MaskDraw::new(p, seed);
     let mut mask = vec![0f32; x.elem_count()];
-    mask.par_chunks_mut(1 << 14)
+    mask.par_chunks_mut(MASK_CHUNK)
         .enumerate()
         .for_each(|(c, chunk)| {
-            let first = (c << 14) as u64;
             for (i, m) in chunk.iter_mut().enumerate() {
-                let r = crate::files::splitmix64(base.wrapping_add(first + i as u64)) >> 40;
-                *m = if r < cut { 0.0 } else { keep };
+                *m = if draw.keep(c * MASK_CHUNK + i) {
+                    keep
+                } else {
+                    0.0
+                };
             }
         });
     Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())
@@ -170,58 +196,163 @@ impl Lora {
     /// Why: written in candle ops this is about ten graph nodes (reshapes, dropout, two
     /// matmuls, scaling, add), and candle's backward gives every node a zero-filled gradient
     /// buffer plus an add; over seven projections per layer that bookkeeping cost more than the
-    /// matmuls. The forward runs here on detached tensors; [`LoraStep::bwd`] is the chain rule
-    /// written out.
+    /// matmuls. [`LoraStep`] runs the products on gemm directly and its backward is the chain
+    /// rule written out.
     fn train_forward(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let (&inp, lead) = dims
             .split_last()
             .expect("linear input has a feature dimension");
         let n: usize = lead.iter().product();
-        let x2 = x.detach().reshape((n, inp))?;
-        let mask = if self.dropout > 0.0 {
-            Some(dropout_mask(
-                &x2,
-                self.dropout,
-                self.switch.next_mask_seed(),
-            )?)
-        } else {
-            None
-        };
-        let h = match &mask {
-            Some(m) => (&x2 * m)?,
-            None => x2.clone(),
-        };
-        let (a, b) = (self.a.as_tensor().detach(), self.b.as_tensor().detach());
-        let z = h.matmul(&a.t()?)?;
         let node = LoraStep {
-            products: std::sync::Mutex::new(Some((x2.matmul(&w.t()?)?, z.matmul(&b.t()?)?))),
             w: w.detach(),
-            h,
-            z,
-            mask,
             scaling: self.scaling,
+            dropout: (self.dropout > 0.0).then(|| (self.dropout, self.switch.next_mask_seed())),
+            saved: std::sync::Mutex::new(None),
         };
-        let out = x
-            .reshape((n, inp))?
-            .apply_op3(self.a.as_tensor(), self.b.as_tensor(), node)?;
+        let out = x.reshape((n, inp))?.contiguous()?.apply_op3(
+            self.a.as_tensor(),
+            self.b.as_tensor(),
+            node,
+        )?;
         let mut shape = lead.to_vec();
         shape.push(out.dim(1)?);
         out.reshape(shape)
     }
 }
 
-/// The training forward of one adapted projection as a single node; it holds (all detached)
-/// the two products its output sums, `x W^T` and `z B^T`, and what its backward needs: the
-/// frozen weight, the dropped input `h`, the rank-`r` activations `z = h A^T` and the mask.
+/// The training forward of one adapted projection as a single node over `(x [n, in],
+/// A [r, in], B [out, r])`, with the frozen weight `W [out, in]` held (detached) beside them.
 struct LoraStep {
-    /// `(x W^T, z B^T)`, taken (and freed) by the forward.
-    products: std::sync::Mutex<Option<(Tensor, Tensor)>>,
     w: Tensor,
-    h: Tensor,
-    z: Tensor,
-    mask: Option<Tensor>,
     scaling: f64,
+    /// Dropout probability and mask seed, if dropout is on.
+    dropout: Option<(f32, u64)>,
+    /// What the forward leaves its backward.
+    saved: std::sync::Mutex<Option<Saved>>,
+}
+
+/// `z = h A^T [n, r]`, and with dropout the dropped input `h [n, in]` and which elements were
+/// kept (without dropout `h` is the node's input `x` itself).
+struct Saved {
+    z: candle_core::CpuStorage,
+    dropped: Option<(candle_core::CpuStorage, Vec<bool>)>,
+}
+
+/// The contiguous data of a CPU tensor as `T`, or an error naming the op.
+fn data_of<'a, T: Real>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [T]> {
+    match (T::slice(s), l.contiguous_offsets()) {
+        (Some(v), Some((a, b))) => Ok(&v[a..b]),
+        (None, _) => candle_core::bail!("lora-step: dtype mismatch between inputs"),
+        (_, None) => candle_core::bail!("lora-step: input is not contiguous"),
+    }
+}
+
+impl LoraStep {
+    fn forward<T: Real>(
+        &self,
+        x: &[T],
+        a: &[T],
+        b: &[T],
+        (n, inp, r, out): (usize, usize, usize, usize),
+    ) -> candle_core::Result<Vec<T>> {
+        use rayon::prelude::*;
+        let (ws, wl) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("lora-step: weight is not on the CPU")
+        };
+        let w = data_of::<T>(ws, wl)?;
+        let dropped = self.dropout.map(|(p, seed)| {
+            let draw = MaskDraw::new(p, seed);
+            let scale = T::from_f64(1.0 / (1.0 - p as f64));
+            let mut h = vec![T::ZERO; x.len()];
+            let mut keep = vec![false; x.len()];
+            h.par_chunks_mut(MASK_CHUNK)
+                .zip(keep.par_chunks_mut(MASK_CHUNK))
+                .zip(x.par_chunks(MASK_CHUNK))
+                .enumerate()
+                .for_each(|(c, ((h, k), x))| {
+                    for (i, ((h, k), &x)) in h.iter_mut().zip(k).zip(x).enumerate() {
+                        *k = draw.keep(c * MASK_CHUNK + i);
+                        if *k {
+                            *h = x * scale;
+                        }
+                    }
+                });
+            (h, keep)
+        });
+        let h = dropped.as_ref().map_or(x, |(h, _)| h.as_slice());
+        let z = gemm::product(Mat::new(h, n, inp), Mat::new(a, r, inp).t(), T::ONE);
+        let mut y = gemm::product(Mat::new(x, n, inp), Mat::new(w, out, inp).t(), T::ONE);
+        gemm::add_product(
+            &mut y,
+            Mat::new(&z, n, r),
+            Mat::new(b, out, r).t(),
+            T::from_f64(self.scaling),
+        );
+        *self.lock()? = Some(Saved {
+            z: T::wrap(z),
+            dropped: dropped.map(|(h, keep)| (T::wrap(h), keep)),
+        });
+        Ok(y)
+    }
+
+    /// With `g = dL/dy [n, out]` and `dz = s g B`: `dB = s g^T z`, `dA = dz^T h`,
+    /// `dx = g W + (dz A) * mask`.
+    fn backward<T: Real>(
+        &self,
+        [x, a, b, g]: [&[T]; 4],
+        (n, inp, r, out): (usize, usize, usize, usize),
+        saved: &Saved,
+    ) -> candle_core::Result<[Vec<T>; 3]> {
+        let (ws, wl) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("lora-step: weight is not on the CPU")
+        };
+        let w = data_of::<T>(ws, wl)?;
+        let s = T::from_f64(self.scaling);
+        let z = T::slice(&saved.z).ok_or_else(|| candle_core::Error::Msg("lora-step: z".into()))?;
+        let h = match &saved.dropped {
+            Some((h, _)) => {
+                T::slice(h).ok_or_else(|| candle_core::Error::Msg("lora-step: h".into()))?
+            }
+            None => x,
+        };
+        let g = Mat::new(g, n, out);
+        let dz = gemm::product(g, Mat::new(b, out, r), s);
+        let db = gemm::product(g.t(), Mat::new(z, n, r), s);
+        let da = gemm::product(Mat::new(&dz, n, r).t(), Mat::new(h, n, inp), T::ONE);
+        let mut dx = gemm::product(g, Mat::new(w, out, inp), T::ONE);
+        match &saved.dropped {
+            None => gemm::add_product(&mut dx, Mat::new(&dz, n, r), Mat::new(a, r, inp), T::ONE),
+            Some((_, keep)) => {
+                use rayon::prelude::*;
+                let p = self.dropout.map_or(0.0, |(p, _)| p as f64);
+                let scale = T::from_f64(1.0 / (1.0 - p));
+                let dh = gemm::product(Mat::new(&dz, n, r), Mat::new(a, r, inp), scale);
+                dx.par_chunks_mut(MASK_CHUNK)
+                    .zip(dh.par_chunks(MASK_CHUNK))
+                    .zip(keep.par_chunks(MASK_CHUNK))
+                    .for_each(|((dx, dh), keep)| {
+                        for ((dx, &dh), &k) in dx.iter_mut().zip(dh).zip(keep) {
+                            if k {
+                                *dx = *dx + dh;
+                            }
+                        }
+                    });
+            }
+        }
+        Ok([dx, da, db])
+    }
+
+    fn lock(&self) -> candle_core::Result<std::sync::MutexGuard<'_, Option<Saved>>> {
+        self.saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("lora-step: poisoned".into()))
+    }
 }
 
 impl candle_core::CustomOp3 for LoraStep {
@@ -229,80 +360,105 @@ impl candle_core::CustomOp3 for LoraStep {
         "lora-step"
     }
 
-    /// `x W^T + s z B^T`, both products computed in [`Lora::train_forward`], in one pass.
+    /// `x W^T + s z B^T`: one gemm into a fresh buffer, one accumulating into it.
     fn cpu_fwd(
         &self,
-        _x: &candle_core::CpuStorage,
-        _xl: &candle_core::Layout,
-        _a: &candle_core::CpuStorage,
-        _al: &candle_core::Layout,
-        _b: &candle_core::CpuStorage,
-        _bl: &candle_core::Layout,
+        x: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        a: &candle_core::CpuStorage,
+        al: &candle_core::Layout,
+        b: &candle_core::CpuStorage,
+        bl: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::{CpuStorage, Storage};
-        fn sum<T>(base: &[T], zb: &[T], s: T) -> Vec<T>
-        where
-            T: Copy + Send + Sync + std::ops::Add<Output = T> + std::ops::Mul<Output = T>,
-        {
-            use rayon::prelude::*;
-            let mut out = base.to_vec();
-            out.par_chunks_mut(1 << 14)
-                .zip(zb.par_chunks(1 << 14))
-                .for_each(|(o, z)| {
-                    for (o, &z) in o.iter_mut().zip(z) {
-                        *o = *o + s * z;
-                    }
-                });
-            out
-        }
-        let Some((base, zb)) = self
-            .products
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("lora-step: poisoned".into()))?
-            .take()
-        else {
-            candle_core::bail!("lora-step: forward ran twice")
+        use candle_core::CpuStorage;
+        let (n, inp) = xl.shape().dims2()?;
+        let (r, _) = al.shape().dims2()?;
+        let (out, _) = bl.shape().dims2()?;
+        let dims = (n, inp, r, out);
+        let y = match x {
+            CpuStorage::F32(_) => CpuStorage::F32(self.forward::<f32>(
+                data_of(x, xl)?,
+                data_of(a, al)?,
+                data_of(b, bl)?,
+                dims,
+            )?),
+            CpuStorage::F64(_) => CpuStorage::F64(self.forward::<f64>(
+                data_of(x, xl)?,
+                data_of(a, al)?,
+                data_of(b, bl)?,
+                dims,
+            )?),
+            _ => candle_core::bail!("lora-step: only f32 and f64 have a CPU node"),
         };
-        let (bs, bl) = base.storage_and_layout();
-        let (zs, zl) = zb.storage_and_layout();
-        let (Some((b0, b1)), Some((z0, z1))) = (bl.contiguous_offsets(), zl.contiguous_offsets())
-        else {
-            candle_core::bail!("lora-step: products are not contiguous")
-        };
-        let out = match (&*bs, &*zs) {
-            (Storage::Cpu(CpuStorage::F32(b)), Storage::Cpu(CpuStorage::F32(z))) => {
-                CpuStorage::F32(sum(&b[b0..b1], &z[z0..z1], self.scaling as f32))
-            }
-            (Storage::Cpu(CpuStorage::F64(b)), Storage::Cpu(CpuStorage::F64(z))) => {
-                CpuStorage::F64(sum(&b[b0..b1], &z[z0..z1], self.scaling))
-            }
-            _ => candle_core::bail!("lora-step: no CPU node for {:?}", base.dtype()),
-        };
-        Ok((out, base.shape().clone()))
+        Ok((y, (n, out).into()))
     }
 
-    /// With `g = dL/dy` (`[n, out]`) and `dz = s g B`: `dB = s g^T z`, `dA = dz^T h`,
-    /// `dx = g W + (dz A) * mask`.
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         a: &Tensor,
         b: &Tensor,
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (a, b) = (a.detach(), b.detach());
-        let g = g.detach();
-        let dz = (g.matmul(&b)? * self.scaling)?;
-        let db = (g.t()?.matmul(&self.z)? * self.scaling)?;
-        let da = dz.t()?.matmul(&self.h)?;
-        let dh = dz.matmul(&a)?;
-        let dh = match &self.mask {
-            Some(m) => (dh * m)?,
-            None => dh,
+        use candle_core::{CpuStorage, Storage};
+        let saved = self.lock()?;
+        let Some(saved) = saved.as_ref() else {
+            candle_core::bail!("lora-step: backward before forward")
         };
-        let dx = (g.matmul(&self.w)? + dh)?;
-        Ok((Some(dx), Some(da), Some(db)))
+        let g = g.detach().contiguous()?;
+        let (n, inp) = x.dims2()?;
+        let (out, r) = b.dims2()?;
+        let dims = (n, inp, r, out);
+        let (xs, xl) = x.storage_and_layout();
+        let (as_, al) = a.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let (Storage::Cpu(xs), Storage::Cpu(as_), Storage::Cpu(bs), Storage::Cpu(gs)) =
+            (&*xs, &*as_, &*bs, &*gs)
+        else {
+            candle_core::bail!("lora-step: tensors are not on the CPU")
+        };
+        fn tensors<T: Real + candle_core::WithDType>(
+            [dx, da, db]: [Vec<T>; 3],
+            (n, inp, r, out): (usize, usize, usize, usize),
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let cpu = &candle_core::Device::Cpu;
+            Ok((
+                Some(Tensor::from_vec(dx, (n, inp), cpu)?),
+                Some(Tensor::from_vec(da, (r, inp), cpu)?),
+                Some(Tensor::from_vec(db, (out, r), cpu)?),
+            ))
+        }
+        match xs {
+            CpuStorage::F32(_) => tensors(
+                self.backward::<f32>(
+                    [
+                        data_of(xs, xl)?,
+                        data_of(as_, al)?,
+                        data_of(bs, bl)?,
+                        data_of(gs, gl)?,
+                    ],
+                    dims,
+                    saved,
+                )?,
+                dims,
+            ),
+            CpuStorage::F64(_) => tensors(
+                self.backward::<f64>(
+                    [
+                        data_of(xs, xl)?,
+                        data_of(as_, al)?,
+                        data_of(bs, bl)?,
+                        data_of(gs, gl)?,
+                    ],
+                    dims,
+                    saved,
+                )?,
+                dims,
+            ),
+            _ => candle_core::bail!("lora-step: no CPU node for {:?}", x.dtype()),
+        }
     }
 }
 
@@ -379,20 +535,18 @@ impl LoraLinear {
 
     /// `x [.., in] -> [.., out]` in `x`'s dtype; the LoRA path runs in f32.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let base = linear(x, &self.weight)?;
-        let Some(l) = &self.lora else {
-            return Ok(base);
+        let Some(l) = self.lora.as_ref().filter(|l| l.switch.enabled()) else {
+            return linear(x, &self.weight);
         };
-        if !l.switch.enabled() {
-            return Ok(base);
-        }
         if l.switch.training()
-            && x.device().is_cpu()
+            && fused::fusable(x)
             && x.dtype() == l.a.dtype()
             && !self.weight.is_variable()
         {
+            // The node computes `x W^T` itself.
             return l.train_forward(x, &self.weight);
         }
+        let base = linear(x, &self.weight)?;
         let mut h = x.to_dtype(l.a.dtype())?;
         if l.switch.training() && l.dropout > 0.0 {
             h = dropout(&h, l.dropout, l.switch.next_mask_seed())?;

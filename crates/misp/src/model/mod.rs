@@ -9,6 +9,7 @@ pub mod clip;
 
 pub use clip::ModelError;
 pub mod fused;
+mod gemm;
 pub mod generate;
 pub mod linear;
 pub mod llama;
