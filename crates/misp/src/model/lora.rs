@@ -199,30 +199,21 @@ impl Lora {
     /// matmuls. [`LoraStep`] runs the products on gemm directly and its backward is the chain
     /// rule written out.
     fn train_forward(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (&inp, lead) = dims
-            .split_last()
-            .expect("linear input has a feature dimension");
-        let n: usize = lead.iter().product();
         let node = LoraStep {
             w: w.detach(),
             scaling: self.scaling,
             dropout: (self.dropout > 0.0).then(|| (self.dropout, self.switch.next_mask_seed())),
             saved: std::sync::Mutex::new(None),
         };
-        let out = x.reshape((n, inp))?.contiguous()?.apply_op3(
-            self.a.as_tensor(),
-            self.b.as_tensor(),
-            node,
-        )?;
-        let mut shape = lead.to_vec();
-        shape.push(out.dim(1)?);
-        out.reshape(shape)
+        // The node takes `[.., in]` as is (no reshape nodes, whose backward would cost a
+        // zero-filled buffer and an add each).
+        x.contiguous()?
+            .apply_op3(self.a.as_tensor(), self.b.as_tensor(), node)
     }
 }
 
-/// The training forward of one adapted projection as a single node over `(x [n, in],
-/// A [r, in], B [out, r])`, with the frozen weight `W [out, in]` held (detached) beside them.
+/// The training forward of one adapted projection as a single node over `(x [.., in],
+/// A [r, in], B [out, r])` (the leading dimensions of `x` flattened to `n` rows), with the frozen weight `W [out, in]` held (detached) beside them.
 struct LoraStep {
     w: Tensor,
     scaling: f64,
@@ -237,6 +228,14 @@ struct LoraStep {
 struct Saved {
     z: candle_core::CpuStorage,
     dropped: Option<(candle_core::CpuStorage, Vec<bool>)>,
+}
+
+/// `(rows, features)` of a `[.., features]` shape.
+fn rows(shape: &candle_core::Shape) -> candle_core::Result<(usize, usize)> {
+    match shape.dims().split_last() {
+        Some((&f, lead)) => Ok((lead.iter().product(), f)),
+        None => candle_core::bail!("lora-step: input is a scalar"),
+    }
 }
 
 /// The contiguous data of a CPU tensor as `T`, or an error naming the op.
@@ -371,10 +370,12 @@ impl candle_core::CustomOp3 for LoraStep {
         bl: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::CpuStorage;
-        let (n, inp) = xl.shape().dims2()?;
+        let (n, inp) = rows(xl.shape())?;
         let (r, _) = al.shape().dims2()?;
         let (out, _) = bl.shape().dims2()?;
         let dims = (n, inp, r, out);
+        let mut shape = xl.shape().dims().to_vec();
+        *shape.last_mut().expect("rows() checked the rank") = out;
         let y = match x {
             CpuStorage::F32(_) => CpuStorage::F32(self.forward::<f32>(
                 data_of(x, xl)?,
@@ -390,7 +391,7 @@ impl candle_core::CustomOp3 for LoraStep {
             )?),
             _ => candle_core::bail!("lora-step: only f32 and f64 have a CPU node"),
         };
-        Ok((y, (n, out).into()))
+        Ok((y, shape.into()))
     }
 
     fn bwd(
@@ -407,7 +408,7 @@ impl candle_core::CustomOp3 for LoraStep {
             candle_core::bail!("lora-step: backward before forward")
         };
         let g = g.detach().contiguous()?;
-        let (n, inp) = x.dims2()?;
+        let (n, inp) = rows(x.shape())?;
         let (out, r) = b.dims2()?;
         let dims = (n, inp, r, out);
         let (xs, xl) = x.storage_and_layout();
@@ -419,13 +420,15 @@ impl candle_core::CustomOp3 for LoraStep {
         else {
             candle_core::bail!("lora-step: tensors are not on the CPU")
         };
+        let x_shape = x.shape();
         fn tensors<T: Real + candle_core::WithDType>(
             [dx, da, db]: [Vec<T>; 3],
-            (n, inp, r, out): (usize, usize, usize, usize),
+            (_, inp, r, out): (usize, usize, usize, usize),
+            x_shape: &candle_core::Shape,
         ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
             let cpu = &candle_core::Device::Cpu;
             Ok((
-                Some(Tensor::from_vec(dx, (n, inp), cpu)?),
+                Some(Tensor::from_vec(dx, x_shape.clone(), cpu)?),
                 Some(Tensor::from_vec(da, (r, inp), cpu)?),
                 Some(Tensor::from_vec(db, (out, r), cpu)?),
             ))
@@ -443,6 +446,7 @@ impl candle_core::CustomOp3 for LoraStep {
                     saved,
                 )?,
                 dims,
+                x_shape,
             ),
             CpuStorage::F64(_) => tensors(
                 self.backward::<f64>(
@@ -456,6 +460,7 @@ impl candle_core::CustomOp3 for LoraStep {
                     saved,
                 )?,
                 dims,
+                x_shape,
             ),
             _ => candle_core::bail!("lora-step: no CPU node for {:?}", x.dtype()),
         }
