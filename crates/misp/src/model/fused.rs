@@ -160,7 +160,7 @@ pub fn exp_f32(x: f32) -> f32 {
 }
 
 /// `sum(v)` with eight partial sums, so the loop vectorises without reassociation licence.
-fn lane_sum<T: Real>(v: &[T]) -> T {
+pub(crate) fn lane_sum<T: Real>(v: &[T]) -> T {
     let mut acc = [T::ZERO; 8];
     let mut chunks = v.chunks_exact(8);
     for c in &mut chunks {
@@ -391,51 +391,27 @@ impl CustomOp2 for SoftmaxGrad {
 // RoPE, fused with the move between the projections' `[B, T, N * hd]` and attention's
 // `[B, N, T, hd]`
 
-/// HF's RoPE (`x * cos + rotate_half(x) * sin`, `rotate_half(x) = cat(-x2, x1)`) of a projection
-/// output `x [B, T, N * hd]`, returned per head as `[B, N, T, hd]`; `cos`, `sin [T, hd]`. One
-/// pass instead of a transpose, a copy and seven element-wise ops. No graph is recorded: the
-/// fused attention calls it on detached tensors and writes the backward itself
-/// ([`rope_from_heads`]). CPU `f32` / `f64` only.
-pub(crate) fn rope_to_heads(
-    x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    heads: usize,
-) -> candle_core::Result<Tensor> {
-    let (b, t, nd) = x.dims3()?;
-    let hd = nd / heads;
-    let k = Rope {
+/// HF's RoPE (`x * cos + rotate_half(x) * sin`, `rotate_half(x) = cat(-x2, x1)`) of a
+/// projection output `x [B, T, N * hd]`, returned per head as `[B, N, T, hd]`
+/// (`backward = false`): one pass instead of a transpose, a copy and seven element-wise ops.
+/// With `backward = true`, its transpose: a gradient `[B, N, T, hd]` mapped back to
+/// `[B, T, N * hd]` as `g * cos + rotate_half^T(g * sin)`, `rotate_half^T(y) = cat(y2, -y1)`.
+/// `cos`, `sin` are `[T, hd]` in `x`'s type.
+pub(crate) fn rope_data<T: Real>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    (b, t, heads, hd): (usize, usize, usize, usize),
+    backward: bool,
+) -> Vec<T> {
+    Rope {
         b,
         t,
         heads,
         hd,
-        backward: false,
-    };
-    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-    x.contiguous()?
-        .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &k)?
-        .reshape((b, heads, t, hd))
-}
-
-/// The transpose of [`rope_to_heads`]: a gradient `g [B, N, T, hd]` of its output mapped back
-/// to `[B, T, N * hd]`: `g * cos + rotate_half^T(g * sin)`, `rotate_half^T(y) = cat(y2, -y1)`.
-pub(crate) fn rope_from_heads(
-    g: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-) -> candle_core::Result<Tensor> {
-    let (b, heads, t, hd) = g.dims4()?;
-    let k = Rope {
-        b,
-        t,
-        heads,
-        hd,
-        backward: true,
-    };
-    let (cos, sin) = (cos.to_dtype(g.dtype())?, sin.to_dtype(g.dtype())?);
-    g.contiguous()?
-        .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &k)?
-        .reshape((b, t, heads * hd))
+        backward,
+    }
+    .run([x, cos, sin])
 }
 
 struct Rope {
@@ -481,32 +457,6 @@ impl Kernel<3> for Rope {
             });
         }
         out
-    }
-}
-
-impl CustomOp3 for Rope {
-    fn name(&self) -> &'static str {
-        "rope"
-    }
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        c: &CpuStorage,
-        cl: &Layout,
-        s: &CpuStorage,
-        sl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        if cl.shape().dims() != [self.t, self.hd] || sl.shape().dims() != [self.t, self.hd] {
-            candle_core::bail!(
-                "rope: tables {:?} / {:?}, expected [{}, {}]",
-                cl.shape(),
-                sl.shape(),
-                self.t,
-                self.hd
-            );
-        }
-        dispatch(self, [(x, xl), (c, cl), (s, sl)])
     }
 }
 

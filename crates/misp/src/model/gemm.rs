@@ -51,10 +51,38 @@ impl<'a, T> Mat<'a, T> {
     }
 }
 
-fn threads() -> gemm::Parallelism {
-    match candle_core::utils::get_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
+/// A mutable strided matrix view (the destination of a product).
+pub(crate) struct MatMut<'a, T> {
+    pub data: &'a mut [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+}
+
+impl<'a, T> MatMut<'a, T> {
+    /// Rows `rows` x `cols` of `data`, `rs` apart (columns adjacent).
+    pub fn new(data: &'a mut [T], rows: usize, cols: usize, rs: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs,
+        }
+    }
+}
+
+/// Whether a product runs on candle's thread count (`Threads::All`) or on the calling thread
+/// alone (`Threads::One`: the caller already splits the work across threads).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Threads {
+    All,
+    One,
+}
+
+fn parallelism(t: Threads) -> gemm::Parallelism {
+    match (t, candle_core::utils::get_num_threads()) {
+        (Threads::One, _) | (_, 0 | 1) => gemm::Parallelism::None,
+        (Threads::All, n) => gemm::Parallelism::Rayon(n),
     }
 }
 
@@ -68,7 +96,7 @@ pub(crate) fn product<T: Real>(a: Mat<T>, b: Mat<T>, scale: T) -> Vec<T> {
     // SAFETY: `run` checks the shapes and bounds; with `read_dst = false` gemm writes every one
     // of the `m * n` elements (k > 0) without reading them, so the length is set after.
     unsafe {
-        run(out.as_mut_ptr(), m * n, false, a, b, scale);
+        run(out.as_mut_ptr(), m * n, n, false, a, b, scale, Threads::All);
         out.set_len(m * n);
     }
     out
@@ -76,29 +104,86 @@ pub(crate) fn product<T: Real>(a: Mat<T>, b: Mat<T>, scale: T) -> Vec<T> {
 
 /// `dst += scale * a b`, `dst` row-major `a.rows x b.cols`.
 pub(crate) fn add_product<T: Real>(dst: &mut [T], a: Mat<T>, b: Mat<T>, scale: T) {
+    let n = b.cols;
+    product_into(
+        MatMut::new(dst, a.rows, n, n),
+        a,
+        b,
+        scale,
+        true,
+        Threads::All,
+    )
+}
+
+/// `dst = scale * a b` (or `dst += ..` with `accumulate`) into a strided view.
+pub(crate) fn product_into<T: Real>(
+    dst: MatMut<T>,
+    a: Mat<T>,
+    b: Mat<T>,
+    scale: T,
+    accumulate: bool,
+    threads: Threads,
+) {
+    assert_eq!(
+        (dst.rows, dst.cols),
+        (a.rows, b.cols),
+        "gemm: destination {} x {} for a {} x {} product",
+        dst.rows,
+        dst.cols,
+        a.rows,
+        b.cols
+    );
     if a.cols == 0 {
+        if !accumulate {
+            for r in 0..dst.rows {
+                dst.data[r * dst.rs..][..dst.cols].fill(T::ZERO);
+            }
+        }
         return;
     }
-    // SAFETY: `dst` is initialised and `run` checks its length.
-    unsafe { run(dst.as_mut_ptr(), dst.len(), true, a, b, scale) }
+    let len = if dst.rows == 0 {
+        0
+    } else {
+        (dst.rows - 1) * dst.rs + dst.cols
+    };
+    assert!(
+        len <= dst.data.len(),
+        "gemm: destination view outside its data"
+    );
+    // SAFETY: the view lies within `dst.data`, which is initialised.
+    unsafe {
+        run(
+            dst.data.as_mut_ptr(),
+            len,
+            dst.rs,
+            accumulate,
+            a,
+            b,
+            scale,
+            threads,
+        )
+    }
 }
 
 /// # Safety
-/// `dst` must be valid for writes of `dst_len` elements (and reads, with `read_dst`).
+/// `dst` must be valid for writes (and reads, with `read_dst`) of the `a.rows x b.cols`
+/// elements `dst_rs` apart that `dst_len` covers.
+#[allow(clippy::too_many_arguments)]
 unsafe fn run<T: Real>(
     dst: *mut T,
     dst_len: usize,
+    dst_rs: usize,
     read_dst: bool,
     a: Mat<T>,
     b: Mat<T>,
     scale: T,
+    threads: Threads,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm: inner dimensions {k} and {}", b.rows);
-    assert_eq!(
-        dst_len,
-        m * n,
-        "gemm: output buffer of {dst_len} for {m} x {n}"
+    assert!(
+        m == 0 || n == 0 || ((m - 1) * dst_rs + n <= dst_len && n <= dst_rs),
+        "gemm: output buffer of {dst_len} for {m} x {n} rows {dst_rs} apart"
     );
     assert!(
         a.in_bounds() && b.in_bounds(),
@@ -110,7 +195,7 @@ unsafe fn run<T: Real>(
         k,
         dst,
         1,
-        n as isize,
+        dst_rs as isize,
         read_dst,
         a.data.as_ptr(),
         a.cs as isize,
@@ -123,7 +208,7 @@ unsafe fn run<T: Real>(
         false,
         false,
         false,
-        threads(),
+        parallelism(threads),
     )
 }
 

@@ -48,7 +48,11 @@ struct Case {
 
 impl Case {
     fn new(heads: usize, kv: usize) -> Self {
-        let (b, t, hd) = (2, 6, 4);
+        Self::with_len(heads, kv, 6)
+    }
+
+    fn with_len(heads: usize, kv: usize, t: usize) -> Self {
+        let (b, hd) = (2, 4);
         // HF's tables: frequencies theta^(-2i/hd), each twice.
         let mut cos = Vec::new();
         let mut sin = Vec::new();
@@ -175,8 +179,8 @@ fn grads(
         .collect()
 }
 
-fn fused_vs_plain(heads: usize, kv: usize) {
-    let case = Case::new(heads, kv);
+fn fused_vs_plain(heads: usize, kv: usize, t: usize) {
+    let case = Case::with_len(heads, kv, t);
     let (q, k, v) = case.qkv();
     let fused = |q: &Tensor, k: &Tensor, v: &Tensor| attention(q, k, v, &case.inputs()).unwrap();
     let plain = |q: &Tensor, k: &Tensor, v: &Tensor| case.plain(q, k, v);
@@ -197,12 +201,20 @@ fn fused_vs_plain(heads: usize, kv: usize) {
 
 #[test]
 fn fused_attention_matches_the_composition_with_multi_head_attention() {
-    fused_vs_plain(2, 2);
+    fused_vs_plain(2, 2, 6);
 }
 
 #[test]
 fn fused_attention_matches_the_composition_with_grouped_query_attention() {
-    fused_vs_plain(4, 2);
+    fused_vs_plain(4, 2, 6);
+}
+
+/// Sequences longer than two blocks of query rows: the causal loop's skipped keys must be
+/// exactly the masked ones, in the forward and in every gradient.
+#[test]
+fn fused_attention_matches_the_composition_over_several_causal_blocks() {
+    fused_vs_plain(4, 2, 2 * BLOCK + 5);
+    fused_vs_plain(2, 2, BLOCK);
 }
 
 #[test]
@@ -248,14 +260,25 @@ fn fused_attention_gradients_match_finite_differences() {
 #[test]
 fn rope_kernels_match_the_composition_and_are_each_others_transpose() {
     let case = Case::new(4, 2);
+    let dims = (case.b, case.t, 4, case.hd);
+    let vec = |x: &Tensor| -> Vec<f64> {
+        x.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (cos, sin) = (vec(&case.cos), vec(&case.sin));
     let x = rand(&[case.b, case.t, 4 * case.hd], 5);
-    let fused = fused::rope_to_heads(&x, &case.cos, &case.sin, 4).unwrap();
-    assert!(max_abs(&fused, &case.rope_plain(&x, 4)) < 1e-12);
+    let rotated = fused::rope_data(&vec(&x), &cos, &sin, dims, false);
+    let rotated = Tensor::from_vec(rotated, (case.b, 4, case.t, case.hd), &Device::Cpu).unwrap();
+    assert!(max_abs(&rotated, &case.rope_plain(&x, 4)) < 1e-12);
     // <R x, g> = <x, R^T g> for any g.
-    let g = rand(fused.dims(), 6);
-    let back = fused::rope_from_heads(&g, &case.cos, &case.sin).unwrap();
-    assert_eq!(back.dims(), x.dims());
-    let lhs: f64 = (&fused * &g)
+    let g = rand(rotated.dims(), 6);
+    let back = fused::rope_data(&vec(&g), &cos, &sin, dims, true);
+    let back = Tensor::from_vec(back, x.dims(), &Device::Cpu).unwrap();
+    let lhs: f64 = (&rotated * &g)
         .unwrap()
         .sum_all()
         .unwrap()
