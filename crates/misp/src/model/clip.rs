@@ -253,6 +253,12 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // f32 only: other dtypes keep the composition's f32 statistics.
+        if x.dtype() == DType::F32 {
+            if let Some(y) = fused::layer_norm_no_grad(x, &self.weight, &self.bias, self.eps)? {
+                return Ok(y);
+            }
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;

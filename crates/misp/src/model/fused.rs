@@ -59,6 +59,19 @@ fn dispatch<const N: usize, K: Kernel<N>>(
     Ok((out, shape))
 }
 
+/// The contiguous data of a CPU storage as `T`, or an error naming `op`.
+pub(crate) fn cpu_slice<'a, T: Real>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
+    match (T::slice(s), l.contiguous_offsets()) {
+        (Some(v), Some((a, b))) => Ok(&v[a..b]),
+        (None, _) => candle_core::bail!("{op}: dtype mismatch between inputs"),
+        (_, None) => candle_core::bail!("{op}: input is not contiguous"),
+    }
+}
+
 /// The float types the kernels run on.
 pub(crate) trait Real:
     'static
@@ -457,6 +470,90 @@ impl Kernel<3> for Rope {
             });
         }
         out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm, inference only
+
+/// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension, for inputs that need
+/// no gradient (CLIP's towers at inference: the composition is nine passes over `[B, T, D]`,
+/// this is one). Statistics in `x`'s type, as the composition computes them in `f32` for an
+/// `f32` model. `None` when there is no kernel for `x` (the caller runs the composition).
+pub fn layer_norm_no_grad(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    if !fusable(x)
+        || x.track_op()
+        || weight.rank() != 1
+        || weight.dims() != bias.dims()
+        || x.dim(D::Minus1)? != weight.dim(0)?
+    {
+        return Ok(None);
+    }
+    let w = weight.to_dtype(x.dtype())?.contiguous()?;
+    let b = bias.to_dtype(x.dtype())?.contiguous()?;
+    Ok(Some(x.contiguous()?.apply_op3_no_bwd(
+        &w,
+        &b,
+        &LayerNorm { eps },
+    )?))
+}
+
+struct LayerNorm {
+    eps: f64,
+}
+
+impl Kernel<3> for LayerNorm {
+    const NAME: &'static str = "layer norm";
+    fn run<T: Real>(&self, [x, w, b]: [&[T]; 3]) -> Vec<T> {
+        let cols = w.len();
+        let eps = T::from_f64(self.eps);
+        let inv_n = T::from_f64(1.0 / cols as f64);
+        let mut out = vec![T::ZERO; x.len()];
+        let per = cols * rows_per_task(cols);
+        out.par_chunks_mut(per)
+            .zip(x.par_chunks(per))
+            .for_each(|(o, x)| {
+                for (o, x) in o.chunks_mut(cols).zip(x.chunks(cols)) {
+                    let mean = lane_sum(x) * inv_n;
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        *o = x - mean;
+                    }
+                    let mut sq = [T::ZERO; 8];
+                    for c in o.chunks(8) {
+                        for (a, &v) in sq.iter_mut().zip(c) {
+                            *a = *a + v * v;
+                        }
+                    }
+                    let var = sq.iter().fold(T::ZERO, |a, &v| a + v) * inv_n;
+                    let r = T::ONE / (var + eps).sqrt();
+                    for ((o, &w), &b) in o.iter_mut().zip(w).zip(b) {
+                        *o = *o * r * w + b;
+                    }
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch(self, [(x, xl), (w, wl), (b, bl)])
     }
 }
 

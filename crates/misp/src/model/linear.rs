@@ -10,7 +10,10 @@
 //! `Var` (the world pretraining trains the whole LLaMA) takes the ordinary matmul. Either way
 //! the input is flattened to 2-D first so one gemm covers the whole batch.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
+
+use super::fused::Real;
+use super::gemm::{self, Mat};
 
 /// `x [.., in] @ w^T -> [.., out]` for `w [out, in]`.
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
@@ -64,12 +67,77 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(b) = &self.bias {
+            if let Some(y) = biased_no_grad(x, &self.weight, b)? {
+                return Ok(y);
+            }
+        }
         let y = linear(x, &self.weight)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
+}
+
+/// `x W^T + b` for inputs and weights outside any graph (CLIP at inference), as one gemm that
+/// accumulates onto rows pre-filled with the bias: no separate add pass, no zero-filled
+/// product. `None` where there is no such kernel (other devices and dtypes, tracked tensors).
+fn biased_no_grad(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !super::fused::fusable(x)
+        || x.track_op()
+        || w.track_op()
+        || b.track_op()
+        || w.dtype() != x.dtype()
+        || b.dtype() != x.dtype()
+    {
+        return Ok(None);
+    }
+    fn run<T: Real + candle_core::WithDType>(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let Some((&inp, lead)) = dims.split_last() else {
+            candle_core::bail!("linear: input is a scalar");
+        };
+        let (out, w_in) = w.dims2()?;
+        if w_in != inp || b.dims() != [out] {
+            candle_core::bail!(
+                "linear: input [.., {inp}], weight {:?}, bias {:?}",
+                w.dims(),
+                b.dims()
+            );
+        }
+        let n: usize = lead.iter().product();
+        let x = x.contiguous()?;
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(bs)) = (&*xs, &*ws, &*bs) else {
+            candle_core::bail!("linear: tensors are not on the CPU");
+        };
+        let data = |s, l| super::fused::cpu_slice::<T>(s, l, "linear");
+        let (xv, wv, bv) = (data(xs, xl)?, data(ws, wl)?, data(bs, bl)?);
+        let mut y: Vec<T> = Vec::with_capacity(n * out);
+        for _ in 0..n {
+            y.extend_from_slice(bv);
+        }
+        gemm::add_product(
+            &mut y,
+            Mat::new(xv, n, inp),
+            Mat::new(wv, out, inp).t(),
+            T::ONE,
+        );
+        let mut shape = lead.to_vec();
+        shape.push(out);
+        Tensor::from_vec(y, shape, x.device())
+    }
+    Ok(Some(match x.dtype() {
+        candle_core::DType::F32 => run::<f32>(x, w, b)?,
+        _ => run::<f64>(x, w, b)?,
+    }))
 }
 
 /// `x [n, in] @ w^T` with no gradient for `w` (see the module docs).
@@ -90,7 +158,32 @@ impl CustomOp2 for FrozenMatmul {
         use candle_core::backend::BackendStorage;
         let (n, k) = xl.shape().dims2()?;
         let (m, _) = wl.shape().dims2()?;
-        let y = x.matmul(w, (1, n, m, k), xl, &wl.transpose(0, 1)?)?;
+        fn direct<T: Real>(
+            x: &CpuStorage,
+            xl: &Layout,
+            w: &CpuStorage,
+            wl: &Layout,
+            (n, k, m): (usize, usize, usize),
+        ) -> candle_core::Result<CpuStorage> {
+            let x = super::fused::cpu_slice::<T>(x, xl, "frozen-matmul")?;
+            let w = super::fused::cpu_slice::<T>(w, wl, "frozen-matmul")?;
+            Ok(T::wrap(gemm::product(
+                Mat::new(x, n, k),
+                Mat::new(w, m, k).t(),
+                T::ONE,
+            )))
+        }
+        // f32 / f64 straight on gemm (no zero-filled output); others through candle.
+        let contiguous = xl.is_contiguous() && wl.is_contiguous();
+        let y = match (x, w) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) if contiguous => {
+                direct::<f32>(x, xl, w, wl, (n, k, m))?
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) if contiguous => {
+                direct::<f64>(x, xl, w, wl, (n, k, m))?
+            }
+            _ => x.matmul(w, (1, n, m, k), xl, &wl.transpose(0, 1)?)?,
+        };
         Ok((y, Shape::from((n, m))))
     }
 
@@ -196,6 +289,51 @@ mod tests {
             .abs()
             .unwrap();
         assert!(d.max_all().unwrap().to_scalar::<f64>().unwrap() < 1e-12);
+    }
+
+    #[test]
+    fn biased_layer_outside_a_graph_matches_matmul_plus_bias() {
+        let x = rand(&[2, 3, 5], 1);
+        let w = rand(&[4, 5], 2);
+        let b = rand(&[4], 3);
+        let layer = Linear {
+            weight: w.clone(),
+            bias: Some(b.clone()),
+        };
+        let plain = x
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        for x in [x.clone(), x.to_dtype(DType::F32).unwrap()] {
+            let layer = Linear {
+                weight: layer.weight.to_dtype(x.dtype()).unwrap(),
+                bias: Some(b.to_dtype(x.dtype()).unwrap()),
+            };
+            let y = layer.forward(&x).unwrap();
+            assert_eq!(y.dims(), [2, 3, 4]);
+            let d = (y.to_dtype(DType::F64).unwrap() - &plain)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(d < 1e-6, "{:?}: {d}", x.dtype());
+        }
+        // In a graph the plain path runs and the input still gets its gradient.
+        let v = Var::from_tensor(&x).unwrap();
+        let g = layer
+            .forward(v.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(v.as_tensor()).is_some());
     }
 
     #[test]

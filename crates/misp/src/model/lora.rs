@@ -243,11 +243,7 @@ fn data_of<'a, T: Real>(
     s: &'a candle_core::CpuStorage,
     l: &candle_core::Layout,
 ) -> candle_core::Result<&'a [T]> {
-    match (T::slice(s), l.contiguous_offsets()) {
-        (Some(v), Some((a, b))) => Ok(&v[a..b]),
-        (None, _) => candle_core::bail!("lora-step: dtype mismatch between inputs"),
-        (_, None) => candle_core::bail!("lora-step: input is not contiguous"),
-    }
+    fused::cpu_slice(s, l, "lora-step")
 }
 
 impl LoraStep {

@@ -234,3 +234,34 @@ fn quick_gelu_matches_the_composition() {
         .unwrap();
     assert!(max_abs(&fast, &plain) < 1e-5);
 }
+
+#[test]
+fn layer_norm_matches_the_composition_and_refuses_tracked_inputs() {
+    let x = rand(&[2, 5, 37], 9).affine(3.0, 0.7).unwrap();
+    let (w, b) = (rand(&[37], 10), rand(&[37], 11));
+    let plain = {
+        let mean = x.mean_keepdim(D::Minus1).unwrap();
+        let c = x.broadcast_sub(&mean).unwrap();
+        let var = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        c.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&w)
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap()
+    };
+    let fused = layer_norm_no_grad(&x, &w, &b, 1e-5).unwrap().unwrap();
+    assert!(max_abs(&fused, &plain) < 1e-12);
+    let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let fast = layer_norm_no_grad(&f(&x), &f(&w), &f(&b), 1e-5)
+        .unwrap()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    assert!(max_abs(&fast, &plain) < 1e-5);
+    // A graph input gets no kernel (it has no backward): the caller composes instead.
+    let v = Var::from_tensor(&x).unwrap();
+    assert!(layer_norm_no_grad(v.as_tensor(), &w, &b, 1e-5)
+        .unwrap()
+        .is_none());
+}
