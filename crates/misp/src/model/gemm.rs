@@ -79,9 +79,15 @@ pub(crate) enum Threads {
     One,
 }
 
-fn parallelism(t: Threads) -> gemm::Parallelism {
+/// Multiply-adds below which a product stays on the calling thread: waking the pool costs
+/// more than it saves on a decoding step's `[B, D] x [D, D]` (POPE at 2 threads ran slower
+/// than at 1 with every product split).
+const PARALLEL_FROM: usize = 1 << 21;
+
+fn parallelism(t: Threads, (m, k, n): (usize, usize, usize)) -> gemm::Parallelism {
     match (t, candle_core::utils::get_num_threads()) {
         (Threads::One, _) | (_, 0 | 1) => gemm::Parallelism::None,
+        _ if m * k * n < PARALLEL_FROM => gemm::Parallelism::None,
         (Threads::All, n) => gemm::Parallelism::Rayon(n),
     }
 }
@@ -208,7 +214,7 @@ unsafe fn run<T: Real>(
         false,
         false,
         false,
-        parallelism(threads),
+        parallelism(threads, (m, k, n)),
     )
 }
 
