@@ -866,4 +866,4 @@ impl CustomOp3 for RmsNormGradInput {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

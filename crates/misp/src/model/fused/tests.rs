@@ -5,7 +5,8 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::*;
 
-fn rand(shape: &[usize], seed: u64) -> Tensor {
+/// Uniform values in [-1, 1) from a seeded LCG (shared with the attention tests).
+pub(crate) fn rand(shape: &[usize], seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
     let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let v: Vec<f64> = (0..n)
@@ -19,7 +20,7 @@ fn rand(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+pub(crate) fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     (a - b)
         .unwrap()
         .abs()
