@@ -265,3 +265,35 @@ fn lora_gradient_matches_finite_differences_in_f64() {
     }
     assert!(worst < 1e-5, "worst relative error {worst}");
 }
+
+/// The cached forward (generation's path) against the uncached one on an unpadded batch: every
+/// position's logits, and the last-position-only variant greedy decoding uses, split into a
+/// prompt pass and a one-token step.
+#[test]
+fn cached_forward_and_its_last_position_match_the_full_forward() {
+    let model = load(DType::F32);
+    let e = expected();
+    let (ids, _) = batch(&e);
+    let (b, t) = ids.dims2().unwrap();
+    let ones = Tensor::ones((b, t), DType::U8, &Device::Cpu).unwrap();
+    let full = model.forward(&ids, &ones).unwrap();
+    let embeds = model.embed_tokens(&ids).unwrap();
+    let mut cache = model.new_cache(b);
+    let cached = model.forward_cached(&embeds, &ones, &mut cache).unwrap();
+    assert!(max_abs(&full, &cached) < 1e-4);
+    let mut cache = model.new_cache(b);
+    let prompt = embeds.narrow(1, 0, t - 1).unwrap();
+    let first = model
+        .forward_cached_last(&prompt, &ones.narrow(1, 0, t - 1).unwrap(), &mut cache)
+        .unwrap();
+    assert_eq!(first.dims(), [b, 1, full.dim(2).unwrap()]);
+    assert!(max_abs(&first, &full.narrow(1, t - 2, 1).unwrap()) < 1e-4);
+    let step = model
+        .forward_cached_last(
+            &embeds.narrow(1, t - 1, 1).unwrap(),
+            &ones.narrow(1, t - 1, 1).unwrap(),
+            &mut cache,
+        )
+        .unwrap();
+    assert!(max_abs(&step, &full.narrow(1, t - 1, 1).unwrap()) < 1e-4);
+}

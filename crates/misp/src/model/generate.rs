@@ -40,7 +40,7 @@ pub fn greedy(
     let lm = model.language_model();
     let mut cache = lm.new_cache(b);
     let embeds = model.input_embeds(&ids, pixels)?;
-    let mut logits = lm.forward_cached(&embeds, &mask, &mut cache)?;
+    let mut logits = lm.forward_cached_last(&embeds, &mask, &mut cache)?;
     let mut done = vec![false; b];
     let ones = Tensor::ones((b, 1), DType::U8, dev)?;
     for step in 0..max_new_tokens {
@@ -66,7 +66,7 @@ pub fn greedy(
             break;
         }
         let fed = Tensor::from_vec(fed, (b, 1), dev)?;
-        logits = lm.forward_cached(&lm.embed_tokens(&fed)?, &ones, &mut cache)?;
+        logits = lm.forward_cached_last(&lm.embed_tokens(&fed)?, &ones, &mut cache)?;
     }
     Ok(out)
 }

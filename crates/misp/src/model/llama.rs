@@ -550,6 +550,31 @@ impl Llama {
         attention_mask: &Tensor,
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
+        let x = self.decode_step(inputs_embeds, attention_mask, cache)?;
+        self.head(&x)
+    }
+
+    /// [`Self::forward_cached`] returning only the last position's logits, `[B, 1, V]`: all that
+    /// greedy decoding reads (transformers' `logits_to_keep = 1`). A prompt's first pass then
+    /// skips the vocabulary projection of every earlier position.
+    pub fn forward_cached_last(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let x = self.decode_step(inputs_embeds, attention_mask, cache)?;
+        let t = x.dim(1)?;
+        self.head(&x.narrow(1, t - 1, 1)?.contiguous()?)
+    }
+
+    /// The decoder layers of one cached step: hidden states `[B, t, D]` before the final norm.
+    fn decode_step(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, _) = inputs_embeds.dims3()?;
         let dev = inputs_embeds.device();
         if cache.seen.len() != b || attention_mask.dims() != [b, t] {
@@ -586,7 +611,7 @@ impl Llama {
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(&x, &ctx, Some(slot))?;
         }
-        self.head(&x)
+        Ok(x)
     }
 
     /// [`Self::forward_embeds`] of [`Self::embed_tokens`].
