@@ -77,8 +77,19 @@ impl Dims {
     }
 }
 
+/// A copy of `x`'s values as `T`.
 fn data<T: WithDType>(x: &Tensor) -> candle_core::Result<Vec<T>> {
     x.detach().to_dtype(T::DTYPE)?.flatten_all()?.to_vec1()
+}
+
+/// `f` of `x`'s contiguous CPU data as `T`, without a copy when `x` is contiguous.
+fn with_data<T: Real, R>(x: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
+    let x = x.contiguous()?;
+    let (s, l) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*s else {
+        candle_core::bail!("attention: input is not on the CPU")
+    };
+    Ok(f(fused::cpu_slice::<T>(s, l, "attention")?))
 }
 
 fn attention_as<T: Real + WithDType>(
@@ -120,8 +131,12 @@ fn attention_as<T: Real + WithDType>(
             d.hd
         );
     }
-    let qr = fused::rope_data(&data::<T>(q)?, &cos, &sin, (b, t, d.h, d.hd), false);
-    let kr = fused::rope_data(&data::<T>(k)?, &cos, &sin, (b, t, d.kv, d.hd), false);
+    let qr = with_data(q, |q| {
+        fused::rope_data(q, &cos, &sin, (b, t, d.h, d.hd), false)
+    })?;
+    let kr = with_data(k, |k| {
+        fused::rope_data(k, &cos, &sin, (b, t, d.kv, d.hd), false)
+    })?;
     let vd = data::<T>(v)?;
     let scale = <T as Real>::from_f64(1.0 / (d.hd as f64).sqrt());
     let (probs, out) = forward(d, &qr, &kr, &vd, &data::<T>(a.bias)?, scale);
@@ -369,7 +384,7 @@ impl<T: Real + WithDType> CustomOp3 for Attention<T> {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let Dims { b, t, h, kv, hd } = self.d;
-        let (dqr, dkr, dvh) = self.backward(&data::<T>(grad)?);
+        let (dqr, dkr, dvh) = with_data(grad, |g| self.backward(g))?;
         let cpu = &candle_core::Device::Cpu;
         let dq = fused::rope_data(&dqr, &self.cos, &self.sin, (b, t, h, hd), true);
         let dk = fused::rope_data(&dkr, &self.cos, &self.sin, (b, t, kv, hd), true);

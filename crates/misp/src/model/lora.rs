@@ -246,12 +246,21 @@ fn data_of<'a, T: Real>(
     fused::cpu_slice(s, l, "lora-step")
 }
 
+/// [`data_of`] of each of `N` storages.
+fn slices<'a, T: Real, const N: usize>(
+    inputs: [(&'a candle_core::CpuStorage, &candle_core::Layout); N],
+) -> candle_core::Result<[&'a [T]; N]> {
+    let mut out: [&[T]; N] = [&[]; N];
+    for (o, (s, l)) in out.iter_mut().zip(inputs) {
+        *o = data_of(s, l)?;
+    }
+    Ok(out)
+}
+
 impl LoraStep {
     fn forward<T: Real>(
         &self,
-        x: &[T],
-        a: &[T],
-        b: &[T],
+        [x, a, b]: [&[T]; 3],
         (n, inp, r, out): (usize, usize, usize, usize),
     ) -> candle_core::Result<Vec<T>> {
         use rayon::prelude::*;
@@ -372,19 +381,10 @@ impl candle_core::CustomOp3 for LoraStep {
         let dims = (n, inp, r, out);
         let mut shape = xl.shape().dims().to_vec();
         *shape.last_mut().expect("rows() checked the rank") = out;
+        let inputs = [(x, xl), (a, al), (b, bl)];
         let y = match x {
-            CpuStorage::F32(_) => CpuStorage::F32(self.forward::<f32>(
-                data_of(x, xl)?,
-                data_of(a, al)?,
-                data_of(b, bl)?,
-                dims,
-            )?),
-            CpuStorage::F64(_) => CpuStorage::F64(self.forward::<f64>(
-                data_of(x, xl)?,
-                data_of(a, al)?,
-                data_of(b, bl)?,
-                dims,
-            )?),
+            CpuStorage::F32(_) => CpuStorage::F32(self.forward::<f32>(slices(inputs)?, dims)?),
+            CpuStorage::F64(_) => CpuStorage::F64(self.forward::<f64>(slices(inputs)?, dims)?),
             _ => candle_core::bail!("lora-step: only f32 and f64 have a CPU node"),
         };
         Ok((y, shape.into()))
@@ -429,32 +429,15 @@ impl candle_core::CustomOp3 for LoraStep {
                 Some(Tensor::from_vec(db, (out, r), cpu)?),
             ))
         }
+        let inputs = [(xs, xl), (as_, al), (bs, bl), (gs, gl)];
         match xs {
             CpuStorage::F32(_) => tensors(
-                self.backward::<f32>(
-                    [
-                        data_of(xs, xl)?,
-                        data_of(as_, al)?,
-                        data_of(bs, bl)?,
-                        data_of(gs, gl)?,
-                    ],
-                    dims,
-                    saved,
-                )?,
+                self.backward::<f32>(slices(inputs)?, dims, saved)?,
                 dims,
                 x_shape,
             ),
             CpuStorage::F64(_) => tensors(
-                self.backward::<f64>(
-                    [
-                        data_of(xs, xl)?,
-                        data_of(as_, al)?,
-                        data_of(bs, bl)?,
-                        data_of(gs, gl)?,
-                    ],
-                    dims,
-                    saved,
-                )?,
+                self.backward::<f64>(slices(inputs)?, dims, saved)?,
                 dims,
                 x_shape,
             ),
