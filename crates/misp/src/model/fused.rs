@@ -802,8 +802,12 @@ impl CustomOp2 for RmsNorm {
         let grad = grad.contiguous()?;
         let dx = x.apply_op3_no_bwd(w, &grad, &RmsNormGradInput { eps: self.eps })?;
         let dw = if w.track_op() {
-            // sum over rows of grad * x_hat: rare (pretraining), so plain ops are fine.
+            // sum over rows of grad * x_hat: rare (pretraining), so plain ops are fine. On
+            // detached tensors: ops on `x` itself would record a graph in the gradient, which
+            // the optimiser's state then keeps alive, with each step's whole graph (a leak of
+            // one step's activations per step).
             let d = w.dim(0)?;
+            let (x, grad) = (x.detach(), grad.detach());
             let x2 = x.reshape(((), d))?;
             let r = (x2.sqr()?.mean_keepdim(1)? + self.eps)?.sqrt()?.recip()?;
             let xh = x2.broadcast_mul(&r)?;

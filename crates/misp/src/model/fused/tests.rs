@@ -266,3 +266,22 @@ fn layer_norm_matches_the_composition_and_refuses_tracked_inputs() {
         .unwrap()
         .is_none());
 }
+
+/// Gradients must come out of backward as plain values: a gradient that records a graph keeps
+/// every activation of its step alive through the optimiser's state (pretraining leaked a
+/// step's activations per step that way through the RMSNorm weight).
+#[test]
+fn gradients_of_the_fused_nodes_hold_no_graph() {
+    let x = Var::from_tensor(&rand(&[2, 3, 8], 21)).unwrap();
+    let w = Var::from_tensor(&rand(&[8], 22)).unwrap();
+    let g = Var::from_tensor(&rand(&[2, 3, 8], 23)).unwrap();
+    let y = (rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap()
+        + swiglu(g.as_tensor(), x.as_tensor()).unwrap())
+    .unwrap();
+    let s = scaled_softmax(&y.reshape((2, 1, 3, 8)).unwrap(), None, 0.5).unwrap();
+    let grads = s.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in [("x", &x), ("w", &w), ("g", &g)] {
+        let d = grads.get(v.as_tensor()).unwrap();
+        assert!(!d.track_op(), "gradient of {name} records a graph");
+    }
+}
