@@ -83,7 +83,10 @@ fn data<T: WithDType>(x: &Tensor) -> candle_core::Result<Vec<T>> {
 }
 
 /// `f` of `x`'s contiguous CPU data as `T`, without a copy when `x` is contiguous.
-fn with_data<T: Real, R>(x: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
+pub(super) fn with_data<T: Real, R>(
+    x: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> candle_core::Result<R> {
     let x = x.contiguous()?;
     let (s, l) = x.storage_and_layout();
     let candle_core::Storage::Cpu(s) = &*s else {
@@ -167,24 +170,6 @@ fn merge_heads<T: Real>(x: &[T], (b, n, t, hd): (usize, usize, usize, usize)) ->
     out
 }
 
-/// `softmax(scale * s + bias)` of one row, in place.
-fn softmax_row<T: Real>(row: &mut [T], bias: &[T], scale: T) {
-    let mut max = T::NEG_INF;
-    for (s, &b) in row.iter_mut().zip(bias) {
-        *s = scale * *s + b;
-        if *s > max {
-            max = *s;
-        }
-    }
-    for s in row.iter_mut() {
-        *s = (*s - max).exp();
-    }
-    let inv = T::ONE / fused::lane_sum(row);
-    for s in row.iter_mut() {
-        *s = *s * inv;
-    }
-}
-
 /// The rows `r0..r0 + rows` of a `[T, cols]` row-major matrix, first `cols` columns of each.
 fn rows_of<T>(x: &[T], r0: usize, rows: usize, cols: usize, rs: usize) -> Mat<'_, T> {
     Mat {
@@ -235,7 +220,7 @@ fn forward<T: Real>(
                         Threads::One,
                     );
                     for r in r0..r0 + rows {
-                        softmax_row(&mut p[r * t..][..end], &bias[r * t..][..end], scale);
+                        fused::softmax_row(&mut p[r * t..][..end], &bias[r * t..][..end], scale);
                     }
                     product_into(
                         MatMut::new(&mut o[r0 * hd..], rows, hd, hd),

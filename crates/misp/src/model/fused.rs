@@ -154,22 +154,61 @@ pub fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a call.
+    // Adding 1.5 * 2^23 rounds to the nearest integer without a call, and leaves that integer
+    // in the low mantissa bits: bits(t) = 0x4B40_0000 + n for |n| < 2^22.
     const ROUND: f32 = 12_582_912.0;
+    const ROUND_BITS: u32 = 0x4B40_0000;
     let xc = x.clamp(-87.3, 88.3);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
         + 0.5;
     let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from n's bits, in integer lanes (`n as i32` is a saturating cast, which does not
+    // vectorise). n is in [-126, 127], so n + 127 is a normal exponent.
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(ROUND_BITS - 127) << 23);
     if x < -87.3 {
         0.0
     } else {
         e * scale
     }
+}
+
+/// Runs `f` compiled for the widest vector unit this CPU has (AVX-512, else AVX2 + FMA, else
+/// the build's baseline, SSE2): the release binary is built for any x86-64, so without this the
+/// element-wise loops here vectorise four lanes wide at most. `f` is inlined into a function
+/// with those target features, which is where the loop vectoriser sees it. Rust never fuses
+/// `a * b + c` into an FMA on its own, so every path gives the same bits.
+#[inline(always)]
+pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { with_avx512(f) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { with_avx2(f) };
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 /// `sum(v)` with eight partial sums, so the loop vectorises without reassociation licence.
@@ -183,6 +222,25 @@ pub(crate) fn lane_sum<T: Real>(v: &[T]) -> T {
     }
     let tail = chunks.remainder().iter().fold(T::ZERO, |a, &x| a + x);
     acc.iter().fold(tail, |a, &x| a + x)
+}
+
+/// `softmax(scale * s + bias)` of one row, in place.
+#[inline(always)]
+pub(crate) fn softmax_row<T: Real>(row: &mut [T], bias: &[T], scale: T) {
+    let mut max = T::NEG_INF;
+    for (s, &b) in row.iter_mut().zip(bias) {
+        *s = scale * *s + b;
+        if *s > max {
+            max = *s;
+        }
+    }
+    for s in row.iter_mut() {
+        *s = (*s - max).exp();
+    }
+    let inv = T::ONE / lane_sum(row);
+    for s in row.iter_mut() {
+        *s = *s * inv;
+    }
 }
 
 fn rows_per_task(cols: usize) -> usize {
@@ -258,35 +316,40 @@ impl Softmax {
         out.par_chunks_mut(cols * rows_per_task(cols))
             .enumerate()
             .for_each(|(task, chunk)| {
-                let first = task * rows_per_task(cols);
-                for (i, row) in chunk.chunks_mut(cols).enumerate() {
-                    let r = first + i;
-                    let src = &s[r * cols..(r + 1) * cols];
-                    let b_row = bias.map(|b| {
-                        let batch = if bb == 1 { 0 } else { r / (heads * t) };
-                        let q = r % t;
-                        &b[(batch * t + q) * cols..(batch * t + q + 1) * cols]
-                    });
-                    let mut max = T::NEG_INF;
-                    for (j, o) in row.iter_mut().enumerate() {
-                        let v = match b_row {
-                            Some(b) => scale * src[j] + b[j],
-                            None => scale * src[j],
-                        };
-                        *o = v;
-                        if v > max {
-                            max = v;
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        let first = task * rows_per_task(cols);
+                        for (i, row) in chunk.chunks_mut(cols).enumerate() {
+                            let r = first + i;
+                            let src = &s[r * cols..(r + 1) * cols];
+                            let b_row = bias.map(|b| {
+                                let batch = if bb == 1 { 0 } else { r / (heads * t) };
+                                let q = r % t;
+                                &b[(batch * t + q) * cols..(batch * t + q + 1) * cols]
+                            });
+                            let mut max = T::NEG_INF;
+                            for (j, o) in row.iter_mut().enumerate() {
+                                let v = match b_row {
+                                    Some(b) => scale * src[j] + b[j],
+                                    None => scale * src[j],
+                                };
+                                *o = v;
+                                if v > max {
+                                    max = v;
+                                }
+                            }
+                            // Separate loops: the exps vectorise, the sum uses eight lanes.
+                            for o in row.iter_mut() {
+                                *o = (*o - max).exp();
+                            }
+                            let inv = T::ONE / lane_sum(row);
+                            for o in row.iter_mut() {
+                                *o = *o * inv;
+                            }
                         }
-                    }
-                    // Separate loops: the exps vectorise, the sum uses eight lanes.
-                    for o in row.iter_mut() {
-                        *o = (*o - max).exp();
-                    }
-                    let inv = T::ONE / lane_sum(row);
-                    for o in row.iter_mut() {
-                        *o = *o * inv;
-                    }
-                }
+                    },
+                )
             });
         out
     }
@@ -374,12 +437,19 @@ impl Kernel<2> for SoftmaxGrad {
             .zip(p.par_chunks(cols * rows_per_task(cols)))
             .zip(g.par_chunks(cols * rows_per_task(cols)))
             .for_each(|((o, p), g)| {
-                for ((o, p), g) in o.chunks_mut(cols).zip(p.chunks(cols)).zip(g.chunks(cols)) {
-                    let dot = p.iter().zip(g).fold(T::ZERO, |a, (&p, &g)| a + p * g);
-                    for ((o, &p), &g) in o.iter_mut().zip(p).zip(g) {
-                        *o = scale * p * (g - dot);
-                    }
-                }
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for ((o, p), g) in
+                            o.chunks_mut(cols).zip(p.chunks(cols)).zip(g.chunks(cols))
+                        {
+                            let dot = p.iter().zip(g).fold(T::ZERO, |a, (&p, &g)| a + p * g);
+                            for ((o, &p), &g) in o.iter_mut().zip(p).zip(g) {
+                                *o = scale * p * (g - dot);
+                            }
+                        }
+                    },
+                )
             });
         out
     }
@@ -445,28 +515,38 @@ impl Kernel<3> for Rope {
         if !self.backward {
             // One task per (batch row, head): `t * hd` outputs read with stride `n * hd`.
             out.par_chunks_mut(t * hd).enumerate().for_each(|(bn, o)| {
-                let (bi, h) = (bn / n, bn % n);
-                for (p, o) in o.chunks_mut(hd).enumerate() {
-                    let src = &x[((bi * t + p) * n + h) * hd..][..hd];
-                    let (c, s) = (&cos[p * hd..][..hd], &sin[p * hd..][..hd]);
-                    for i in 0..half {
-                        o[i] = src[i] * c[i] - src[i + half] * s[i];
-                        o[i + half] = src[i + half] * c[i + half] + src[i] * s[i + half];
-                    }
-                }
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        let (bi, h) = (bn / n, bn % n);
+                        for (p, o) in o.chunks_mut(hd).enumerate() {
+                            let src = &x[((bi * t + p) * n + h) * hd..][..hd];
+                            let (c, s) = (&cos[p * hd..][..hd], &sin[p * hd..][..hd]);
+                            for i in 0..half {
+                                o[i] = src[i] * c[i] - src[i + half] * s[i];
+                                o[i + half] = src[i + half] * c[i + half] + src[i] * s[i + half];
+                            }
+                        }
+                    },
+                )
             });
         } else {
             // One task per (batch row, position): `n * hd` outputs gathered from the heads.
             out.par_chunks_mut(n * hd).enumerate().for_each(|(bp, o)| {
-                let (bi, p) = (bp / t, bp % t);
-                let (c, s) = (&cos[p * hd..][..hd], &sin[p * hd..][..hd]);
-                for (h, o) in o.chunks_mut(hd).enumerate() {
-                    let g = &x[((bi * n + h) * t + p) * hd..][..hd];
-                    for i in 0..half {
-                        o[i] = g[i] * c[i] + g[i + half] * s[i + half];
-                        o[i + half] = g[i + half] * c[i + half] - g[i] * s[i];
-                    }
-                }
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        let (bi, p) = (bp / t, bp % t);
+                        let (c, s) = (&cos[p * hd..][..hd], &sin[p * hd..][..hd]);
+                        for (h, o) in o.chunks_mut(hd).enumerate() {
+                            let g = &x[((bi * n + h) * t + p) * hd..][..hd];
+                            for i in 0..half {
+                                o[i] = g[i] * c[i] + g[i + half] * s[i + half];
+                                o[i + half] = g[i + half] * c[i + half] - g[i] * s[i];
+                            }
+                        }
+                    },
+                )
             });
         }
         out
@@ -518,23 +598,28 @@ impl Kernel<3> for LayerNorm {
         out.par_chunks_mut(per)
             .zip(x.par_chunks(per))
             .for_each(|(o, x)| {
-                for (o, x) in o.chunks_mut(cols).zip(x.chunks(cols)) {
-                    let mean = lane_sum(x) * inv_n;
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o = x - mean;
-                    }
-                    let mut sq = [T::ZERO; 8];
-                    for c in o.chunks(8) {
-                        for (a, &v) in sq.iter_mut().zip(c) {
-                            *a = *a + v * v;
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for (o, x) in o.chunks_mut(cols).zip(x.chunks(cols)) {
+                            let mean = lane_sum(x) * inv_n;
+                            for (o, &x) in o.iter_mut().zip(x) {
+                                *o = x - mean;
+                            }
+                            let mut sq = [T::ZERO; 8];
+                            for c in o.chunks(8) {
+                                for (a, &v) in sq.iter_mut().zip(c) {
+                                    *a = *a + v * v;
+                                }
+                            }
+                            let var = sq.iter().fold(T::ZERO, |a, &v| a + v) * inv_n;
+                            let r = T::ONE / (var + eps).sqrt();
+                            for ((o, &w), &b) in o.iter_mut().zip(w).zip(b) {
+                                *o = *o * r * w + b;
+                            }
                         }
-                    }
-                    let var = sq.iter().fold(T::ZERO, |a, &v| a + v) * inv_n;
-                    let r = T::ONE / (var + eps).sqrt();
-                    for ((o, &w), &b) in o.iter_mut().zip(w).zip(b) {
-                        *o = *o * r * w + b;
-                    }
-                }
+                    },
+                )
             });
         out
     }
@@ -576,29 +661,44 @@ fn sigmoid<T: Real>(x: T) -> T {
     T::ONE / (T::ONE + (T::ZERO - x).exp())
 }
 
-fn map2<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+/// `f` is `Copy` and copied into the loop, so what it captures is in registers: read through
+/// the closure's reference, a captured scalar might alias the output and the loop would not
+/// vectorise (callers pass `move` closures).
+fn map2<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync + Copy) -> Vec<T> {
     let mut out = vec![T::ZERO; a.len()];
     out.par_chunks_mut(MIN_ELEMS_PER_TASK)
         .zip(a.par_chunks(MIN_ELEMS_PER_TASK))
         .zip(b.par_chunks(MIN_ELEMS_PER_TASK))
         .for_each(|((o, a), b)| {
-            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                *o = f(a, b);
-            }
+            vectorised(
+                #[inline(always)]
+                || {
+                    let local = f;
+                    for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                        *o = local(a, b);
+                    }
+                },
+            )
         });
     out
 }
 
-fn map3<T: Real>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T + Sync) -> Vec<T> {
+fn map3<T: Real>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T + Sync + Copy) -> Vec<T> {
     let mut out = vec![T::ZERO; a.len()];
     out.par_chunks_mut(MIN_ELEMS_PER_TASK)
         .zip(a.par_chunks(MIN_ELEMS_PER_TASK))
         .zip(b.par_chunks(MIN_ELEMS_PER_TASK))
         .zip(c.par_chunks(MIN_ELEMS_PER_TASK))
         .for_each(|(((o, a), b), c)| {
-            for (((o, &a), &b), &c) in o.iter_mut().zip(a).zip(b).zip(c) {
-                *o = f(a, b, c);
-            }
+            vectorised(
+                #[inline(always)]
+                || {
+                    let local = f;
+                    for (((o, &a), &b), &c) in o.iter_mut().zip(a).zip(b).zip(c) {
+                        *o = local(a, b, c);
+                    }
+                },
+            )
         });
     out
 }
@@ -712,7 +812,7 @@ impl Kernel<1> for QuickGelu {
     const NAME: &'static str = "quick gelu";
     fn run<T: Real>(&self, [x]: [&[T]; 1]) -> Vec<T> {
         let k = T::from_f64(1.702);
-        map2(x, x, |x, _| x * sigmoid(k * x))
+        map2(x, x, move |x, _| x * sigmoid(k * x))
     }
 }
 
@@ -768,12 +868,17 @@ impl Kernel<2> for RmsNorm {
         out.par_chunks_mut(per)
             .zip(x.par_chunks(per))
             .for_each(|(o, x)| {
-                for (o, x) in o.chunks_mut(cols).zip(x.chunks(cols)) {
-                    let r = inv_rms(x, eps);
-                    for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
-                        *o = x * r * w;
-                    }
-                }
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for (o, x) in o.chunks_mut(cols).zip(x.chunks(cols)) {
+                            let r = inv_rms(x, eps);
+                            for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                                *o = x * r * w;
+                            }
+                        }
+                    },
+                )
             });
         out
     }
@@ -836,17 +941,24 @@ impl Kernel<3> for RmsNormGradInput {
             .zip(x.par_chunks(per))
             .zip(g.par_chunks(per))
             .for_each(|((o, x), g)| {
-                for ((o, x), g) in o.chunks_mut(cols).zip(x.chunks(cols)).zip(g.chunks(cols)) {
-                    let r = inv_rms(x, eps);
-                    let mut dot = T::ZERO;
-                    for ((&x, &w), &g) in x.iter().zip(w).zip(g) {
-                        dot = dot + g * w * x * r;
-                    }
-                    let m = dot / n;
-                    for (((o, &x), &w), &g) in o.iter_mut().zip(x).zip(w).zip(g) {
-                        *o = r * (g * w - x * r * m);
-                    }
-                }
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for ((o, x), g) in
+                            o.chunks_mut(cols).zip(x.chunks(cols)).zip(g.chunks(cols))
+                        {
+                            let r = inv_rms(x, eps);
+                            let mut dot = T::ZERO;
+                            for ((&x, &w), &g) in x.iter().zip(w).zip(g) {
+                                dot = dot + g * w * x * r;
+                            }
+                            let m = dot / n;
+                            for (((o, &x), &w), &g) in o.iter_mut().zip(x).zip(w).zip(g) {
+                                *o = r * (g * w - x * r * m);
+                            }
+                        }
+                    },
+                )
             });
         out
     }
