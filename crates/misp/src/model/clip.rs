@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 
-use super::fused;
 use super::linear::Linear;
+use super::{encoder_attention, fused};
 use serde::Deserialize;
 
 pub use tokenizer::{ClipTokenizer, ClipTokens};
@@ -300,18 +300,36 @@ impl ClipAttention {
 
     /// `mask`: `[B, 1, T, T]` additive `f32` mask, or none (the vision tower).
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
+        self.forward_queries(x, x, mask)
+    }
+
+    /// Attention of the rows `xq [B, Tq, D]` over `xkv [B, Tk, D]` (the same tensor, or its
+    /// first rows: see [`ClipEncoderLayer::forward_first`]); `mask` `[B, 1, Tq, Tk]`.
+    fn forward_queries(
+        &self,
+        xq: &Tensor,
+        xkv: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (q, k, v) = (
+            self.q_proj.forward(xq)?,
+            self.k_proj.forward(xkv)?,
+            self.v_proj.forward(xkv)?,
+        );
+        if let Some(out) = encoder_attention::attention_no_grad(&q, &k, &v, self.heads, mask)? {
+            return self.out_proj.forward(&out);
+        }
+        let (b, tq, d) = q.dims3()?;
         let split = |y: Tensor| -> candle_core::Result<Tensor> {
+            let t = y.dim(1)?;
             y.reshape((b, t, self.heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = split(self.q_proj.forward(x)?)?;
-        let k = split(self.k_proj.forward(x)?)?;
-        let v = split(self.v_proj.forward(x)?)?;
+        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
         let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-        let probs = fused::scaled_softmax(&scores, mask, self.scale)?.to_dtype(x.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let probs = fused::scaled_softmax(&scores, mask, self.scale)?.to_dtype(q.dtype())?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, tq, d))?;
         self.out_proj.forward(&out)
     }
 }
@@ -376,6 +394,20 @@ impl ClipEncoderLayer {
         let h = (x + self
             .self_attn
             .forward(&self.layer_norm1.forward(x)?, mask)?)?;
+        &h + self.mlp.forward(&self.layer_norm2.forward(&h)?)?
+    }
+
+    /// The layer's output at the first position only (`[B, 1, D]`), unmasked: the class token
+    /// after a vision tower's last layer, all its pooled output needs. Keys and values still
+    /// come from every position; the query, output projection and MLP run on one row instead
+    /// of `1 + grid^2` (50 for ViT-B/32: a twelfth of the tower's products saved).
+    fn forward_first(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let normed = self.layer_norm1.forward(x)?;
+        let first = x.narrow(1, 0, 1)?;
+        let attn = self
+            .self_attn
+            .forward_queries(&normed.narrow(1, 0, 1)?, &normed, None)?;
+        let h = (first + attn)?;
         &h + self.mlp.forward(&self.layer_norm2.forward(&h)?)?
     }
 }
@@ -499,10 +531,16 @@ impl ClipVisionTransformer {
         self.encoder.forward(&h, None, n)
     }
 
-    /// The pooled output: `post_layernorm` of the class token after the last layer.
+    /// The pooled output: `post_layernorm` of the class token after the last layer, which
+    /// runs for the class token's row alone.
     fn pooled(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.hidden_states(pixels, self.encoder.layers.len())?;
-        self.post_layernorm.forward(&h.narrow(1, 0, 1)?.squeeze(1)?)
+        let Some((last, _)) = self.encoder.layers.split_last() else {
+            let h = self.hidden_states(pixels, 0)?;
+            return self.post_layernorm.forward(&h.narrow(1, 0, 1)?.squeeze(1)?);
+        };
+        let h = self.hidden_states(pixels, self.encoder.layers.len() - 1)?;
+        let cls = last.forward_first(&h)?;
+        self.post_layernorm.forward(&cls.squeeze(1)?)
     }
 }
 

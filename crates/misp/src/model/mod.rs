@@ -6,6 +6,7 @@
 pub mod adapter;
 mod attention;
 pub mod clip;
+mod encoder_attention;
 
 pub use clip::ModelError;
 pub mod fused;
