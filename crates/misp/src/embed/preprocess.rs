@@ -354,26 +354,58 @@ impl ImageProcessor {
         if self.pad_to_square {
             img = Cow::Owned(expand_to_square(&img, self.mean_colour()));
         }
-        if self.do_resize {
-            let (h, w) = resize_output_size(
+        // The resized size, then the crop's place in it; only the part of the resized image
+        // the crop keeps is computed.
+        let (ih, iw) = if self.do_resize {
+            resize_output_size(
                 img.height() as usize,
                 img.width() as usize,
                 self.shortest_edge,
-            );
-            img = Cow::Owned(resize(&img, w as u32, h as u32, self.resample));
-        }
-        let (h, w) = if self.do_center_crop {
-            self.crop
+            )
         } else {
             (img.height() as usize, img.width() as usize)
         };
-        let (iw, ih) = (img.width() as i64, img.height() as i64);
-        let (top, left) = crop_offsets(ih, iw, h as i64, w as i64);
+        let (h, w) = if self.do_center_crop {
+            self.crop
+        } else {
+            (ih, iw)
+        };
+        let (top, left) = crop_offsets(ih as i64, iw as i64, h as i64, w as i64);
+        // Rows and columns of the resized image inside the crop (a crop larger than the image
+        // also covers transformers' zero padding around it).
+        let span = |start: i64, len: usize, size: usize| {
+            let a = start.clamp(0, size as i64) as usize;
+            let b = (start + len as i64).clamp(0, size as i64) as usize;
+            a..b.max(a)
+        };
+        let (rows, cols) = (span(top, h, ih), span(left, w, iw));
+        let resized = (iw as u32, ih as u32) != img.dimensions();
+        let window = if resized {
+            resize_window(
+                &img,
+                (iw as u32, ih as u32),
+                self.resample,
+                (rows.clone(), cols.clone()),
+            )
+        } else {
+            let raw = img.as_raw();
+            rows.clone()
+                .flat_map(|y| &raw[(y * iw + cols.start) * 3..(y * iw + cols.end) * 3])
+                .copied()
+                .collect()
+        };
         let scale = if self.do_rescale {
             self.rescale_factor
         } else {
             1.0
         };
+        // Outside the window (a crop larger than the resized image) is transformers' zero
+        // padding, applied before rescaling.
+        let (y0, x0) = (
+            (rows.start as i64 - top) as usize,
+            (cols.start as i64 - left) as usize,
+        );
+        let win_w = cols.len();
         let mut out = vec![0f32; 3 * h * w];
         for c in 0..3 {
             let (mean, std) = if self.do_normalize {
@@ -381,18 +413,13 @@ impl ImageProcessor {
             } else {
                 (0.0, 1.0)
             };
-            for y in 0..h {
-                let sy = top + y as i64;
-                for x in 0..w {
-                    let sx = left + x as i64;
-                    // Outside the image (a crop larger than the resized image) is transformers'
-                    // zero padding, applied before rescaling.
-                    let v = if sy >= 0 && sy < ih && sx >= 0 && sx < iw {
-                        f32::from(img.get_pixel(sx as u32, sy as u32)[c])
-                    } else {
-                        0.0
-                    };
-                    out[(c * h + y) * w + x] = (v * scale - mean) / std;
+            let plane = &mut out[c * h * w..][..h * w];
+            plane.fill((0.0 * scale - mean) / std);
+            for y in 0..rows.len() {
+                let dst = &mut plane[(y0 + y) * w + x0..][..win_w];
+                let src = &window[y * win_w * 3..][..win_w * 3];
+                for (o, p) in dst.iter_mut().zip(src.chunks_exact(3)) {
+                    *o = (f32::from(p[c]) * scale - mean) / std;
                 }
             }
         }
@@ -581,56 +608,95 @@ fn crop_offsets(h: i64, w: i64, crop_h: i64, crop_w: i64) -> (i64, i64) {
 /// PIL's `Image.resize(size, filter)` for 8-bit RGB: separable, horizontal pass first, each pass
 /// rounded to `u8` (PIL `ImagingResample`, 8 bits per channel path).
 pub fn resize(img: &RgbImage, out_w: u32, out_h: u32, filter: Resample) -> RgbImage {
-    let (in_w, in_h) = img.dimensions();
-    if (in_w, in_h) == (out_w, out_h) {
+    if img.dimensions() == (out_w, out_h) {
         return img.clone();
     }
-    let horiz = Coeffs::new(in_w as usize, out_w as usize, filter);
-    let vert = Coeffs::new(in_h as usize, out_h as usize, filter);
+    let (w, h) = (out_w as usize, out_h as usize);
+    let data = resize_window(img, (out_w, out_h), filter, (0..h, 0..w));
+    RgbImage::from_raw(out_w, out_h, data).unwrap_or_else(|| RgbImage::new(out_w, out_h))
+}
+
+/// The window `rows x cols` of [`resize`]'s output, row-major RGB, computing only those pixels:
+/// each output pixel depends on its own row and column taps alone, so the window is exactly
+/// the same bytes as cropping the whole resized image (a centre crop of a 4:3 photo throws
+/// away a quarter of it). Inner loops accumulate in `i32` over whole rows, so they vectorise.
+fn resize_window(
+    img: &RgbImage,
+    (out_w, out_h): (u32, u32),
+    filter: Resample,
+    (rows, cols): (std::ops::Range<usize>, std::ops::Range<usize>),
+) -> Vec<u8> {
+    let (in_w, in_h) = (img.width() as usize, img.height() as usize);
     let src = img.as_raw();
-    // Only the source rows the vertical pass reads go through the horizontal pass (as PIL).
-    let (mut tmp, mut tmp_w, mut tmp_h, mut row0) = (None, in_w as usize, in_h as usize, 0usize);
-    if out_w != in_w {
-        let first = vert.bounds[0].0;
-        let last = vert.bounds[out_h as usize - 1].0 + vert.bounds[out_h as usize - 1].1;
-        let rows = last - first;
-        let mut buf = vec![0u8; rows * out_w as usize * 3];
-        for y in 0..rows {
-            let line = &src[(first + y) * in_w as usize * 3..(first + y + 1) * in_w as usize * 3];
-            for (xx, &(xmin, n)) in horiz.bounds.iter().enumerate() {
-                let k = &horiz.k[xx * horiz.ksize..xx * horiz.ksize + n];
-                for c in 0..3 {
-                    let mut ss = 1i32 << (PRECISION_BITS - 1);
-                    for (i, &kv) in k.iter().enumerate() {
-                        ss += i32::from(line[(xmin + i) * 3 + c]) * kv;
+    let (win_w, win_h) = (cols.len(), rows.len());
+    if win_w == 0 || win_h == 0 {
+        return Vec::new();
+    }
+    // Horizontal pass (or the source columns as they are), over the source rows the vertical
+    // pass reads: `stage` is `stage_rows x win_w` pixels starting at source row `row0`.
+    let vert = (out_h as usize != in_h).then(|| Coeffs::new(in_h, out_h as usize, filter));
+    let (row0, stage_rows) = match &vert {
+        Some(v) => {
+            let first = v.bounds[rows.start].0;
+            let (lmin, ln) = v.bounds[rows.end - 1];
+            (first, lmin + ln - first)
+        }
+        None => (rows.start, win_h),
+    };
+    let mut stage = vec![0u8; stage_rows * win_w * 3];
+    if out_w as usize != in_w {
+        let horiz = Coeffs::new(in_w, out_w as usize, filter);
+        crate::model::fused::vectorised(
+            #[inline(always)]
+            || {
+                for (y, out) in stage.chunks_exact_mut(win_w * 3).enumerate() {
+                    let line = &src[(row0 + y) * in_w * 3..][..in_w * 3];
+                    for (xx, px) in cols.clone().zip(out.chunks_exact_mut(3)) {
+                        let (xmin, n) = horiz.bounds[xx];
+                        let k = &horiz.k[xx * horiz.ksize..][..n];
+                        let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
+                        for (&kv, p) in k.iter().zip(line[xmin * 3..].chunks_exact(3)) {
+                            for (s, &v) in ss.iter_mut().zip(p) {
+                                *s += i32::from(v) * kv;
+                            }
+                        }
+                        for (o, s) in px.iter_mut().zip(ss) {
+                            *o = clip8(s);
+                        }
                     }
-                    buf[(y * out_w as usize + xx) * 3 + c] = clip8(ss);
+                }
+            },
+        );
+    } else {
+        for (y, out) in stage.chunks_exact_mut(win_w * 3).enumerate() {
+            out.copy_from_slice(&src[((row0 + y) * in_w + cols.start) * 3..][..win_w * 3]);
+        }
+    }
+    let Some(vert) = vert else {
+        return stage;
+    };
+    let row_len = win_w * 3;
+    let mut out = vec![0u8; win_h * row_len];
+    crate::model::fused::vectorised(
+        #[inline(always)]
+        || {
+            let mut acc = vec![0i32; row_len];
+            for (yy, out) in rows.clone().zip(out.chunks_exact_mut(row_len)) {
+                let (ymin, n) = vert.bounds[yy];
+                acc.fill(1i32 << (PRECISION_BITS - 1));
+                for (i, &kv) in vert.k[yy * vert.ksize..][..n].iter().enumerate() {
+                    let line = &stage[(ymin - row0 + i) * row_len..][..row_len];
+                    for (a, &v) in acc.iter_mut().zip(line) {
+                        *a += i32::from(v) * kv;
+                    }
+                }
+                for (o, &a) in out.iter_mut().zip(&acc) {
+                    *o = clip8(a);
                 }
             }
-        }
-        tmp = Some(buf);
-        tmp_w = out_w as usize;
-        tmp_h = rows;
-        row0 = first;
-    }
-    let stage: &[u8] = tmp.as_deref().unwrap_or(src);
-    if out_h == in_h {
-        return RgbImage::from_raw(out_w, out_h, stage[..tmp_h * tmp_w * 3].to_vec())
-            .unwrap_or_else(|| RgbImage::new(out_w, out_h));
-    }
-    let mut out = vec![0u8; out_h as usize * tmp_w * 3];
-    for (yy, &(ymin, n)) in vert.bounds.iter().enumerate() {
-        let k = &vert.k[yy * vert.ksize..yy * vert.ksize + n];
-        let ymin = ymin - row0;
-        for x in 0..tmp_w * 3 {
-            let mut ss = 1i32 << (PRECISION_BITS - 1);
-            for (i, &kv) in k.iter().enumerate() {
-                ss += i32::from(stage[(ymin + i) * tmp_w * 3 + x]) * kv;
-            }
-            out[yy * tmp_w * 3 + x] = clip8(ss);
-        }
-    }
-    RgbImage::from_raw(out_w, out_h, out).unwrap_or_else(|| RgbImage::new(out_w, out_h))
+        },
+    );
+    out
 }
 
 /// Fixed-point precision of PIL's 8-bit resampler: `32 - 8 - 2` bits.
@@ -784,6 +850,38 @@ mod tests {
         }
         let noise = RgbImage::from_fn(9, 9, |x, y| image::Rgb([(x * 29 + y * 7) as u8, 1, 2]));
         assert_eq!(resize(&noise, 9, 9, Resample::Bicubic), noise);
+    }
+
+    #[test]
+    fn a_resized_window_is_that_crop_of_the_whole_resized_image() {
+        let noise = RgbImage::from_fn(41, 29, |x, y| {
+            let v = (x * 73 + y * 151 + x * y * 7) as u8;
+            image::Rgb([v, v.wrapping_mul(3), 255 - v])
+        });
+        // Down and up in each axis, one axis unchanged, and windows touching each border.
+        for (w, h) in [(17, 13), (90, 60), (41, 11), (13, 29)] {
+            for filter in [Resample::Bicubic, Resample::Bilinear] {
+                let full = resize(&noise, w, h, filter);
+                let full = &full;
+                for (rows, cols) in [(0..h, 0..w), (2..h - 1, 3..w - 2), (0..1, w - 1..w)] {
+                    let (rows, cols) = (rows as std::ops::Range<u32>, cols as std::ops::Range<u32>);
+                    let got = resize_window(
+                        &noise,
+                        (w, h),
+                        filter,
+                        (
+                            rows.start as usize..rows.end as usize,
+                            cols.start as usize..cols.end as usize,
+                        ),
+                    );
+                    let want: Vec<u8> = rows
+                        .clone()
+                        .flat_map(|y| cols.clone().flat_map(move |x| full.get_pixel(x, y).0))
+                        .collect();
+                    assert_eq!(got, want, "{w}x{h} {filter:?} rows {rows:?} cols {cols:?}");
+                }
+            }
+        }
     }
 
     #[test]
