@@ -73,13 +73,14 @@ fn attention_as<T: Real + WithDType>(
     };
     let hd = d / heads;
     let scale = <T as Real>::from_f64(1.0 / (hd as f64).sqrt());
-    let mut out = vec![T::ZERO; b * tq * d];
+    let mut out = fused::uninit::<T>(b * tq * d);
     with_data(q, |q| {
         with_data(k, |k| {
             with_data(v, |v| {
                 out.par_chunks_mut(tq * d)
                     .enumerate()
                     .for_each(|(bi, out)| {
+                        let out = fused::zeroed(out);
                         let mask =
                             &mask[if mask_rows == 1 { 0 } else { bi } * tq * tk..][..tq * tk];
                         let (q, k, v) = (
@@ -92,6 +93,8 @@ fn attention_as<T: Real + WithDType>(
             })
         })
     })???;
+    // SAFETY: every chunk of `out` went through `zeroed`.
+    let out = unsafe { fused::assume_init(out) };
     Tensor::from_vec(out, (b, tq, d), q.device())
 }
 
