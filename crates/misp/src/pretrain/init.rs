@@ -49,8 +49,12 @@ impl Builder<'_> {
     }
 
     fn random(&mut self, name: String, shape: &[usize]) -> candle_core::Result<()> {
+        self.random_std(name, shape, INIT_STD)
+    }
+
+    fn random_std(&mut self, name: String, shape: &[usize], std: f64) -> candle_core::Result<()> {
         let n = shape.iter().product();
-        let t = Tensor::from_vec(normal(self.rng, n, INIT_STD), shape, self.device)?;
+        let t = Tensor::from_vec(normal(self.rng, n, std), shape, self.device)?;
         self.push(name, t)
     }
 
@@ -60,7 +64,18 @@ impl Builder<'_> {
     }
 
     fn linear(&mut self, p: &str, inp: usize, out: usize, bias: bool) -> candle_core::Result<()> {
-        self.random(format!("{p}.weight"), &[out, inp])?;
+        self.linear_std(p, inp, out, bias, INIT_STD)
+    }
+
+    fn linear_std(
+        &mut self,
+        p: &str,
+        inp: usize,
+        out: usize,
+        bias: bool,
+        std: f64,
+    ) -> candle_core::Result<()> {
+        self.random_std(format!("{p}.weight"), &[out, inp], std)?;
         if bias {
             self.fill(format!("{p}.bias"), &[out], 0.0)?;
         }
@@ -72,7 +87,12 @@ impl Builder<'_> {
         self.fill(format!("{p}.bias"), &[d], 0.0)
     }
 
-    /// `CLIPEncoder` of `layers` pre-norm blocks.
+    /// `CLIPEncoder` of `layers` pre-norm blocks, initialised as transformers'
+    /// `CLIPPreTrainedModel._init_weights` does: projections into the residual stream scaled
+    /// by `d^-1/2 (2 layers)^-1/2`, the output projection by `d^-1/2`, `fc1` by `(2d)^-1/2`.
+    /// With a flat 0.02 instead (what this code did before), the world's CLIP reached 9 %
+    /// in-batch accuracy in 300 steps; the same model on the same data in torch reached 64 %
+    /// with transformers' init and 6 % with the flat one. The LLaVA on that tower was blind.
     fn clip_encoder(
         &mut self,
         p: &str,
@@ -80,14 +100,23 @@ impl Builder<'_> {
         d: usize,
         inner: usize,
     ) -> candle_core::Result<()> {
+        let width = (d as f64).powf(-0.5);
+        let depth = (2.0 * layers as f64).powf(-0.5);
         for i in 0..layers {
             let l = format!("{p}.layers.{i}");
-            for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-                self.linear(&format!("{l}.self_attn.{proj}"), d, d, true)?;
+            for proj in ["q_proj", "k_proj", "v_proj"] {
+                self.linear_std(&format!("{l}.self_attn.{proj}"), d, d, true, width * depth)?;
             }
+            self.linear_std(&format!("{l}.self_attn.out_proj"), d, d, true, width)?;
             self.layer_norm(&format!("{l}.layer_norm1"), d)?;
-            self.linear(&format!("{l}.mlp.fc1"), d, inner, true)?;
-            self.linear(&format!("{l}.mlp.fc2"), inner, d, true)?;
+            self.linear_std(
+                &format!("{l}.mlp.fc1"),
+                d,
+                inner,
+                true,
+                (2.0 * d as f64).powf(-0.5),
+            )?;
+            self.linear_std(&format!("{l}.mlp.fc2"), inner, d, true, width * depth)?;
             self.layer_norm(&format!("{l}.layer_norm2"), d)?;
         }
         Ok(())
@@ -123,7 +152,11 @@ pub fn clip_params(
     b.layer_norm("text_model.final_layer_norm", t.hidden_size)?;
     let v = &cfg.vision_config;
     let (d, p) = (v.hidden_size, v.patch_size);
-    b.random("vision_model.embeddings.class_embedding".into(), &[d])?;
+    b.random_std(
+        "vision_model.embeddings.class_embedding".into(),
+        &[d],
+        (d as f64).powf(-0.5),
+    )?;
     b.random(
         "vision_model.embeddings.patch_embedding.weight".into(),
         &[d, v.num_channels, p, p],
@@ -140,8 +173,20 @@ pub fn clip_params(
         v.intermediate_size,
     )?;
     b.layer_norm("vision_model.post_layernorm", d)?;
-    b.linear("visual_projection", d, cfg.projection_dim, false)?;
-    b.linear("text_projection", t.hidden_size, cfg.projection_dim, false)?;
+    b.linear_std(
+        "visual_projection",
+        d,
+        cfg.projection_dim,
+        false,
+        (d as f64).powf(-0.5),
+    )?;
+    b.linear_std(
+        "text_projection",
+        t.hidden_size,
+        cfg.projection_dim,
+        false,
+        (t.hidden_size as f64).powf(-0.5),
+    )?;
     let scale = Tensor::new(cfg.logit_scale_init_value as f32, device)?;
     b.push("logit_scale".into(), scale)?;
     Ok(b.out)

@@ -156,7 +156,9 @@ impl Default for PretrainConfig {
             seed: 0,
             sizes: ModelSizes::default(),
             clip: TrainConfig {
-                steps: 300,
+                // 800: with transformers' initialisation the loss is still falling at 300
+                // (1.82, 41 % in-batch accuracy); at 800 it is 0.27 (3 min on 2 cores).
+                steps: 800,
                 batch: 64,
                 lr: 2e-3,
                 warmup: 40,

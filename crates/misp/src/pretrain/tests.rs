@@ -676,3 +676,61 @@ fn a_tuned_tower_gets_gradients_for_every_weight_its_features_use() {
         assert!(norm > 0.0, "zero gradient for {name}");
     }
 }
+
+#[test]
+fn clip_initialisation_follows_transformers_scales() {
+    // transformers' CLIPPreTrainedModel._init_weights; a flat 0.02 everywhere trained a CLIP
+    // that could not tell the world's images apart.
+    let s = setup("clip-init");
+    let params =
+        init::clip_params(&s.clip_cfg, &mut StdRng::seed_from_u64(3), &Device::Cpu).unwrap();
+    let std_of = |name: &str| -> f64 {
+        let (_, v) = params.iter().find(|(n, _)| n == name).unwrap();
+        let x: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let n = x.len() as f64;
+        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+        (x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt()
+    };
+    let v = &s.clip_cfg.vision_config;
+    let t = &s.clip_cfg.text_config;
+    let (dv, lv) = (v.hidden_size as f64, v.num_hidden_layers as f64);
+    let (dt, lt) = (t.hidden_size as f64, t.num_hidden_layers as f64);
+    let expect = [
+        (
+            "vision_model.encoder.layers.0.self_attn.q_proj.weight",
+            dv.powf(-0.5) * (2.0 * lv).powf(-0.5),
+        ),
+        (
+            "vision_model.encoder.layers.0.self_attn.out_proj.weight",
+            dv.powf(-0.5),
+        ),
+        (
+            "vision_model.encoder.layers.0.mlp.fc1.weight",
+            (2.0 * dv).powf(-0.5),
+        ),
+        (
+            "vision_model.encoder.layers.0.mlp.fc2.weight",
+            dv.powf(-0.5) * (2.0 * lv).powf(-0.5),
+        ),
+        (
+            "text_model.encoder.layers.0.self_attn.v_proj.weight",
+            dt.powf(-0.5) * (2.0 * lt).powf(-0.5),
+        ),
+        ("vision_model.embeddings.patch_embedding.weight", 0.02),
+        ("text_model.embeddings.token_embedding.weight", 0.02),
+        ("visual_projection.weight", dv.powf(-0.5)),
+        ("text_projection.weight", dt.powf(-0.5)),
+    ];
+    for (name, want) in expect {
+        let got = std_of(name);
+        // Sampling error of a std over >= 32 values stays well inside 30 %.
+        assert!(
+            (got / want - 1.0).abs() < 0.3,
+            "{name}: std {got:.4}, transformers {want:.4}"
+        );
+    }
+    assert_eq!(
+        std_of("vision_model.encoder.layers.0.self_attn.q_proj.bias"),
+        0.0
+    );
+}
