@@ -154,6 +154,7 @@ mod tests {
     use candle_core::{Device, Tensor, D};
 
     use super::*;
+    use crate::model::fused::tests::max_abs;
 
     /// The composition CLIP ran before: split heads, `softmax(q k^T * scale + mask) v`, merge.
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Tensor {
@@ -183,19 +184,6 @@ mod tests {
             .unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
-
     fn randn(shape: &[usize]) -> Tensor {
         Tensor::randn(0f64, 1.0, shape, &Device::Cpu).unwrap()
     }
@@ -206,7 +194,7 @@ mod tests {
         let d = heads * hd;
         let (q, k, v) = (randn(&[b, t, d]), randn(&[b, t, d]), randn(&[b, t, d]));
         let fast = attention_no_grad(&q, &k, &v, heads, None).unwrap().unwrap();
-        let diff = max_diff(&fast, &composed(&q, &k, &v, heads, None));
+        let diff = max_abs(&fast, &composed(&q, &k, &v, heads, None));
         assert!(diff < 1e-12, "no mask: {diff}");
 
         // CLIP text's mask: causal plus right padding, one per batch row.
@@ -225,7 +213,7 @@ mod tests {
         let fast = attention_no_grad(&q, &k, &v, heads, Some(&mask))
             .unwrap()
             .unwrap();
-        let diff = max_diff(&fast, &composed(&q, &k, &v, heads, Some(&mask)));
+        let diff = max_abs(&fast, &composed(&q, &k, &v, heads, Some(&mask)));
         assert!(diff < 1e-12, "masked: {diff}");
     }
 
@@ -239,7 +227,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(first.dims(), [b, 1, d]);
-        let diff = max_diff(&first, &full.narrow(1, 0, 1).unwrap());
+        let diff = max_abs(&first, &full.narrow(1, 0, 1).unwrap());
         assert!(diff < 1e-12, "{diff}");
     }
 
