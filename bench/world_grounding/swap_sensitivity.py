@@ -2,15 +2,17 @@
 
 Accuracy of its yes/no logit on "Is there a X in the image?" for 60 scenes x 3 shapes, and how much
 swapping the image for another scene's moves that logit (0 = blind). Needs the fixture venv and a
-world: `misp world generate --out /tmp/world`. Run:
+world: `misp world generate --out /tmp/world`. Env: WORLD, SPLIT, SUF (text after the question;
+default POPE's "Answer the question using a single word or phrase."; SUF="" asks as the SFT
+data does). Run:
     SPLIT=val /work/.venv-ref/bin/python bench/world_grounding/swap_sensitivity.py models/shapes-llava
 """
-import json, random, torch, sys
+import json, random, torch, sys, os
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 torch.set_num_threads(1)
 mdir = sys.argv[1] if len(sys.argv) > 1 else "/work/main/models/shapes-llava"
-world = "/tmp/world"
+world = os.environ.get("WORLD","/tmp/world")
 proc = AutoProcessor.from_pretrained(mdir)
 model = LlavaForConditionalGeneration.from_pretrained(mdir).eval()
 scenes = {json.loads(l)["id"]: json.loads(l) for l in open(f"{world}/scenes.jsonl")}
@@ -18,7 +20,8 @@ import os; SPLIT=os.environ.get("SPLIT","val"); val = [s for s in scenes.values(
 shapes = ["circle","square","triangle","diamond","cross","ring","star","hexagon"]
 rng = random.Random(0)
 def lp_yes(img, q):
-    text = f"USER: <image>\n{q}\nAnswer the question using a single word or phrase. ASSISTANT:"
+    SUF=os.environ.get("SUF","\nAnswer the question using a single word or phrase.")
+    text = f"USER: <image>\n{q}{SUF} ASSISTANT:"
     inp = proc(images=img, text=text, return_tensors="pt")
     with torch.no_grad():
         logits = model(**inp).logits[0, -1]

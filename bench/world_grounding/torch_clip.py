@@ -1,13 +1,17 @@
 """The world CLIP trained by torch + transformers on the descriptions (same config and schedule as
-misp world pretrain), then the tower probe. MISPINIT=1 uses the old flat N(0, 0.02) init, which
-reproduces the session-4 failure (loss 3.4 at 300 steps vs 1.1). Env: STEPS, LR, PATCH. Run:
-    STEPS=300 /work/.venv-ref/bin/python bench/world_grounding/torch_clip.py
+misp world pretrain), then a linear probe of its tower for the clearly visible shapes (issue 8
+diagnostics, sessions 5-6). MISPINIT=1 uses the old flat N(0, 0.02) init (session 4's failure);
+NEG=1 adds one hard-negative caption per image (one shape word swapped, NegCLIP-style); OBJ=p
+replaces a description by a single-object phrase ("A large green triangle.") with probability p.
+Env also: STEPS, LR, PATCH, CDIR (config + processor; default /tmp/p48/shapes-clip), WORLD
+(default /tmp/w48m), OUTC. Run:
+    NEG=1 STEPS=800 /work/.venv-ref/bin/python bench/world_grounding/torch_clip.py
 """
 import json, random, time, torch, os
 from PIL import Image
 from transformers import CLIPModel, CLIPConfig, PreTrainedTokenizerFast, CLIPImageProcessor
 torch.set_num_threads(2); torch.manual_seed(0)
-cdir="/work/main/models/shapes-clip"; world="/tmp/world"
+cdir=os.environ.get("CDIR","/tmp/p48/shapes-clip"); world=os.environ.get("WORLD","/tmp/w48m")
 cfg=CLIPConfig.from_pretrained(cdir)
 P=int(os.environ.get("PATCH","16")); cfg.vision_config.patch_size=P
 model=CLIPModel(cfg)
@@ -27,19 +31,36 @@ def px(p):
 opt=torch.optim.AdamW(model.parameters(),lr=float(os.environ.get("LR","2e-3")),weight_decay=0.1)
 steps=int(os.environ.get("STEPS","300")); warm=40
 sched=torch.optim.lr_scheduler.LambdaLR(opt,lambda s: min(1,(s+1)/warm)*0.5*(1+__import__('math').cos(__import__('math').pi*min(s,steps)/steps)))
-rng=random.Random(0); t0=time.time()
+SCN={json.loads(l)["image"]:json.loads(l) for l in open(f"{world}/scenes.jsonl")}; OBJ=float(os.environ.get("OBJ","0")); rng=random.Random(0); t0=time.time(); NEG=os.environ.get("NEG")=="1"; SH=["circle","square","triangle","diamond","cross","ring","star","hexagon"]
+print(rows[0]["response"])
 for step in range(steps):
     b=rng.sample(rows,64)
-    t=tok([r["response"] for r in b],padding=True,return_tensors="pt")
-    out=model(input_ids=t["input_ids"],attention_mask=t["attention_mask"],pixel_values=torch.stack([px(r["image"]) for r in b]),return_loss=True)
+    texts=[]
+    for r in b:
+        objs=[o for o in SCN[r["image"]]["objects"] if o["visibility"]=="clear"]
+        if OBJ and objs and rng.random()<OBJ: o=rng.choice(objs); texts.append(f"A {o['size']} {o['colour']} {o['shape']}.")
+        else: texts.append(r["response"])
+    t=tok(texts,padding=True,return_tensors="pt")
+    if NEG:
+        negs=[]
+        for r in b:
+            ws=r["response"].split(" ")
+            idx=[i for i,w in enumerate(ws) if w.strip(".,") in SH]
+            i=rng.choice(idx); w=ws[i]; core=w.strip(".,"); new=rng.choice([x for x in SH if x!=core]); ws=ws[:]; ws[i]=w.replace(core,new); negs.append(" ".join(ws))
+        t=tok([r["response"] for r in b]+negs,padding=True,return_tensors="pt")
+    out=model(input_ids=t["input_ids"],attention_mask=t["attention_mask"],pixel_values=torch.stack([px(r["image"]) for r in b]),return_loss=False)
+    li=out.logits_per_image; B=li.shape[0]; lab_=torch.arange(B)
+    loss=(torch.nn.functional.cross_entropy(li,lab_)+torch.nn.functional.cross_entropy(li[:, :B].t(),lab_))/2
+    class O: pass
+    out=O(); out.loss=loss; out.logits_per_image=li[:, :B]
     opt.zero_grad(); out.loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(),1.0); opt.step(); sched.step()
     if step%100==0 or step==steps-1:
         acc=(out.logits_per_image.argmax(1)==torch.arange(64)).float().mean().item()
         print(step, round(out.loss.item(),3), round(acc,3), round(time.time()-t0,1), flush=True)
-model.save_pretrained("/tmp/diag/torch_clip")
+model.save_pretrained(os.environ.get("OUTC","/tmp/diag/torch_clip"))
 # probe layer-1 patch features for clear shapes
 sc=[json.loads(l) for l in open(f"{world}/scenes.jsonl")]
-tr=[s for s in sc if s["split"]=="train"][:1500]; va=[s for s in sc if s["split"]=="val"]
+tr=[s for s in sc if s["split"]=="train"]; va=[s for s in sc if s["split"]=="val"]
 shapes=["circle","square","triangle","diamond","cross","ring","star","hexagon"]
 def feats(ss,layer):
     with torch.no_grad():

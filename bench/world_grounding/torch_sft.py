@@ -1,17 +1,24 @@
-"""The world LLaVA architecture trained by torch + transformers on the same sft.jsonl: does it
-learn to look? (issue 8 diagnostic, session 5). Env: KINDS (comma list of sft kinds; default the
-existence questions), STEPS, LR, REINIT=1 (fresh LLM + projector) or REINIT=all (tower too).
-Saves /tmp/diag/torch_llava for swap_sensitivity.py. Run:
-    REINIT=1 STEPS=600 /work/.venv-ref/bin/python bench/world_grounding/torch_sft.py
+"""The world LLaVA architecture trained by torch + transformers: does it learn to look? (issue 8
+diagnostics, sessions 5-6). Env: MDIR (start checkpoint; default /tmp/p48/shapes-llava), WORLD
+(default /tmp/w48m), KINDS (comma list of sft.jsonl kinds, `all`, or `none`; default the existence
+questions), WHAT=1 (add "What is in the {cell}?" -> "A {size} {colour} {shape}." rows for every
+clearly visible object), ONE=1 (those rows from one-object scenes only), STEPS, LR, TOWERLR (tower +
+projector), REINIT=1 (fresh LLM + projector) or REINIT=all, FRESHTOWER=1 (fresh CLIP tower), OUTD
+(where to save; default /tmp/diag/torch_llava). Score the result with what_accuracy.py. Run:
+    WHAT=1 KINDS=none STEPS=1500 /work/.venv-ref/bin/python bench/world_grounding/torch_sft.py
 """
 # Does the same LLaVA architecture learn to look when trained by torch on the same data?
 import json, random, sys, time, torch, os
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 torch.set_num_threads(2); torch.manual_seed(0)
-mdir = "/work/main/models/shapes-llava"; world = "/tmp/world"
+mdir = os.environ.get("MDIR","/tmp/p48/shapes-llava"); world = os.environ.get("WORLD","/tmp/w48m")
 proc = AutoProcessor.from_pretrained(mdir); tok = proc.tokenizer
 model = LlavaForConditionalGeneration.from_pretrained(mdir)
+if os.environ.get("FRESHTOWER"):
+    from transformers import CLIPVisionModel
+    fresh=CLIPVisionModel(model.config.vision_config)
+    print(model.model.vision_tower.load_state_dict(fresh.state_dict(), strict=False))
 if os.environ.get("REINIT"):
     for n, p in model.named_parameters():
         if "vision_tower" not in n or os.environ.get("REINIT") == "all":
@@ -20,18 +27,28 @@ if os.environ.get("REINIT"):
             else: torch.nn.init.zeros_(p)
 kinds = set(os.environ.get("KINDS", "exists_yes,exists_no").split(","))
 rows = [json.loads(l) for l in open(f"{world}/sft.jsonl")]
-rows = [r for r in rows if r["kind"] in kinds]
+rows = [r for r in rows if r["kind"] in kinds or "all" in kinds]
+CELLS=["top left","top middle","top right","middle left","center","middle right","bottom left","bottom middle","bottom right"]
+if os.environ.get("WHAT"):
+    for l in open(f"{world}/scenes.jsonl"):
+        s=json.loads(l)
+        if s["split"]!="train": continue
+        for o in s["objects"]:
+            if o["visibility"]=="clear" and (not os.environ.get("ONE") or len(s["objects"])==1):
+                rows.append({"image":s["image"],"prompt":f"What is in the {CELLS[o['cell']]}?","response":f"A {o['size']} {o['colour']} {o['shape']}.","kind":"what"})
+print(len(rows), rows[-1])
 cache = {}
 def px(path):
     if path not in cache:
         cache[path] = proc.image_processor(images=Image.open(f"{world}/{path}").convert("RGB"), return_tensors="pt")["pixel_values"][0]
     return cache[path]
+NT = model.config.image_seq_length
 T = "USER: <image>\n{p} ASSISTANT:"
 def batch(rs):
     ids, labels, pix = [], [], []
     for r in rs:
         p = proc(images=None, text=T.format(p=r["prompt"]), return_tensors=None)["input_ids"] if False else None
-        prompt = tok(T.format(p=r["prompt"]).replace("<image>", "<image>" * 16))["input_ids"]
+        prompt = tok(T.format(p=r["prompt"]).replace("<image>", "<image>" * NT))["input_ids"]
         resp = tok(" " + r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ids.append(prompt + resp); labels.append([-100] * len(prompt) + resp); pix.append(px(r["image"]))
     L = max(map(len, ids))
@@ -39,7 +56,9 @@ def batch(rs):
     labels = [l + [-100] * (L - len(l)) for l in labels]
     ids = [i + [tok.pad_token_id or 0] * (L - len(i)) for i in ids]
     return torch.tensor(ids), torch.tensor(att), torch.tensor(labels), torch.stack(pix)
-opt = torch.optim.AdamW(model.parameters(), lr=float(os.environ.get("LR", "1e-3")), weight_decay=0.0)
+lr=float(os.environ.get("LR", "1e-3")); tl=float(os.environ.get("TOWERLR", str(lr)))
+tw=[p for n,p in model.named_parameters() if "vision_tower" in n or "projector" in n]; rest=[p for n,p in model.named_parameters() if not("vision_tower" in n or "projector" in n)]
+opt = torch.optim.AdamW([{"params":tw,"lr":tl},{"params":rest,"lr":lr}], weight_decay=0.0)
 steps = int(os.environ.get("STEPS", "300")); rng = random.Random(0); t0 = time.time()
 for step in range(steps):
     i, a, l, p = batch(rng.sample(rows, 32))
@@ -47,4 +66,4 @@ for step in range(steps):
     opt.zero_grad(); out.loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
     if step % 50 == 0 or step == steps - 1:
         print(step, round(out.loss.item(), 3), round(time.time() - t0, 1), flush=True)
-model.eval(); model.save_pretrained("/tmp/diag/torch_llava"); proc.save_pretrained("/tmp/diag/torch_llava")
+model.eval(); od=os.environ.get("OUTD","/tmp/diag/torch_llava"); model.save_pretrained(od); proc.save_pretrained(od)
