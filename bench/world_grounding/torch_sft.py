@@ -47,7 +47,6 @@ T = "USER: <image>\n{p} ASSISTANT:"
 def batch(rs):
     ids, labels, pix = [], [], []
     for r in rs:
-        p = proc(images=None, text=T.format(p=r["prompt"]), return_tensors=None)["input_ids"] if False else None
         prompt = tok(T.format(p=r["prompt"]).replace("<image>", "<image>" * NT))["input_ids"]
         resp = tok(" " + r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ids.append(prompt + resp); labels.append([-100] * len(prompt) + resp); pix.append(px(r["image"]))

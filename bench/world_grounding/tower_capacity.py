@@ -43,6 +43,6 @@ for step in range(int(os.environ.get("STEPS","600"))):
     if step%100==0:
         with torch.no_grad(): acc=((fwd(Xva)>0).float()==Yva).float().mean().item()
         print(step,round(loss.item(),3),"val acc",round(acc,3),round(time.time()-t0),flush=True)
-acc=((fwd(Xva)>0).float()==Yva).float().mean(0) if True else 0
+acc=((fwd(Xva)>0).float()==Yva).float().mean(0)
 print("per-class",[round(a,2) for a in acc.tolist()])
 print("base",round(torch.maximum(Yva.mean(0),1-Yva.mean(0)).mean().item(),3))
