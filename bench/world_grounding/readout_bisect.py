@@ -1,7 +1,8 @@
 """Bisect of the shape readout (issue 8 diagnostic, session 6): tower -> layer -2 patch tokens ->
 projector -> [9 image tokens, a learned query for the asked cell] -> LAYERS causal pre-norm
 transformer layers -> RMSNorm -> shape head, all trained together. POS=1 adds learned positions;
-ROUTE=1 lets the query attend only to its own cell's token (hard routing). Session 6, 600 steps of
+ROUTE=1 lets the query attend only to its own cell's token (hard routing); TOWER=path starts from a
+tower state dict saved by dense_tower.py, FREEZE=1 keeps the tower fixed. Session 6, 600 steps of
 batch 32: LAYERS=2 or 1: 0.23-0.25 val shape accuracy; ROUTE=1: 0.76 (cell_readout.py, no
 attention: 0.85). Needs /tmp/w48m and /tmp/p48 (bench/README.md). Run:
     ROUTE=1 POS=1 LAYERS=1 /work/.venv-ref/bin/python bench/world_grounding/readout_bisect.py
@@ -20,13 +21,14 @@ def px(p):
     if p not in cache: cache[p]=ip(images=Image.open(f"{world}/{p}").convert("RGB"),return_tensors="pt")["pixel_values"][0]
     return cache[p]
 m=CLIPVisionModel(LlavaForConditionalGeneration.from_pretrained("/tmp/p48/shapes-llava").config.vision_config)
+if os.environ.get("TOWER"): m.load_state_dict(torch.load(os.environ["TOWER"]))
 proj=torch.nn.Sequential(torch.nn.Linear(64,128),torch.nn.GELU(),torch.nn.Linear(128,128))
 cellq=torch.nn.Embedding(9,128); torch.nn.init.normal_(cellq.weight,std=float(os.environ.get("QSTD","0.02")))
 pos=torch.nn.Parameter(torch.randn(10,128)*0.02)
 L=int(os.environ.get("LAYERS","1"))
 enc=torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(128,4,344,dropout=0.0,batch_first=True,norm_first=True),L)
 norm=torch.nn.RMSNorm(128); head=torch.nn.Linear(128,8)
-params=list(m.parameters())+list(proj.parameters())+list(cellq.parameters())+[pos]+list(enc.parameters())+list(norm.parameters())+list(head.parameters())
+params=([] if os.environ.get("FREEZE") else list(m.parameters()))+list(proj.parameters())+list(cellq.parameters())+[pos]+list(enc.parameters())+list(norm.parameters())+list(head.parameters())
 opt=torch.optim.AdamW(params,lr=1e-3,weight_decay=0)
 def fwd(b):
     h=m(pixel_values=torch.stack([px(p) for p,_,_ in b]),output_hidden_states=True).hidden_states[1][:,1:]

@@ -4,7 +4,7 @@ diagnostics, sessions 5-6). Env: MDIR (start checkpoint; default /tmp/p48/shapes
 questions), WHAT=1 (add "What is in the {cell}?" -> "A {size} {colour} {shape}." rows for every
 clearly visible object), ONE=1 (those rows from one-object scenes only), STEPS, LR, TOWERLR (tower +
 projector), REINIT=1 (fresh LLM + projector) or REINIT=all, FRESHTOWER=1 (fresh CLIP tower), OUTD
-(where to save; default /tmp/diag/torch_llava). Score the result with what_accuracy.py. Run:
+(where to save; default /tmp/diag/torch_llava), TOWER (a dense_tower.py state dict), FREEZETOWER=1. Score the result with what_accuracy.py. Run:
     WHAT=1 KINDS=none STEPS=1500 /work/.venv-ref/bin/python bench/world_grounding/torch_sft.py
 """
 # Does the same LLaVA architecture learn to look when trained by torch on the same data?
@@ -19,6 +19,9 @@ if os.environ.get("FRESHTOWER"):
     from transformers import CLIPVisionModel
     fresh=CLIPVisionModel(model.config.vision_config)
     print(model.model.vision_tower.load_state_dict(fresh.state_dict(), strict=False))
+if os.environ.get("TOWER"):
+    # dense_tower.py's state dict is a CLIPVisionModel's; the LLaVA holds the inner vision model
+    print(model.model.vision_tower.load_state_dict(torch.load(os.environ["TOWER"]), strict=False))
 if os.environ.get("REINIT"):
     for n, p in model.named_parameters():
         if "vision_tower" not in n or os.environ.get("REINIT") == "all":
@@ -56,7 +59,9 @@ def batch(rs):
     ids = [i + [tok.pad_token_id or 0] * (L - len(i)) for i in ids]
     return torch.tensor(ids), torch.tensor(att), torch.tensor(labels), torch.stack(pix)
 lr=float(os.environ.get("LR", "1e-3")); tl=float(os.environ.get("TOWERLR", str(lr)))
-tw=[p for n,p in model.named_parameters() if "vision_tower" in n or "projector" in n]; rest=[p for n,p in model.named_parameters() if not("vision_tower" in n or "projector" in n)]
+frozen=os.environ.get("FREEZETOWER")
+tw=[p for n,p in model.named_parameters() if ("vision_tower" in n and not frozen) or "projector" in n]
+if frozen: model.model.vision_tower.requires_grad_(False); rest=[p for n,p in model.named_parameters() if not("vision_tower" in n or "projector" in n)]
 opt = torch.optim.AdamW([{"params":tw,"lr":tl},{"params":rest,"lr":lr}], weight_decay=0.0)
 steps = int(os.environ.get("STEPS", "300")); rng = random.Random(0); t0 = time.time()
 for step in range(steps):

@@ -90,6 +90,13 @@ pub fn run(args: &PretrainArgs) -> anyhow::Result<()> {
         report.clip_seconds,
         report.final_clip_loss
     );
+    if let Some(acc) = report.dense_shape_accuracy {
+        println!(
+            "      tower reads the shape of {:.0} % of {} objects (dense heads)",
+            100.0 * acc,
+            cfg.eval_split
+        );
+    }
     println!(
         "LLaVA {} ({} params, {} trained, {:.2} MB, {:.0} s, final loss {:.3})",
         report.llava_dir.display(),

@@ -4,7 +4,8 @@
 //! descriptions of `sft.jsonl`. The objective is CLIP's: a batch of `B` pairs gives the `B x B`
 //! matrix of cosine similarities times `exp(logit_scale)` (the learned temperature), and the
 //! loss is the mean of the two cross-entropies that pick each image's caption among the batch's
-//! captions and each caption's image among the batch's images (symmetric InfoNCE).
+//! captions and each caption's image among the batch's images (symmetric InfoNCE). The vision
+//! tower can also be supervised per grid cell at the same time ([`super::dense`]).
 
 use std::collections::HashMap;
 
@@ -13,6 +14,7 @@ use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 
+use super::dense::{dense_loss, DenseTask};
 use super::init::Params;
 use super::{PixelTable, PretrainError, TrainConfig};
 use crate::model::clip::{ClipConfig, ClipModel, ClipTokenizer};
@@ -106,9 +108,23 @@ pub fn batch_plan(pairs: &[Pair], cfg: &TrainConfig, rng: &mut StdRng) -> Vec<Ve
     plan
 }
 
-/// Trains `params` in place for `cfg.steps` steps of `cfg.batch` pairs. A batch never holds
-/// the same image twice (its captions would be false negatives of each other by
-/// construction). `log(step, loss, accuracy, lr)` is called after every step.
+/// What one training step did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepLog {
+    pub step: usize,
+    /// The contrastive loss.
+    pub loss: f64,
+    /// In-batch image -> text accuracy.
+    pub accuracy: f64,
+    /// The dense loss and the patch shape accuracy, when a [`DenseTask`] is trained.
+    pub dense: Option<(f64, f64)>,
+    pub lr: f64,
+}
+
+/// Trains `params` in place for `cfg.steps` steps of `cfg.batch` pairs, with `dense`'s heads and
+/// per-cell loss (weighted) added to the contrastive one when given. A batch never holds the
+/// same image twice (its captions would be false negatives of each other by construction).
+/// `log` is called after every step.
 #[allow(clippy::too_many_arguments)]
 pub fn train_clip(
     params: &Params,
@@ -116,9 +132,10 @@ pub fn train_clip(
     tokenizer: &ClipTokenizer,
     pixels: &PixelTable,
     pairs: &[Pair],
+    dense: Option<&DenseTask>,
     cfg: &TrainConfig,
     rng: &mut StdRng,
-    log: &mut dyn FnMut(usize, f64, f64, f64),
+    log: &mut dyn FnMut(StepLog),
 ) -> Result<(), PretrainError> {
     if pairs.len() < 2 {
         return Err(PretrainError::Config(format!(
@@ -127,7 +144,11 @@ pub fn train_clip(
         )));
     }
     let device = Device::Cpu;
-    let vars: Vec<_> = params.iter().map(|(_, v)| v.clone()).collect();
+    let vars: Vec<_> = params
+        .iter()
+        .chain(dense.map(|d| d.heads.iter()).into_iter().flatten())
+        .map(|(_, v)| v.clone())
+        .collect();
     let mut opt = AdamW::new(
         vars.clone(),
         AdamWConfig {
@@ -139,11 +160,20 @@ pub fn train_clip(
     let plan = batch_plan(pairs, cfg, rng);
     for (step, picked) in plan.iter().enumerate() {
         let picked: Vec<&Pair> = picked.iter().map(|&i| &pairs[i]).collect();
-        let px = pixels.batch(&picked.iter().map(|p| p.image).collect::<Vec<_>>(), &device)?;
+        let images: Vec<usize> = picked.iter().map(|p| p.image).collect();
+        let px = pixels.batch(&images, &device)?;
         let texts: Vec<&str> = picked.iter().map(|p| p.text.as_str()).collect();
         let model = clip_model(params, config, &device)?;
         let (loss, acc) = clip_loss(&model, tokenizer, &px, &texts)?;
-        let grads = loss.backward()?;
+        let (total, dense_log) = match dense {
+            Some(task) => {
+                let (d, shape_acc, _) = dense_loss(&model, task, &px, &images)?;
+                let dl = d.to_scalar::<f32>()? as f64;
+                ((&loss + (d * task.weight)?)?, Some((dl, shape_acc)))
+            }
+            None => (loss.clone(), None),
+        };
+        let grads = total.backward()?;
         let mut g: Vec<Option<Tensor>> = vars
             .iter()
             .map(|v| grads.get(v.as_tensor()).cloned())
@@ -151,7 +181,13 @@ pub fn train_clip(
         clip_grad_norm(&mut g, cfg.max_grad_norm)?;
         let lr = cfg.lr * cosine_with_warmup(step as u64, cfg.warmup as u64, cfg.steps as u64);
         opt.step(&g, lr)?;
-        log(step, loss.to_scalar::<f32>()? as f64, acc, lr);
+        log(StepLog {
+            step,
+            loss: loss.to_scalar::<f32>()? as f64,
+            accuracy: acc,
+            dense: dense_log,
+            lr,
+        });
     }
     Ok(())
 }

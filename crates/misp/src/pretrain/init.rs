@@ -230,3 +230,24 @@ pub fn llava_trainable_params(
     }
     Ok(b.out)
 }
+
+/// The dense heads of [`super::dense`]: a linear map (`N(0, 0.02)` weight, zero bias) from the
+/// tower's width `d` to each of [`super::dense::head_sizes`], named `dense.*`.
+pub fn dense_head_params(
+    d: usize,
+    rng: &mut StdRng,
+    device: &Device,
+) -> candle_core::Result<Params> {
+    let mut b = Builder {
+        rng,
+        device,
+        out: Vec::new(),
+    };
+    for (name, out) in super::dense::HEAD_NAMES
+        .iter()
+        .zip(super::dense::head_sizes())
+    {
+        b.linear(name, d, out, true)?;
+    }
+    Ok(b.out)
+}

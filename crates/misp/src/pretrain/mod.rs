@@ -1,9 +1,10 @@
 //! `misp world pretrain`: the world's own tiny models (DESIGN.md §6, issue 8). A CLIP trained
-//! contrastively on the world's (image, description) pairs, then a LLaVA — that CLIP's vision
-//! tower (fine-tuned by default, or frozen: [`PretrainConfig::tune_tower`]) + projector + small
-//! LLaMA — trained by supervised fine-tuning on `sft.jsonl`. Both are saved in HF layouts that transformers loads.
+//! contrastively on the world's (image, description) pairs, its vision tower also supervised per
+//! grid cell ([`dense`]), then a LLaVA — that CLIP's vision tower (frozen by default, or
+//! fine-tuned: [`PretrainConfig::tune_tower`]) + projector + small LLaMA — trained by supervised
+//! fine-tuning on `sft.jsonl`. Both are saved in HF layouts that transformers loads.
 //!
-//! Stage: world -> models. Reads a world folder (`manifest.json`, `sft.jsonl`, the records,
+//! Stage: world -> models. Reads a world folder (`manifest.json`, `sft.jsonl`, `scenes.jsonl`, the records,
 //! POPE and caption-prompt text for the vocabulary, images; POPE and CHAIR val files for the
 //! report). Writes `OUT/shapes-clip/`, `OUT/shapes-llava/` ([`save`]), and next to them
 //! `OUT/pretrain_config.json` (the resolved config), `OUT/pretrain_metrics.jsonl` (losses) and
@@ -13,6 +14,7 @@
 //! writes the record of what was done.
 
 pub mod clip;
+pub mod dense;
 pub mod eval;
 pub mod init;
 pub mod save;
@@ -138,11 +140,16 @@ pub struct PretrainConfig {
     pub eval_batch: usize,
     /// Skip the report's POPE / CHAIR evaluation (tests).
     pub skip_eval: bool,
+    /// Weight of the dense per-cell loss ([`dense`]) added to the CLIP's contrastive loss; 0
+    /// turns it off. Without it the tower never encodes shape and the LLaVA names shapes from
+    /// the text prior alone (issue 8, session 7: shape words of val descriptions 0.28 with the
+    /// scene's own image vs 0.31 with another's).
+    pub dense_weight: f64,
     /// Fine-tune the vision tower (initialised from the trained CLIP) during SFT instead of
-    /// freezing it. Measured on the default world: the contrastive CLIP reaches only ~8%
-    /// in-batch retrieval accuracy within a CPU budget, and a LLaVA on that tower, frozen, was
-    /// blind (POPE-random accuracy 0.49, captions unrelated to the image). Tuning the tower
-    /// through the language loss, as the WORLD-NOTES prototype did, is what makes it see.
+    /// freezing it, as LLaVA-1.5 does. Off by default: measured in torch (issue 8, session 7),
+    /// a tower tuned through the language loss from the first step loses the shape its dense
+    /// training gave it (readout 0.39 tuned vs 0.78 frozen). It was on while the tower had no
+    /// dense training: then tuning was what let the LLaVA see colour and position at all.
     pub tune_tower: bool,
     /// Reuse the CLIP weights of this folder instead of training them (to tune the SFT alone).
     /// The random stream is consumed as training would, so with the same seed and CLIP config
@@ -178,7 +185,8 @@ impl Default for PretrainConfig {
             eval_batch: 64,
             skip_eval: false,
             clip_from: None,
-            tune_tower: true,
+            dense_weight: 10.0,
+            tune_tower: false,
         }
     }
 }
@@ -286,6 +294,9 @@ pub struct PretrainReport {
     pub sft_seconds: f64,
     pub eval_seconds: f64,
     pub final_clip_loss: f64,
+    /// Shape accuracy of the dense heads on the eval split's visible objects (cells the tower
+    /// never trained on); `None` without dense training.
+    pub dense_shape_accuracy: Option<f64>,
     pub final_sft_loss: f64,
     pub eval: Option<eval::BaseEval>,
 }
@@ -341,6 +352,48 @@ fn world_image_size(world: &Path) -> Result<usize, PretrainError> {
             field: "config.image_size",
             message: "missing or not a number".into(),
         })
+}
+
+/// Every scene of the world's `scenes.jsonl`, in file order.
+fn read_scenes(world: &Path) -> Result<Vec<crate::world::scene::Scene>, PretrainError> {
+    let path = world.join("scenes.jsonl");
+    files::read_lines(&path)?
+        .into_iter()
+        .map(|(line, text)| {
+            serde_json::from_str(&text).map_err(|e| PretrainError::Record {
+                path: path.clone(),
+                line,
+                field: "scene",
+                message: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The dense targets of every image in `pixels` (an image without a scene is an error naming
+/// both).
+fn scene_targets(
+    world: &Path,
+    scenes: &[crate::world::scene::Scene],
+    pixels: &PixelTable,
+    grid: usize,
+) -> Result<Vec<dense::CellTargets>, PretrainError> {
+    let by_image: HashMap<&str, &crate::world::scene::Scene> =
+        scenes.iter().map(|s| (s.image.as_str(), s)).collect();
+    let mut names: Vec<(&String, &usize)> = pixels.index.iter().collect();
+    names.sort_by_key(|(_, &i)| i);
+    names
+        .into_iter()
+        .map(|(name, _)| {
+            by_image
+                .get(name.as_str())
+                .map(|s| dense::cell_targets(s, grid))
+                .ok_or_else(|| PretrainError::Input {
+                    path: world.join("scenes.jsonl"),
+                    message: format!("no scene for image `{name}` (used by sft.jsonl)"),
+                })
+        })
+        .collect()
 }
 
 /// Every text of the world the models may meet: SFT rows, preference records, POPE questions,
@@ -453,6 +506,7 @@ pub fn run(
         .collect();
     let clip_params = init::clip_params(&clip_cfg, &mut rng, &device)?;
     let mut final_clip_loss = f64::NAN;
+    let mut dense_shape_accuracy = None;
     if let Some(from) = &cfg.clip_from {
         let path = from.join("model.safetensors");
         let trained =
@@ -472,6 +526,26 @@ pub fn run(
             })?;
         }
     } else {
+        let scenes = if cfg.dense_weight > 0.0 {
+            read_scenes(world)?
+        } else {
+            Vec::new()
+        };
+        let dense = if cfg.dense_weight > 0.0 {
+            // The heads draw from their own stream so the main one (and with it the LLaVA's
+            // initialisation) is the same with or without them.
+            let mut head_rng = StdRng::seed_from_u64(cfg.seed ^ 0xde75e);
+            let v = &clip_cfg.vision_config;
+            Some(dense::DenseTask {
+                heads: init::dense_head_params(v.hidden_size, &mut head_rng, &device)?,
+                targets: scene_targets(world, &scenes, &pixels, image_size / cfg.sizes.patch_size)?,
+                weight: cfg.dense_weight,
+                // The LLaVA reads hidden_states[-2] (`vision_feature_layer` in save.rs).
+                layer: v.num_hidden_layers.saturating_sub(1),
+            })
+        } else {
+            None
+        };
         let bar = crate::progress::bar(progress, cfg.clip.steps as u64, "clip", "steps");
         clip::train_clip(
             &clip_params,
@@ -479,18 +553,48 @@ pub fn run(
             &clip_tokenizer,
             &pixels,
             &pairs,
+            dense.as_ref(),
             &cfg.clip,
             &mut rng,
-            &mut |step, loss, acc, lr| {
+            &mut |s| {
                 bar.inc(1);
-                bar.set_message(format!("loss {loss:.3} acc {acc:.2}"));
-                final_clip_loss = loss;
-                if step % 10 == 0 || step + 1 == cfg.clip.steps {
-                    metrics.push(json!({"stage": "clip", "step": step, "loss": loss, "accuracy": acc, "lr": lr}));
+                let mut line = json!({"stage": "clip", "step": s.step, "loss": s.loss, "accuracy": s.accuracy, "lr": s.lr});
+                match s.dense {
+                    Some((d, shape)) => {
+                        bar.set_message(format!(
+                            "loss {:.3} acc {:.2} dense {d:.3} shape {shape:.2}",
+                            s.loss, s.accuracy
+                        ));
+                        line["dense_loss"] = json!(d);
+                        line["dense_shape_accuracy"] = json!(shape);
+                    }
+                    None => bar.set_message(format!("loss {:.3} acc {:.2}", s.loss, s.accuracy)),
+                }
+                final_clip_loss = s.loss;
+                if s.step % 10 == 0 || s.step + 1 == cfg.clip.steps {
+                    metrics.push(line);
                 }
             },
         )?;
         bar.finish();
+        if let Some(task) = &dense {
+            // How well the tower LLaVA will read sees shapes on images it never trained on.
+            let grid = image_size / cfg.sizes.patch_size;
+            let held: Vec<_> = scenes
+                .iter()
+                .filter(|s| s.split.name() == cfg.eval_split)
+                .collect();
+            let names: Vec<String> = held.iter().map(|s| s.image.clone()).collect();
+            let held_pixels = PixelTable::load(world, &names, &images, image_size)?;
+            let targets = held.iter().map(|s| dense::cell_targets(s, grid)).collect();
+            let model = clip::clip_model(&clip_params, &clip_cfg, &device)?;
+            dense_shape_accuracy = Some(dense::heldout_shape_accuracy(
+                &model,
+                task,
+                &held_pixels,
+                targets,
+            )?);
+        }
     }
     let clip_tensors: HashMap<String, Tensor> = clip_params
         .iter()
@@ -499,7 +603,7 @@ pub fn run(
     save::write_weights(&clip_dir, &clip_tensors)?;
     let clip_seconds = t0.elapsed().as_secs_f64();
 
-    // LLaVA: the CLIP's vision tower, frozen, under LLaVA's names.
+    // LLaVA: the CLIP's vision tower (frozen unless tune_tower) under LLaVA's names.
     let t1 = Instant::now();
     let tower: HashMap<String, Tensor> = clip_tensors
         .iter()
@@ -606,6 +710,7 @@ pub fn run(
         sft_seconds,
         eval_seconds: t2.elapsed().as_secs_f64(),
         final_clip_loss,
+        dense_shape_accuracy,
         final_sft_loss,
         eval,
     };

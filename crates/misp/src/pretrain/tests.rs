@@ -269,9 +269,10 @@ fn clip_gradients_reach_every_parameter_and_training_lowers_the_loss() {
         &tok,
         &s.pixels,
         &few,
+        None,
         &cfg,
         &mut rng,
-        &mut |_, _, _, _| {},
+        &mut |_| {},
     )
     .unwrap();
     let model = clip::clip_model(&params, &s.clip_cfg, &Device::Cpu).unwrap();
@@ -281,6 +282,184 @@ fn clip_gradients_reach_every_parameter_and_training_lowers_the_loss() {
         loss1.to_scalar::<f32>().unwrap(),
     );
     assert!(l1 < l0 - 0.1, "CLIP loss {l0} -> {l1}");
+}
+
+#[test]
+fn dense_targets_map_patches_to_cells_and_leave_hidden_objects_out() {
+    use crate::world::scene::{Colour, Object, Scene, Shape, Size, Split, Visibility};
+    // 48 px / 16: patch = cell; 64 px / 16: centres at 8, 24, 40, 56 of cells [0, 21.3),
+    // [21.3, 42.7), [42.7, 64); 32 px / 16: centres 8 and 24 fall in cells 0 and 2.
+    assert_eq!(dense::patch_cells(3), (0..9).collect::<Vec<u32>>());
+    assert_eq!(
+        dense::patch_cells(4),
+        vec![0, 1, 1, 2, 3, 4, 4, 5, 3, 4, 4, 5, 6, 7, 7, 8]
+    );
+    assert_eq!(dense::patch_cells(2), vec![0, 2, 6, 8]);
+    let obj = |shape, colour, cell, visibility| Object {
+        shape,
+        colour,
+        size: Size::Large,
+        cell,
+        visibility,
+    };
+    let scene = Scene::new(
+        Split::Train,
+        0,
+        vec![
+            obj(Shape::Star, Colour::Blue, 0, Visibility::Clear),
+            obj(Shape::Ring, Colour::Red, 4, Visibility::Faint),
+            obj(Shape::Hexagon, Colour::Orange, 8, Visibility::Clear),
+        ],
+    );
+    let t = dense::cell_targets(&scene, 3);
+    let none_shape = Shape::ALL.len() as u32;
+    let none_colour = Colour::ALL.len() as u32;
+    let mut want_shape = vec![none_shape; 9];
+    let mut want_colour = vec![none_colour; 9];
+    want_shape[0] = Shape::Star.index() as u32;
+    want_colour[0] = 2; // blue
+    want_shape[8] = Shape::Hexagon.index() as u32;
+    want_colour[8] = 5; // orange
+    assert_eq!(
+        t.shape, want_shape,
+        "the faint ring in the center is not a target"
+    );
+    assert_eq!(t.colour, want_colour);
+    let t2 = dense::cell_targets(&scene, 2);
+    assert_eq!(
+        t2.shape,
+        vec![want_shape[0], none_shape, none_shape, want_shape[8]]
+    );
+}
+
+/// The dense task of the tiny world over fresh heads.
+fn dense_task(s: &Setup, rng: &mut StdRng) -> dense::DenseTask {
+    let v = &s.clip_cfg.vision_config;
+    dense::DenseTask {
+        heads: init::dense_head_params(v.hidden_size, rng, &Device::Cpu).unwrap(),
+        targets: scene_targets(
+            tiny_world(),
+            &read_scenes(tiny_world()).unwrap(),
+            &s.pixels,
+            v.grid(),
+        )
+        .unwrap(),
+        weight: 1.0,
+        layer: v.num_hidden_layers - 1,
+    }
+}
+
+#[test]
+fn dense_loss_gradients_match_finite_differences_and_training_lowers_it() {
+    let s = setup("dense");
+    let mut rng = StdRng::seed_from_u64(5);
+    let params = init::clip_params(&s.clip_cfg, &mut rng, &Device::Cpu).unwrap();
+    let task = dense_task(&s, &mut rng);
+    let images: Vec<usize> = (0..6).collect();
+    let px = s.pixels.batch(&images, &Device::Cpu).unwrap();
+    let loss_now = || {
+        let model = clip::clip_model(&params, &s.clip_cfg, &Device::Cpu).unwrap();
+        let (l, _, _) = dense::dense_loss(&model, &task, &px, &images).unwrap();
+        l
+    };
+    let loss0 = loss_now();
+    let grads = loss0.backward().unwrap();
+    // One element of each head's bias and weight, and of tower weights on the path (the patch
+    // embedding and layer 0) and off it (the last layer: LLaVA's features stop before it).
+    let probes: [(&str, usize, bool); 6] = [
+        ("dense.shape.bias", 3, true),
+        ("dense.colour.weight", 7, true),
+        ("dense.cell.bias", 1, true),
+        ("vision_model.embeddings.patch_embedding.weight", 11, true),
+        ("vision_model.encoder.layers.0.mlp.fc1.weight", 5, true),
+        ("vision_model.encoder.layers.1.mlp.fc1.weight", 5, false),
+    ];
+    let all: Vec<&(String, candle_core::Var)> = params.iter().chain(&task.heads).collect();
+    for (name, i, on_path) in probes {
+        let (_, var) = all.iter().find(|(n, _)| n == name).unwrap();
+        let g = grads.get(var.as_tensor());
+        if !on_path {
+            let zero = g.is_none_or(|g| {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    == 0.0
+            });
+            assert!(
+                zero,
+                "{name} is not read by the dense heads but got a gradient"
+            );
+            continue;
+        }
+        let g: Vec<f32> = g
+            .unwrap_or_else(|| panic!("no gradient for {name}"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let orig = var.as_tensor().copy().unwrap();
+        let flat: Vec<f32> = orig.flatten_all().unwrap().to_vec1().unwrap();
+        let h = 1e-2f32;
+        let at = |delta: f32| {
+            let mut x = flat.clone();
+            x[i] += delta;
+            var.set(&Tensor::from_vec(x, orig.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            loss_now().to_scalar::<f32>().unwrap()
+        };
+        let fd = (at(h) - at(-h)) / (2.0 * h);
+        var.set(&orig).unwrap();
+        assert!(
+            (fd - g[i]).abs() <= 5e-5 + 0.02 * fd.abs(),
+            "{name}[{i}]: autograd {}, finite difference {fd}",
+            g[i]
+        );
+    }
+    // Training with the dense task lowers its loss on these images.
+    let pairs: Vec<clip::Pair> = s
+        .rows
+        .iter()
+        .filter(|r| r.kind == "description")
+        .map(|r| clip::Pair {
+            image: s.pixels.index[&r.image],
+            text: r.response.clone(),
+        })
+        .filter(|p| images.contains(&p.image))
+        .collect();
+    let cfg = TrainConfig {
+        steps: 20,
+        batch: 6,
+        lr: 3e-3,
+        warmup: 0,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+    };
+    let tok = ClipTokenizer::load(&s.dir.join("clip")).unwrap();
+    let mut logged = 0;
+    clip::train_clip(
+        &params,
+        &s.clip_cfg,
+        &tok,
+        &s.pixels,
+        &pairs,
+        Some(&task),
+        &cfg,
+        &mut rng,
+        &mut |l| {
+            assert!(l.dense.is_some(), "dense loss logged");
+            logged += 1;
+        },
+    )
+    .unwrap();
+    assert_eq!(logged, cfg.steps);
+    let (l0, l1) = (
+        loss0.to_scalar::<f32>().unwrap(),
+        loss_now().to_scalar::<f32>().unwrap(),
+    );
+    assert!(l1 < l0 - 0.1, "dense loss {l0} -> {l1}");
 }
 
 #[test]
@@ -466,6 +645,31 @@ fn run_writes_both_folders_and_its_record() {
     assert!(out.join("pretrain_config.json").is_file());
     assert!(out.join("pretrain_metrics.jsonl").is_file());
     assert!(out.join("pretrain_report.json").is_file());
+    let acc = report
+        .dense_shape_accuracy
+        .expect("dense training is on by default");
+    assert!((0.0..=1.0).contains(&acc), "held-out shape accuracy {acc}");
+    // The tower is frozen by default: the LLaVA's is the CLIP's, bit for bit.
+    let load = |dir: &str| {
+        candle_core::safetensors::load(out.join(dir).join("model.safetensors"), &Device::Cpu)
+            .unwrap()
+    };
+    let (clip_w, llava_w) = (load("shapes-clip"), load("shapes-llava"));
+    let name = "vision_model.encoder.layers.0.mlp.fc1.weight";
+    let (a, b) = (&clip_w[name], &llava_w[&format!("vision_tower.{name}")]);
+    let diff = (a - b).unwrap().abs().unwrap().sum_all().unwrap();
+    assert_eq!(
+        diff.to_scalar::<f32>().unwrap(),
+        0.0,
+        "frozen tower changed"
+    );
+    assert!(
+        !llava_w
+            .keys()
+            .chain(clip_w.keys())
+            .any(|k| k.starts_with("dense.")),
+        "the dense heads stay out of both checkpoints"
+    );
     let eval = report.eval.expect("evaluated");
     assert_eq!(eval.pope.len(), 3);
     assert!(eval.chair.n > 0);

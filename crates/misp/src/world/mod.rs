@@ -73,7 +73,9 @@ pub const VERSION: u32 = 1;
 #[serde(default, deny_unknown_fields)]
 pub struct WorldConfig {
     pub seed: u64,
-    /// Side of the square images, in pixels.
+    /// Side of the square images, in pixels. 48 by default: with the shipped models' 16 px
+    /// patches each grid cell is exactly one patch (one image token per object); at 64 px cells
+    /// straddle patches and a tower this small never learned shapes (issue 8, session 6).
     pub image_size: u32,
     /// Scenes for supervised fine-tuning (and preference records).
     pub train_scenes: usize,
@@ -114,7 +116,7 @@ impl Default for WorldConfig {
     fn default() -> Self {
         WorldConfig {
             seed: 0,
-            image_size: 64,
+            image_size: 48,
             train_scenes: 2000,
             val_scenes: 150,
             test_scenes: 300,
