@@ -584,9 +584,13 @@ pub fn write_report(
         (Some(m), Some(r), Some(s)) => format!(
             "misp vs random: POPE-adversarial F1 {:.1} vs {:.1}, CHAIR_s {:.1} vs {:.1} — misp {} random here. Multi-negative (misp, random) vs single-negative mDPO: adversarial F1 {:.1} / {:.1} vs {:.1} — the multi-negative variants {} here. With {} seed(s), differences within a std are noise.",
             100.0 * m.0, 100.0 * r.0, 100.0 * m.1, 100.0 * r.1,
-            if m.0 > r.0 && m.1 <= r.1 { "beats" } else if m.0 >= r.0 || m.1 <= r.1 { "partly beats" } else { "does not beat" },
+            versus(m, r),
             100.0 * m.0, 100.0 * r.0, 100.0 * s.0,
-            if m.0.max(r.0) > s.0 { "do better" } else { "do not do better" },
+            match (m.0.max(r.0) - s.0) / TIE {
+                d if d >= 1.0 => "do better",
+                d if d > -1.0 => "do no better and no worse",
+                _ => "do worse",
+            },
             plan.seeds.len()
         ),
         _ => "Not all of misp, random and mdpo were evaluated; no ordering to report.".into(),
@@ -640,4 +644,43 @@ pub fn results_table(out: &Path) -> Result<String, DemoError> {
         );
     }
     Ok(s)
+}
+
+/// Metric differences smaller than this (0.05 points, half the report's last digit) are ties.
+const TIE: f64 = 5e-4;
+
+/// How `misp` compares with `random` on (POPE-adversarial F1, higher is better; CHAIR_s, lower
+/// is better), ties within [`TIE`] counting as neither.
+fn versus(misp: (f64, f64), random: (f64, f64)) -> &'static str {
+    let sign = |d: f64| {
+        if d >= TIE {
+            1
+        } else if d <= -TIE {
+            -1
+        } else {
+            0
+        }
+    };
+    match (sign(misp.0 - random.0), sign(random.1 - misp.1)) {
+        (0, 0) => "ties with",
+        (a, b) if a >= 0 && b >= 0 => "beats",
+        (a, b) if a <= 0 && b <= 0 => "does not beat",
+        _ => "partly beats",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::versus;
+
+    #[test]
+    fn ordering_words_follow_both_metrics_and_treat_ties_as_ties() {
+        // (adversarial F1, CHAIR_s): higher F1 and lower CHAIR_s are better.
+        assert_eq!(versus((0.796, 0.35), (0.796, 0.35)), "ties with");
+        assert_eq!(versus((0.80, 0.30), (0.79, 0.31)), "beats");
+        assert_eq!(versus((0.80, 0.31), (0.79, 0.31)), "beats");
+        assert_eq!(versus((0.758, 0.296), (0.754, 0.287)), "partly beats");
+        assert_eq!(versus((0.78, 0.32), (0.79, 0.31)), "does not beat");
+        assert_eq!(versus((0.79, 0.32), (0.79, 0.31)), "does not beat");
+    }
 }
