@@ -4,7 +4,9 @@
 //! order, and prints each one: world -> embed pool and records -> SAE -> mine (misp, random,
 //! similarity) -> train each variant for each seed from the shipped base -> POPE (3 splits) and
 //! CHAIR on the test split for the base and every run -> report. Every step's output folder is
-//! reused when it is complete, so an interrupted demo continues where it stopped.
+//! reused when it is complete, so an interrupted demo continues where it stopped. Reuse is only
+//! sound for the same base models: `DIR/demo_models.json` records their hash, and a folder made
+//! with other models is refused rather than silently mixed (or deleted).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -55,6 +57,49 @@ fn strings(parts: &[&str]) -> Vec<String> {
     parts.iter().map(|p| p.to_string()).collect()
 }
 
+/// Refuses an output folder whose finished steps were made with other base models (or by a misp
+/// from before the stamp existed); stamps a fresh one.
+fn check_models_stamp(out: &Path, clip: &Path, llava: &Path) -> anyhow::Result<()> {
+    let mut h = misp::train::reference::Fnv::default();
+    for dir in [clip, llava] {
+        misp::train::reference::hash_model(dir, &mut h)?;
+    }
+    let hash = format!("{:016x}", h.finish());
+    let stamp = out.join("demo_models.json");
+    let stale = |why: String| {
+        anyhow::anyhow!(
+            "{}: {why}; its embeddings, runs and evaluations would not match the models in use. Remove the folder or choose another --out",
+            out.display()
+        )
+    };
+    match std::fs::read_to_string(&stamp) {
+        Ok(text) => {
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("reading {}", stamp.display()))?;
+            let had = v.get("models_hash").and_then(|x| x.as_str()).unwrap_or("");
+            if had != hash {
+                return Err(stale(format!(
+                    "this demo was made with other base models (hash {had}, now {hash})"
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if out.join("world").exists() {
+                return Err(stale(
+                    "this demo was made by an earlier misp, with models it did not record".into(),
+                ));
+            }
+            misp::files::write_json_atomic(
+                &stamp,
+                &serde_json::json!({"models_hash": hash, "clip": clip, "llava": llava}),
+            )?;
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", stamp.display())),
+    }
+}
+
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let clip = a.models.join("shapes-clip");
@@ -71,6 +116,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let plan = DemoPlan::new(a.quick, a.seeds.clone(), a.validation);
     let out = &a.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    check_models_stamp(out, &clip, &llava)?;
     let mut timings: Vec<(String, f64)> = Vec::new();
     let mut timed =
         |name: &str, t: Instant| timings.push((name.to_string(), t.elapsed().as_secs_f64()));

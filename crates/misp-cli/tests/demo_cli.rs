@@ -77,3 +77,37 @@ fn a_missing_shipped_checkpoint_names_the_rebuild_command() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("misp world pretrain"), "{err}");
 }
+
+#[test]
+fn a_demo_folder_made_with_other_models_is_refused_not_mixed() {
+    let out = std::env::temp_dir().join(format!("misp-demo-stale-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let demo = |out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_misp"))
+            .args(["demo", "--quick", "--out", out.to_str().unwrap()])
+            .current_dir(root())
+            .output()
+            .expect("run misp demo")
+    };
+    // Stamped by other models.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("demo_models.json"),
+        r#"{"models_hash": "0123456789abcdef"}"#,
+    )
+    .unwrap();
+    let o = demo(&out);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("other base models"), "{err}");
+    assert!(err.contains("choose another --out"), "{err}");
+    // Made before stamps existed: a world but no stamp.
+    std::fs::remove_file(out.join("demo_models.json")).unwrap();
+    std::fs::create_dir_all(out.join("world")).unwrap();
+    let o = demo(&out);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("earlier misp"), "{err}");
+    assert!(out.join("world").is_dir(), "nothing was deleted");
+    let _ = std::fs::remove_dir_all(&out);
+}
