@@ -27,6 +27,17 @@ pub struct Pair {
     pub text: String,
 }
 
+/// The (image, description) pairs of `sft.jsonl`'s rows: what the CLIP is trained on.
+pub fn description_pairs(rows: &[super::SftRow], pixels: &PixelTable) -> Vec<Pair> {
+    rows.iter()
+        .filter(|r| r.kind == "description")
+        .map(|r| Pair {
+            image: pixels.index[&r.image],
+            text: r.response.clone(),
+        })
+        .collect()
+}
+
 /// A model built over the current values of `params` (it holds the `Var`s' tensors, so a
 /// backward pass through it reaches them).
 pub fn clip_model(

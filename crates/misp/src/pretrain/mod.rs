@@ -496,14 +496,7 @@ pub fn run(
     // CLIP.
     let t0 = Instant::now();
     let clip_tokenizer = ClipTokenizer::load(&clip_dir)?;
-    let pairs: Vec<clip::Pair> = rows
-        .iter()
-        .filter(|r| r.kind == "description")
-        .map(|r| clip::Pair {
-            image: pixels.index[&r.image],
-            text: r.response.clone(),
-        })
-        .collect();
+    let pairs = clip::description_pairs(&rows, &pixels);
     let clip_params = init::clip_params(&clip_cfg, &mut rng, &device)?;
     let mut final_clip_loss = f64::NAN;
     let mut dense_shape_accuracy = None;

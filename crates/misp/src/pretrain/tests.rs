@@ -219,15 +219,7 @@ fn clip_gradients_reach_every_parameter_and_training_lowers_the_loss() {
     let mut rng = StdRng::seed_from_u64(1);
     let params = init::clip_params(&s.clip_cfg, &mut rng, &Device::Cpu).unwrap();
     let tok = ClipTokenizer::load(&s.dir.join("clip")).unwrap();
-    let pairs: Vec<clip::Pair> = s
-        .rows
-        .iter()
-        .filter(|r| r.kind == "description")
-        .map(|r| clip::Pair {
-            image: s.pixels.index[&r.image],
-            text: r.response.clone(),
-        })
-        .collect();
+    let pairs = clip::description_pairs(&s.rows, &s.pixels);
     let batch: Vec<&clip::Pair> = pairs.iter().take(8).collect();
     let px = s
         .pixels
@@ -419,14 +411,8 @@ fn dense_loss_gradients_match_finite_differences_and_training_lowers_it() {
         );
     }
     // Training with the dense task lowers its loss on these images.
-    let pairs: Vec<clip::Pair> = s
-        .rows
-        .iter()
-        .filter(|r| r.kind == "description")
-        .map(|r| clip::Pair {
-            image: s.pixels.index[&r.image],
-            text: r.response.clone(),
-        })
+    let pairs: Vec<clip::Pair> = clip::description_pairs(&s.rows, &s.pixels)
+        .into_iter()
         .filter(|p| images.contains(&p.image))
         .collect();
     let cfg = TrainConfig {
