@@ -30,7 +30,7 @@ pub const GRID_CELLS: usize = 9;
 pub struct CellTargets {
     /// A [`Shape::index`], or `Shape::ALL.len()` for "no clearly visible object".
     pub shape: Vec<u32>,
-    /// A [`Colour`] index, or `Colour::ALL.len()` for none.
+    /// A [`Colour::index`], or `Colour::ALL.len()` for none.
     pub colour: Vec<u32>,
 }
 
@@ -53,7 +53,7 @@ pub fn cell_targets(scene: &Scene, grid: usize) -> CellTargets {
         if o.visibility == Visibility::Clear {
             let c = o.cell as usize;
             shape[c] = o.shape.index() as u32;
-            colour[c] = Colour::ALL.iter().position(|&x| x == o.colour).unwrap_or(0) as u32;
+            colour[c] = o.colour.index() as u32;
         }
     }
     let cells = patch_cells(grid);

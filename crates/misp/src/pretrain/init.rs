@@ -42,7 +42,15 @@ struct Builder<'a> {
     out: Params,
 }
 
-impl Builder<'_> {
+impl<'a> Builder<'a> {
+    fn new(rng: &'a mut StdRng, device: &'a Device) -> Self {
+        Self {
+            rng,
+            device,
+            out: Vec::new(),
+        }
+    }
+
     fn push(&mut self, name: String, t: Tensor) -> candle_core::Result<()> {
         self.out.push((name, Var::from_tensor(&t)?));
         Ok(())
@@ -129,11 +137,7 @@ pub fn clip_params(
     rng: &mut StdRng,
     device: &Device,
 ) -> candle_core::Result<Params> {
-    let mut b = Builder {
-        rng,
-        device,
-        out: Vec::new(),
-    };
+    let mut b = Builder::new(rng, device);
     let t = &cfg.text_config;
     b.random(
         "text_model.embeddings.token_embedding.weight".into(),
@@ -198,11 +202,7 @@ pub fn llava_trainable_params(
     rng: &mut StdRng,
     device: &Device,
 ) -> candle_core::Result<Params> {
-    let mut b = Builder {
-        rng,
-        device,
-        out: Vec::new(),
-    };
+    let mut b = Builder::new(rng, device);
     let (v, t) = (cfg.vision_config.hidden_size, &cfg.text_config);
     let (d, hd) = (t.hidden_size, t.head_dim());
     let (h, kv) = (t.num_attention_heads, t.kv_heads());
@@ -238,11 +238,7 @@ pub fn dense_head_params(
     rng: &mut StdRng,
     device: &Device,
 ) -> candle_core::Result<Params> {
-    let mut b = Builder {
-        rng,
-        device,
-        out: Vec::new(),
-    };
+    let mut b = Builder::new(rng, device);
     for (name, out) in super::dense::HEAD_NAMES
         .iter()
         .zip(super::dense::head_sizes())

@@ -102,6 +102,11 @@ impl Colour {
         }
     }
 
+    /// Position in [`Colour::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// Saturated, so that every colour stands out from the muted backgrounds.
     pub fn rgb(self) -> [u8; 3] {
         match self {
