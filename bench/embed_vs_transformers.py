@@ -1,13 +1,15 @@
 """Images/s of `misp embed pool` against transformers on the same machine, in one run.
 
-Issue #4's target: a ViT-B/32-sized CLIP (random weights, 224 px), CPU, same images, same
-threads; misp's images/s divided by transformers' should be >= 1.0. Both sides count decoding,
+A ViT-B/32-sized CLIP (random weights, 224 px), CPU, the same `--images` JPEGs, batch size and
+threads on both sides; prints both images/s and misp / transformers. Both sides count decoding,
 preprocessing (transformers: CLIPImageProcessor, PIL backend) and the image tower with its
 projection and L2 normalisation, and exclude model loading.
 
-Needs: a release build (`cargo build --release -p misp-cli`) and a Python with torch,
-transformers and Pillow (the fixture venv: /work/.venv-ref). Run from the repository root:
-    /work/.venv-ref/bin/python bench/embed_vs_transformers.py [--images 256] [--threads 2]
+Needs: a release build (`cargo build --release -p misp-cli`; `--misp` names another binary) and
+torch, transformers and Pillow: run it from the repository root in the
+reference venv made by bench/setup-reference-env.sh (pins in bench/requirements.txt):
+    python bench/embed_vs_transformers.py [--images 256] [--threads 2]
+Figures and the machine they were measured on: bench/README.md.
 """
 
 import argparse
@@ -22,11 +24,13 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--images", type=int, default=256)
 ap.add_argument("--batch", type=int, default=32)
 ap.add_argument("--threads", type=int, default=os.cpu_count())
-ap.add_argument("--misp", default="target/release/misp")
+ap.add_argument("--misp", default=os.path.join(ROOT, "target", "release", "misp"))
 ap.add_argument("--keep", action="store_true", help="keep the checkpoint and images (for profiling)")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)

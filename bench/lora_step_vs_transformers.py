@@ -1,9 +1,9 @@
 """Tokens/s of a LoRA training step and of greedy generation: `misp bench model` against
 transformers + peft on the same checkpoint, CPU, same threads, in one run.
 
-Issue #5's targets: forward+backward tokens/s of a LoRA step on a small LLaVA (LLaMA 4 layers,
-hidden 256; 64 image tokens; batch 5), misp / transformers >= 1.0; greedy generation tokens/s,
-misp / transformers >= 1.0.
+Prints forward+backward tokens/s of a LoRA step on a small LLaVA (LLaMA 4 layers, hidden 256; 64
+image tokens; batch 5) and greedy generation tokens/s for both sides, their ratios misp /
+transformers, and each process's peak RSS.
 
 The model is a random LlavaForConditionalGeneration: CLIP tower hidden 128, 4 layers, 64 px,
 patch 8 (8 x 8 = 64 image tokens after the CLS is dropped); LLaMA hidden 256, 4 layers, 4
@@ -18,9 +18,11 @@ with the checkpoint so it is a complete one; the timing inputs are random ids). 
   Each figure is the fastest of `--repeat` runs after one warm-up; tokens/s counts all tokens
   of the batch (train) or the new tokens (generate, prefill included in the time).
 
-Needs: a release build (`cargo build --release -p misp-cli`) and the fixture venv
-(/work/.venv-ref: torch, transformers 5.24, peft 0.21). Run from the repository root:
-    /work/.venv-ref/bin/python bench/lora_step_vs_transformers.py [--seq-len 256] [--threads 2]
+Needs: a release build (`cargo build --release -p misp-cli`; `--misp` names another binary) and
+torch 2.15.0, transformers 5.24.0, peft 0.21.2: run it from the repository root in the
+reference venv made by bench/setup-reference-env.sh (pins in bench/requirements.txt):
+    python bench/lora_step_vs_transformers.py [--seq-len 256] [--threads 2] [--repeat 3]
+Figures and the machine they were measured on: bench/README.md.
 """
 
 import argparse
@@ -41,6 +43,7 @@ from peft import get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ap = argparse.ArgumentParser()
 ap.add_argument("--batch", type=int, default=5)
 ap.add_argument("--seq-len", type=int, default=256)
@@ -50,7 +53,7 @@ ap.add_argument("--new-tokens", type=int, default=32)
 ap.add_argument("--rank", type=int, default=64)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--repeat", type=int, default=3)
-ap.add_argument("--misp", default="target/release/misp")
+ap.add_argument("--misp", default=os.path.join(ROOT, "target", "release", "misp"))
 ap.add_argument("--keep", action="store_true", help="keep the checkpoint folder")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)

@@ -1,8 +1,9 @@
 """Questions/s of `misp eval pope` against transformers' greedy generation, on CPU, in one run.
 
-Issue #7's target: a small LLaVA (random weights), the same POPE questions and images, the same
-threads, batch size and number of new tokens on both sides; misp's questions/s divided by
-transformers' should be >= 1.0. Both sides count image decoding and preprocessing, prompt
+A small LLaVA (random weights), the same POPE questions and images, the same threads, batch size
+and number of new tokens on both sides; prints both questions/s and misp / transformers (best of
+`--repeats` alternating runs, and the median ratio), and counts the identical answers. Both
+sides count image decoding and preprocessing, prompt
 encoding, the vision tower, prefill and greedy decoding, and exclude model loading (misp's time
 is the one `misp eval pope` reports for its answering loop).
 
@@ -14,9 +15,11 @@ the largest of ~500 random logits is positive: EOS never wins and every answer i
 The model: CLIP tower 64 px, patch 8 (64 image tokens), hidden 128, 4 layers; LLaMA hidden 256,
 4 layers, 4 heads, a ~500-token BPE tokenizer (Llama-style Metaspace, `<image>` last).
 
-Needs: a release build (`cargo build --release -p misp-cli`) and a Python with torch,
-transformers, tokenizers and Pillow (the fixture venv: /work/.venv-ref). From the repository root:
-    /work/.venv-ref/bin/python bench/pope_vs_transformers.py [--questions 128] [--threads 2] [--repeats 3]
+Needs: a release build (`cargo build --release -p misp-cli`; `--misp` names another binary) and
+torch, transformers, tokenizers and Pillow: run it from the repository root in the
+reference venv made by bench/setup-reference-env.sh (pins in bench/requirements.txt):
+    python bench/pope_vs_transformers.py [--questions 128] [--threads 2] [--repeats 3]
+Figures and the machine they were measured on: bench/README.md.
 """
 
 import argparse
@@ -31,7 +34,7 @@ import tempfile
 import time
 
 # OpenMP threads that spin while waiting collapse when the cores are shared (another build, a
-# second benchmark side): measured here at 2 threads on 2 busy cores, torch ran 6x slower with
+# second benchmark side): at 2 threads on a 2-core Xeon with both cores busy, torch ran 6x slower with
 # the default active wait than with the passive one, which flatters misp. Passive unless the
 # caller says otherwise; set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -50,13 +53,14 @@ from transformers import (  # noqa: E402
     LlavaProcessor,
 )
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ap = argparse.ArgumentParser()
 ap.add_argument("--questions", type=int, default=128)
 ap.add_argument("--batch", type=int, default=8)
 ap.add_argument("--new-tokens", type=int, default=8)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--repeats", type=int, default=3)
-ap.add_argument("--misp", default="target/release/misp")
+ap.add_argument("--misp", default=os.path.join(ROOT, "target", "release", "misp"))
 ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)

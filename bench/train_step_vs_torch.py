@@ -1,7 +1,9 @@
 """Records/s of a MISP-DPO training step: `misp train` against the same step written with
 transformers + peft + torch, CPU, same threads, same data, in one run.
 
-Issue #6's target: step throughput (records/s) on a small config, misp / torch >= 1.0.
+Prints step throughput (records/s) of both sides on a small config and misp / torch, plus misp's
+epoch 1 and epoch 2 step times (epoch 2 reads the cached reference log-probs) and torch's untimed
+reference pass.
 
 The model is a random LlavaForConditionalGeneration in HF layout (as in
 `lora_step_vs_transformers.py`): CLIP tower hidden 128, 4 layers, 64 px, patch 8 (64 image
@@ -16,7 +18,7 @@ one token. The data set is written the way `misp embed` / `misp mine` would leav
     proposal probability `q` (so `configs/misp.toml`'s `expect_strategies` is met and the
     importance-sampling estimator of Eq. 8 is on).
 Both sides use the same ids (the Python side encodes with the checkpoint's tokenizer.json the
-way `crates/misp/src/model/processor.rs` does), the same images and the same settings: LoRA r 64,
+way `crates/misp/src/model/llava/processor.rs` does), the same images and the same settings: LoRA r 64,
 alpha 128, dropout 0.05 on q,k,v,o,gate,up,down of the language model, beta 0.5, lambda 1,
 AdamW lr 1e-5 / weight decay 0.05, cosine schedule with warmup 0.1, clipping 1.0, effective
 batch `--batch-size` records accumulated over micro-batches of `--micro-batch-size` records.
@@ -46,11 +48,13 @@ What is timed:
     including the metrics lines and, for the last epoch, the final checkpoint) are printed
     beside the derived sums as a check.
 
-Needs: a release build (`cargo build --release -p misp-cli`) and the fixture venv
-(/work/.venv-ref: torch, transformers 5.24, peft 0.21). Run from the repository root:
-    /work/.venv-ref/bin/python bench/train_step_vs_torch.py --threads 1
-    /work/.venv-ref/bin/python bench/train_step_vs_torch.py --threads 1 --records 4 --batch-size 2 \
+Needs: a release build (`cargo build --release -p misp-cli`; `--misp` names another binary) and
+torch 2.15.0, transformers 5.24.0, peft 0.21.2: run it from the repository root in the
+reference venv made by bench/setup-reference-env.sh (pins in bench/requirements.txt):
+    python bench/train_step_vs_torch.py --threads 1
+    python bench/train_step_vs_torch.py --threads 1 --records 4 --batch-size 2 \
         --micro-batch-size 1          # a quick smoke run
+Figures and the machine they were measured on: bench/README.md.
 """
 
 import argparse
@@ -78,6 +82,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                           get_cosine_schedule_with_warmup)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--threads", type=int, default=1)
 ap.add_argument("--records", type=int, default=32)
@@ -85,8 +90,8 @@ ap.add_argument("--batch-size", type=int, default=8, help="records per optimiser
 ap.add_argument("--micro-batch-size", type=int, default=2, help="records per forward")
 ap.add_argument("--seq-text", type=int, default=32, help="text tokens per response (EOS not counted)")
 ap.add_argument("--pool", type=int, default=16, help="pool images")
-ap.add_argument("--misp", default="target/release/misp")
-ap.add_argument("--config", default="configs/misp.toml")
+ap.add_argument("--misp", default=os.path.join(ROOT, "target", "release", "misp"))
+ap.add_argument("--config", default=os.path.join(ROOT, "configs", "misp.toml"))
 ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
 args = ap.parse_args()
 if args.micro_batch_size > args.batch_size:

@@ -1,12 +1,17 @@
 """Where a world LLaVA looks when it names the shape in "What is in the {cell}?": attention of the
 position predicting the shape word, per layer and head, to the asked cell's image token, the
-other image tokens and the text (issue 8 diagnostic, session 6). Env: none; needs /tmp/w48m. Run:
-    /work/.venv-ref/bin/python bench/world_grounding/attention_readout.py /tmp/diag/torch_llava
+other image tokens and the text, averaged over the first clearly visible object of each val
+scene (ShapesWorld grounding diagnostic). Argument: a LLaVA folder, e.g. one torch_sft.py saved.
+Env: WORLD (required).
+Run from the repository root in the reference venv (bench/setup-reference-env.sh; torch 2.15.0,
+transformers 5.24.0); the folders are described in paths.py and bench/README.md.
+    WORLD=out/w48m python bench/world_grounding/attention_readout.py out/diag/torch_llava
 """
 import json, torch, os, sys
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
-mdir=sys.argv[1]; world="/tmp/w48m"
+import paths
+mdir=sys.argv[1]; world=paths.world()
 proc=AutoProcessor.from_pretrained(mdir); tok=proc.tokenizer; model=LlavaForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval()
 CELLS=["top left","top middle","top right","middle left","center","middle right","bottom left","bottom middle","bottom right"]
 tot=torch.zeros(2,4,3); n=0

@@ -1,15 +1,20 @@
-"""Dense per-cell pretraining of the world's CLIP tower (issue 8 diagnostic, session 7): every
+"""Dense per-cell pretraining of the world's CLIP tower in torch (ShapesWorld grounding diagnostic;
+`misp world pretrain`'s dense loss, crates/misp/src/pretrain/dense.rs, does the same): every
 patch token of hidden state LAYER (default 1 = the LLaVA's vision_feature_layer -2 of a 2-layer
 tower) predicts the shape (8 + "none") and colour (6 + "none") of the clearly visible object in its
 grid cell (POSLOSS=1: and its cell index); 48 px / patch 16 makes one cell exactly one patch. Saves the tower's state dict to OUT
-for readout_bisect.py (TOWER=OUT). Needs /tmp/w48m and /tmp/p48 (bench/README.md). Run:
-    OUT=/tmp/diag/dense_tower.pt /work/.venv-ref/bin/python bench/world_grounding/dense_tower.py
+for readout_bisect.py and torch_sft.py (TOWER=OUT; default out/diag/dense_tower.pt). Env: WORLD,
+PRETRAINED (its processor and the tower's config; required), LAYER, STEPS, POSLOSS, OUT.
+Run from the repository root in the reference venv (bench/setup-reference-env.sh; torch 2.15.0,
+transformers 5.24.0); the folders are described in paths.py and bench/README.md.
+    WORLD=out/w48m PRETRAINED=out/p48 python bench/world_grounding/dense_tower.py
 """
 import json, os, random, time, torch
 from PIL import Image
 from transformers import CLIPVisionModel, CLIPImageProcessor, LlavaForConditionalGeneration
+import paths
 torch.set_num_threads(2); torch.manual_seed(0)
-world = os.environ.get("WORLD", "/tmp/w48m"); ip = CLIPImageProcessor.from_pretrained("/tmp/p48/shapes-clip")
+world = paths.world(); ip = CLIPImageProcessor.from_pretrained(paths.pretrained("shapes-clip"))
 sc = [json.loads(l) for l in open(f"{world}/scenes.jsonl")]
 shapes = ["circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon"]
 colours = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -24,7 +29,7 @@ def load(split):
     sh, co = zip(*map(labels, ss))
     return x, torch.tensor(sh), torch.tensor(co)
 Xtr, Str, Ctr = load("train"); Xva, Sva, Cva = load("val")
-m = CLIPVisionModel(LlavaForConditionalGeneration.from_pretrained("/tmp/p48/shapes-llava").config.vision_config)
+m = CLIPVisionModel(LlavaForConditionalGeneration.from_pretrained(paths.pretrained("shapes-llava")).config.vision_config)
 hs, hc, hp = torch.nn.Linear(64, 9), torch.nn.Linear(64, 7), torch.nn.Linear(64, 9)
 params = list(m.parameters()) + list(hs.parameters()) + list(hc.parameters()) + list(hp.parameters())
 CELL = torch.arange(9)
@@ -45,4 +50,4 @@ for step in range(int(os.environ.get("STEPS", "801"))):
             ps, pc, _ = fwd(Xva); obj = Sva < 8
             print(step, round(loss.item(), 3), "val shape acc (objects)", round((ps.argmax(-1) == Sva)[obj].float().mean().item(), 3),
                   "colour", round((pc.argmax(-1) == Cva)[obj].float().mean().item(), 3), round(time.time() - t0), flush=True)
-torch.save(m.state_dict(), os.environ.get("OUT", "/tmp/diag/dense_tower.pt"))
+torch.save(m.state_dict(), paths.output("OUT", "dense_tower.pt"))

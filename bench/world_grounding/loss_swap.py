@@ -1,13 +1,17 @@
 """SFT loss of a world LLaVA per sft.jsonl kind, with each row's own image and with the images
 shuffled among rows: a kind whose loss does not rise when the image is swapped is answered from
-the text alone (issue 8 diagnostic, session 6). Env: WORLD (default /tmp/world). Run:
-    /work/.venv-ref/bin/python bench/world_grounding/loss_swap.py models/shapes-llava
+the text alone (ShapesWorld grounding diagnostic). 256 sft.jsonl rows drawn with seed 0. Argument:
+a LLaVA folder. Env: WORLD (required; the world the model was trained on).
+Run from the repository root in the reference venv (bench/setup-reference-env.sh; torch 2.15.0,
+transformers 5.24.0); the folders are described in paths.py and bench/README.md.
+    WORLD=out/world python bench/world_grounding/loss_swap.py models/shapes-llava
 """
 import json, random, torch, sys, os
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+import paths
 torch.set_num_threads(2); torch.manual_seed(0)
-mdir = sys.argv[1]; world=os.environ.get("WORLD","/tmp/world")
+mdir = sys.argv[1]; world=paths.world()
 proc = AutoProcessor.from_pretrained(mdir); tok = proc.tokenizer
 model = LlavaForConditionalGeneration.from_pretrained(mdir).eval()
 ntok = model.config.image_seq_length if hasattr(model.config,"image_seq_length") else 16

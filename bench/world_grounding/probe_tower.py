@@ -1,13 +1,18 @@
 """Linear probe: do the world tower's layer -2 patch features (what the LLaVA reads) tell which
 shapes are clearly visible in a picture? Prints val accuracy per shape next to the base rate.
-(issue 8 diagnostic, session 5; needs the fixture venv and /tmp/world.) Run:
-    /work/.venv-ref/bin/python bench/world_grounding/probe_tower.py
+(ShapesWorld grounding diagnostic.) Argument: a LLaVA folder (default models/shapes-llava of the
+repository). Env: WORLD (required).
+Run from the repository root in the reference venv (bench/setup-reference-env.sh; torch 2.15.0,
+transformers 5.24.0); the folders are described in paths.py and bench/README.md.
+    WORLD=out/world python bench/world_grounding/probe_tower.py [models/shapes-llava]
 """
 import json, torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+import sys
+import paths
 torch.manual_seed(0)
-mdir="/work/main/models/shapes-llava"; world="/tmp/world"
+mdir=sys.argv[1] if len(sys.argv) > 1 else str(paths.MODELS / "shapes-llava"); world=paths.world()
 proc=AutoProcessor.from_pretrained(mdir); model=LlavaForConditionalGeneration.from_pretrained(mdir).eval()
 sc=[json.loads(l) for l in open(f"{world}/scenes.jsonl")]
 tr=[s for s in sc if s["split"]=="train"][:1500]; va=[s for s in sc if s["split"]=="val"]

@@ -1,17 +1,22 @@
-"""Bisect of the shape readout (issue 8 diagnostic, session 6): tower -> layer -2 patch tokens ->
+"""Bisect of the shape readout (ShapesWorld grounding diagnostic): tower -> layer -2 patch tokens ->
 projector -> [9 image tokens, a learned query for the asked cell] -> LAYERS causal pre-norm
 transformer layers -> RMSNorm -> shape head, all trained together. POS=1 adds learned positions;
 ROUTE=1 lets the query attend only to its own cell's token (hard routing); TOWER=path starts from a
-tower state dict saved by dense_tower.py, FREEZE=1 keeps the tower fixed. Session 6, 600 steps of
-batch 32: LAYERS=2 or 1: 0.23-0.25 val shape accuracy; ROUTE=1: 0.76 (cell_readout.py, no
-attention: 0.85). Needs /tmp/w48m and /tmp/p48 (bench/README.md). Run:
-    ROUTE=1 POS=1 LAYERS=1 /work/.venv-ref/bin/python bench/world_grounding/readout_bisect.py
+tower state dict saved by dense_tower.py, FREEZE=1 keeps the tower fixed. Measured 2026-11-26
+(commit d401b94) with a fresh tower on the 48 px world, 600 steps of batch 32: LAYERS=2 or 1:
+0.23-0.25 val shape accuracy; ROUTE=1: 0.76 (cell_readout.py, no attention: 0.85). Env: WORLD,
+PRETRAINED (its processor and the tower's config; required), POS, ROUTE, LAYERS, TOWER, FREEZE,
+QSTD, STEPS.
+Run from the repository root in the reference venv (bench/setup-reference-env.sh; torch 2.15.0,
+transformers 5.24.0); the folders are described in paths.py and bench/README.md.
+    WORLD=out/w48m PRETRAINED=out/p48 ROUTE=1 POS=1 LAYERS=1 python bench/world_grounding/readout_bisect.py
 """
 import json, torch, os, random
 from PIL import Image
 from transformers import CLIPVisionModel, CLIPImageProcessor, LlavaForConditionalGeneration
+import paths
 torch.set_num_threads(2); torch.manual_seed(0)
-world="/tmp/w48m"; ip=CLIPImageProcessor.from_pretrained("/tmp/p48/shapes-clip")
+world=paths.world(); ip=CLIPImageProcessor.from_pretrained(paths.pretrained("shapes-clip"))
 sc=[json.loads(l) for l in open(f"{world}/scenes.jsonl")]
 shapes=["circle","square","triangle","diamond","cross","ring","star","hexagon"]
 def items(split):
@@ -20,7 +25,7 @@ tr,va=items("train"),items("val"); cache={}
 def px(p):
     if p not in cache: cache[p]=ip(images=Image.open(f"{world}/{p}").convert("RGB"),return_tensors="pt")["pixel_values"][0]
     return cache[p]
-m=CLIPVisionModel(LlavaForConditionalGeneration.from_pretrained("/tmp/p48/shapes-llava").config.vision_config)
+m=CLIPVisionModel(LlavaForConditionalGeneration.from_pretrained(paths.pretrained("shapes-llava")).config.vision_config)
 if os.environ.get("TOWER"): m.load_state_dict(torch.load(os.environ["TOWER"]))
 proj=torch.nn.Sequential(torch.nn.Linear(64,128),torch.nn.GELU(),torch.nn.Linear(128,128))
 cellq=torch.nn.Embedding(9,128); torch.nn.init.normal_(cellq.weight,std=float(os.environ.get("QSTD","0.02")))

@@ -1,14 +1,18 @@
 """Does a world LLaVA read shapes when it describes a scene? Teacher-forced accuracy of its argmax on
-the shape words of val descriptions, with the scene's own image and with another scene's (issue 8
-diagnostic, session 7). A model that reads shapes scores much higher with its own image; one that
-names shapes from the text prior scores the same with both. Env: WORLD (default /tmp/w48m). Run:
-    /work/.venv-ref/bin/python bench/world_grounding/shape_words.py models/shapes-llava
+the shape words of val descriptions (the first 150 description records of records_val.jsonl), with
+the scene's own image and with another scene's (ShapesWorld grounding diagnostic). A model that
+reads shapes scores much higher with its own image; one that names shapes from the text prior
+scores the same with both. Argument: a LLaVA folder. Env: WORLD (required).
+Run from the repository root in the reference venv (bench/setup-reference-env.sh; torch 2.15.0,
+transformers 5.24.0); the folders are described in paths.py and bench/README.md.
+    WORLD=out/world python bench/world_grounding/shape_words.py models/shapes-llava
 """
 import json, os, random, sys, torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+import paths
 torch.set_num_threads(2)
-mdir = sys.argv[1]; world = os.environ.get("WORLD", "/tmp/w48m")
+mdir = sys.argv[1]; world = paths.world()
 proc = AutoProcessor.from_pretrained(mdir); tok = proc.tokenizer
 model = LlavaForConditionalGeneration.from_pretrained(mdir).eval()
 shapes = ["circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon"]

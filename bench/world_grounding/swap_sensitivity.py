@@ -1,18 +1,21 @@
-"""Does the world LLaVA look at the image? (issue 8 diagnostic, session 5)
+"""Does the world LLaVA look at the image? (ShapesWorld grounding diagnostic)
 
 Accuracy of its yes/no logit on "Is there a X in the image?" for 60 scenes x 3 shapes, and how much
-swapping the image for another scene's moves that logit (0 = blind). Needs the fixture venv and a
-world: `misp world generate --out /tmp/world`. Env: WORLD, SPLIT, SUF (text after the question;
-default POPE's "Answer the question using a single word or phrase."; SUF="" asks as the SFT
-data does). Run:
-    SPLIT=val /work/.venv-ref/bin/python bench/world_grounding/swap_sensitivity.py models/shapes-llava
+swapping the image for another scene's moves that logit (0 = blind). Argument: a LLaVA folder
+(default models/shapes-llava of the repository). Env: WORLD (required; e.g. made by
+`misp world generate --out out/world`), SPLIT, SUF (text after the question; default POPE's
+"Answer the question using a single word or phrase."; SUF="" asks as the SFT data does).
+Run from the repository root in the reference venv (bench/setup-reference-env.sh; torch 2.15.0,
+transformers 5.24.0); the folders are described in paths.py and bench/README.md.
+    WORLD=out/world SPLIT=val python bench/world_grounding/swap_sensitivity.py models/shapes-llava
 """
 import json, random, torch, sys, os
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+import paths
 torch.set_num_threads(1)
-mdir = sys.argv[1] if len(sys.argv) > 1 else "/work/main/models/shapes-llava"
-world = os.environ.get("WORLD","/tmp/world")
+mdir = sys.argv[1] if len(sys.argv) > 1 else str(paths.MODELS / "shapes-llava")
+world = paths.world()
 proc = AutoProcessor.from_pretrained(mdir)
 model = LlavaForConditionalGeneration.from_pretrained(mdir).eval()
 scenes = {json.loads(l)["id"]: json.loads(l) for l in open(f"{world}/scenes.jsonl")}

@@ -1,17 +1,21 @@
 """The world CLIP trained by torch + transformers on the descriptions (same config and schedule as
-misp world pretrain), then a linear probe of its tower for the clearly visible shapes (issue 8
-diagnostics, sessions 5-6). MISPINIT=1 uses the old flat N(0, 0.02) init (session 4's failure);
+misp world pretrain), then a linear probe of its tower for the clearly visible shapes (ShapesWorld
+grounding diagnostic). MISPINIT=1 uses a flat N(0, 0.02) init (misp world pretrain's init before
+commit 9fe8a3d of 2026-11-26, which left the CLIP at contrastive loss 3.0);
 NEG=1 adds one hard-negative caption per image (one shape word swapped, NegCLIP-style); OBJ=p
 replaces a description by a single-object phrase ("A large green triangle.") with probability p.
-Env also: STEPS, LR, PATCH, CDIR (config + processor; default /tmp/p48/shapes-clip), WORLD
-(default /tmp/w48m), OUTC. Run:
-    NEG=1 STEPS=800 /work/.venv-ref/bin/python bench/world_grounding/torch_clip.py
+Env also: STEPS, LR, PATCH, CDIR (config + processor; default PRETRAINED/shapes-clip), WORLD
+(required), OUTC (where to save; default out/diag/torch_clip).
+Run from the repository root in the reference venv (bench/setup-reference-env.sh; torch 2.15.0,
+transformers 5.24.0); the folders are described in paths.py and bench/README.md.
+    WORLD=out/w48m PRETRAINED=out/p48 NEG=1 STEPS=800 python bench/world_grounding/torch_clip.py
 """
 import json, random, time, torch, os
 from PIL import Image
 from transformers import CLIPModel, CLIPConfig, PreTrainedTokenizerFast, CLIPImageProcessor
+import paths
 torch.set_num_threads(2); torch.manual_seed(0)
-cdir=os.environ.get("CDIR","/tmp/p48/shapes-clip"); world=os.environ.get("WORLD","/tmp/w48m")
+cdir=os.environ.get("CDIR") or paths.pretrained("shapes-clip"); world=paths.world()
 cfg=CLIPConfig.from_pretrained(cdir)
 P=int(os.environ.get("PATCH","16")); cfg.vision_config.patch_size=P
 model=CLIPModel(cfg)
@@ -57,7 +61,7 @@ for step in range(steps):
     if step%100==0 or step==steps-1:
         acc=(out.logits_per_image.argmax(1)==torch.arange(64)).float().mean().item()
         print(step, round(out.loss.item(),3), round(acc,3), round(time.time()-t0,1), flush=True)
-model.save_pretrained(os.environ.get("OUTC","/tmp/diag/torch_clip"))
+model.save_pretrained(paths.output("OUTC","torch_clip"))
 # probe layer-1 patch features for clear shapes
 sc=[json.loads(l) for l in open(f"{world}/scenes.jsonl")]
 tr=[s for s in sc if s["split"]=="train"]; va=[s for s in sc if s["split"]=="val"]

@@ -1,18 +1,22 @@
-"""The world LLaVA architecture trained by torch + transformers: does it learn to look? (issue 8
-diagnostics, sessions 5-6). Env: MDIR (start checkpoint; default /tmp/p48/shapes-llava), WORLD
-(default /tmp/w48m), KINDS (comma list of sft.jsonl kinds, `all`, or `none`; default the existence
+"""The world LLaVA architecture trained by torch + transformers: does it learn to look? (ShapesWorld
+grounding diagnostic.) Env: MDIR (start checkpoint; default PRETRAINED/shapes-llava), WORLD
+(required), KINDS (comma list of sft.jsonl kinds, `all`, or `none`; default the existence
 questions), WHAT=1 (add "What is in the {cell}?" -> "A {size} {colour} {shape}." rows for every
 clearly visible object), ONE=1 (those rows from one-object scenes only), STEPS, LR, TOWERLR (tower +
 projector), REINIT=1 (fresh LLM + projector) or REINIT=all, FRESHTOWER=1 (fresh CLIP tower), OUTD
-(where to save; default /tmp/diag/torch_llava), TOWER (a dense_tower.py state dict), FREEZETOWER=1. Score the result with what_accuracy.py. Run:
-    WHAT=1 KINDS=none STEPS=1500 /work/.venv-ref/bin/python bench/world_grounding/torch_sft.py
+(where to save; default out/diag/torch_llava), TOWER (a dense_tower.py state dict), FREEZETOWER=1.
+Score the result with what_accuracy.py.
+Run from the repository root in the reference venv (bench/setup-reference-env.sh; torch 2.15.0,
+transformers 5.24.0); the folders are described in paths.py and bench/README.md.
+    WORLD=out/w48m PRETRAINED=out/p48 WHAT=1 KINDS=none STEPS=1500 python bench/world_grounding/torch_sft.py
 """
 # Does the same LLaVA architecture learn to look when trained by torch on the same data?
 import json, random, sys, time, torch, os
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+import paths
 torch.set_num_threads(2); torch.manual_seed(0)
-mdir = os.environ.get("MDIR","/tmp/p48/shapes-llava"); world = os.environ.get("WORLD","/tmp/w48m")
+mdir = os.environ.get("MDIR") or paths.pretrained("shapes-llava"); world = paths.world()
 proc = AutoProcessor.from_pretrained(mdir); tok = proc.tokenizer
 model = LlavaForConditionalGeneration.from_pretrained(mdir)
 if os.environ.get("FRESHTOWER"):
@@ -70,4 +74,4 @@ for step in range(steps):
     opt.zero_grad(); out.loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
     if step % 50 == 0 or step == steps - 1:
         print(step, round(out.loss.item(), 3), round(time.time() - t0, 1), flush=True)
-model.eval(); od=os.environ.get("OUTD","/tmp/diag/torch_llava"); model.save_pretrained(od); proc.save_pretrained(od)
+model.eval(); od=paths.output("OUTD","torch_llava"); model.save_pretrained(od); proc.save_pretrained(od)

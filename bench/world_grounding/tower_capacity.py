@@ -1,17 +1,21 @@
 """Can the world's CLIP tower learn shapes at all when supervised directly? A multi-label head
 (which shapes are clearly visible) on the tower's class token (POOL=cls) or max-pooled patches
-(POOL=max) of hidden state LAYER, tower trained with it (issue 8 diagnostic, session 6).
-Env: WORLD, IMG (processor size), PATCH, MODE=fresh|pre (pre: start from CDIR's tower), LABEL=colour
-(colours instead of shapes), STEPS. Session 6: 64 px / patch 16 (grid cells straddle patches)
-stays at the base rate 0.76; 48 px / patch 16 (one cell = one patch) reaches 0.95. Run:
-    IMG=48 PATCH=16 WORLD=/tmp/w48m STEPS=801 /work/.venv-ref/bin/python bench/world_grounding/tower_capacity.py
+(POOL=max) of hidden state LAYER, tower trained with it (ShapesWorld grounding diagnostic).
+Env: WORLD (required), IMG (processor size), PATCH, MODE=fresh|pre (pre: start from CDIR's tower;
+CDIR defaults to models/shapes-clip of the repository), LABEL=colour (colours instead of shapes),
+POOL, LAYER, STEPS. Measured 2026-11-26 (commit 226e196): 64 px / patch 16 (grid cells straddle
+patches) stays at the base rate 0.76; 48 px / patch 16 (one cell = one patch) reaches 0.95.
+Run from the repository root in the reference venv (bench/setup-reference-env.sh; torch 2.15.0,
+transformers 5.24.0); the folders are described in paths.py and bench/README.md.
+    WORLD=out/w48m IMG=48 PATCH=16 STEPS=801 python bench/world_grounding/tower_capacity.py
 """
 # Can the world tower architecture learn shape presence at all when trained directly?
 import json, torch, os, time, sys
 from PIL import Image
 from transformers import CLIPVisionModel, CLIPVisionConfig, CLIPImageProcessor
+import paths
 torch.set_num_threads(2); torch.manual_seed(0)
-world=os.environ.get("WORLD","/tmp/world"); mdir=os.environ.get("CDIR","/work/main/models/shapes-clip")
+world=paths.world(); mdir=os.environ.get("CDIR", str(paths.MODELS / "shapes-clip"))
 IMG=int(os.environ.get("IMG","64"))
 proc=CLIPImageProcessor.from_pretrained(mdir, size={"shortest_edge":IMG}, crop_size={"height":IMG,"width":IMG})
 sc=[json.loads(l) for l in open(f"{world}/scenes.jsonl")]

@@ -1,13 +1,17 @@
 """Teacher-forced accuracy of a world LLaVA on "What is in the {cell}?" -> "A {size} {colour}
-{shape}.", per answer word, over clearly visible val objects (issue 8 diagnostic, session 6).
-Env: WORLD (default /tmp/w48m), SPLIT. Run:
-    /work/.venv-ref/bin/python bench/world_grounding/what_accuracy.py /tmp/diag/torch_llava
+{shape}.", per answer word, over clearly visible objects of a split (ShapesWorld grounding
+diagnostic). Argument: a LLaVA folder, e.g. one torch_sft.py saved. Env: WORLD (required), SPLIT
+(default val).
+Run from the repository root in the reference venv (bench/setup-reference-env.sh; torch 2.15.0,
+transformers 5.24.0); the folders are described in paths.py and bench/README.md.
+    WORLD=out/w48m python bench/world_grounding/what_accuracy.py out/diag/torch_llava
 """
 import json, torch, os, sys
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+import paths
 torch.set_num_threads(2)
-mdir=sys.argv[1]; world=os.environ.get("WORLD","/tmp/w48m"); split=os.environ.get("SPLIT","val")
+mdir=sys.argv[1]; world=paths.world(); split=os.environ.get("SPLIT","val")
 proc=AutoProcessor.from_pretrained(mdir); tok=proc.tokenizer; model=LlavaForConditionalGeneration.from_pretrained(mdir).eval()
 CELLS=["top left","top middle","top right","middle left","center","middle right","bottom left","bottom middle","bottom right"]
 hit={"size":0,"colour":0,"shape":0}; n=0
