@@ -1,4 +1,5 @@
-//! `misp bench mine`: the speed and memory figures of issue #3, from one run, as a table.
+//! `misp bench mine`: the mining stage's speed and memory figures (factorised vs dense SAE
+//! scoring, scoring vs plain GEMMs, one SAE epoch), from one run, as a table.
 //!
 //! 1. d = 512, H = 128, 10,000 candidates for one prompt: factorised vs dense (the reference
 //!    that builds every d^2 vector) time, and their agreement (Eq. 12 scores, greedy picks).

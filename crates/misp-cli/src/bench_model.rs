@@ -1,4 +1,5 @@
-//! `misp bench model`: issue #5's speed figures of the LLaVA + LoRA model, on one checkpoint.
+//! `misp bench model`: the LLaVA + LoRA model's speed figures (LoRA forward + backward and greedy
+//! generation tokens/s, peak RSS), on one checkpoint.
 //!
 //! 1. A LoRA training step's forward + backward: an unpadded batch of `--batch`
 //!    sequences of `--seq-len` tokens (BOS, the image's tokens, random text), each with its own
@@ -44,7 +45,7 @@ pub struct BenchModelArgs {
     /// New tokens generated per row.
     #[arg(long, default_value_t = 32)]
     new_tokens: usize,
-    /// LoRA rank (alpha is twice the rank, as DESIGN.md §4's r 64 / alpha 128).
+    /// LoRA rank (alpha is twice the rank, as docs/design.md §4's r 64 / alpha 128).
     #[arg(long, default_value_t = 64)]
     rank: usize,
     #[arg(long, default_value_t = 0.05)]

@@ -1,4 +1,4 @@
-//! `misp`: the command line of MISP-DPO. One sub-command per pipeline stage (DESIGN.md §1):
+//! `misp`: the command line of MISP-DPO. One sub-command per pipeline stage (docs/design.md §1):
 //! `embed -> sae -> mine -> train -> eval`, plus `score`, `world`, `demo` and `bench`.
 //!
 //! This crate only parses arguments, resolves configs and calls the `misp` library; it holds no
@@ -65,9 +65,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Factorised vs dense SAE scoring, scoring vs plain GEMMs, one SAE epoch (issue #3).
+    /// Factorised vs dense SAE scoring, scoring vs plain GEMMs, one SAE epoch.
     Mine(bench_mine::BenchMineArgs),
-    /// LoRA forward+backward and greedy generation tokens/s, peak RSS (issue #5).
+    /// LoRA forward+backward and greedy generation tokens/s, peak RSS.
     Model(bench_model::BenchModelArgs),
 }
 

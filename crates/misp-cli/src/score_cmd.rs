@@ -42,7 +42,7 @@ pub(crate) struct ModelArgs {
     #[arg(long)]
     pub(crate) pad_to_square: bool,
     /// Prompt template; must hold `<image>` once and `{prompt}`.
-    #[arg(long, default_value = misp::model::processor::DEFAULT_TEMPLATE)]
+    #[arg(long, default_value = misp::model::llava::processor::DEFAULT_TEMPLATE)]
     pub(crate) template: String,
     /// Sequences per forward.
     #[arg(long, default_value_t = 8)]

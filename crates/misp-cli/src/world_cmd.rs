@@ -1,4 +1,4 @@
-//! `misp world`: the synthetic ShapesWorld (DESIGN.md §6). `generate` writes a world folder
+//! `misp world`: the synthetic ShapesWorld (docs/design.md §6). `generate` writes a world folder
 //! (layout in the `misp::world` module doc) or reuses the matching one already there.
 
 use std::path::PathBuf;

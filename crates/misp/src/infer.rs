@@ -3,7 +3,7 @@
 //!
 //! Stage: score / eval. Reads `{"id", "image", "prompt", "response"}` (score) or `{"id",
 //! "image", "prompt"}` (generate) rows; image paths are relative to the current directory
-//! unless absolute (the convention for these files). A malformed row, an unreadable
+//! unless absolute (as `misp eval` reads them). A malformed row, an unreadable
 //! image or a prompt the template cannot take is an error naming the file, line and id: these
 //! files are small, hand-made inputs, and a silently missing score is worse than a stop.
 

@@ -4,7 +4,7 @@
 //! a loss and its diagnostics: no model, no I/O. Everything is batched over records (dimension
 //! `B`) and, for the image term, over the `K` negative images of each record.
 //!
-//! Notation (DESIGN.md §3): `pi(y | x, m)` is the summed log-probability of response `y` (EOS
+//! Notation (docs/design.md §3): `pi(y | x, m)` is the summed log-probability of response `y` (EOS
 //! included) given prompt `x` and image `m`; the implicit reward is
 //! `r(y, m) = pi_theta(y | x, m) - pi_ref(y | x, m)`; `y_p` / `y_n` are the chosen / rejected
 //! responses, `m_p` the true image and `m_n^i` the negatives.
@@ -327,7 +327,7 @@ pub fn misp_dpo_loss(
 }
 
 /// Batch means of the objective's terms and rewards, under TRL-style metric names
-/// (DESIGN.md §3). Image metrics are over records with at least one usable negative and are
+/// (docs/design.md §3). Image metrics are over records with at least one usable negative and are
 /// `None` when the batch has none.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct ObjectiveMetrics {

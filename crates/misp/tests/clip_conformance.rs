@@ -6,16 +6,16 @@
 //! at `argmax(input_ids)`), a CLIP-style BPE tokenizer, six small real photographs (RGB JPEG,
 //! grayscale, RGBA, CMYK JPEG, 16-bit RGB, one upscaled) and what transformers computes for them.
 //!
-//! Tolerances: pixels by mean absolute difference at most 0.01 (the bound). The resampler
+//! Tolerances: pixels by mean absolute difference at most 0.01 (misp's conformance bound). The resampler
 //! is a bit-exact port of PIL's, so PNG inputs differ only by the f32 rounding of the
 //! normalisation (~1e-7); JPEG inputs differ by the decoders (libjpeg-turbo in PIL, zune-jpeg
-//! here), a few 1e-3. Embeddings by cosine at least 0.9999 (the bound; both sides compute
+//! here), a few 1e-3. Embeddings by cosine at least 0.9999 (misp's conformance bound; both sides compute
 //! in f32, so what remains is summation order). Token ids exactly.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
-use misp::embed::preprocess::{ImageDecodeError, ImageProcessor};
+use misp::model::clip::image_processor::{ImageDecodeError, ImageProcessor};
 use misp::model::clip::{ClipModel, ClipTokenizer, TensorProblem};
 use misp::model::ModelError;
 use serde::Deserialize;

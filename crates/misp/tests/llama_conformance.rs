@@ -5,7 +5,7 @@
 //! (4 query heads, 2 key/value heads) in HF layout, a right-padded batch and transformers'
 //! per-token log-probs.
 //!
-//! Tolerances: log-probs and logits by max abs diff 1e-4 (the bound; both sides compute
+//! Tolerances: log-probs and logits by max abs diff 1e-4 (misp's conformance bound; both sides compute
 //! in f32, what remains is summation order, observed ~1e-6). Finite differences in f64 with
 //! central steps of 1e-5: relative error 1e-5 (truncation error ~eps^2, rounding ~1e-11).
 

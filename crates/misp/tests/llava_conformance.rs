@@ -9,7 +9,7 @@
 //! per-token log-probs. The test also loads a copy renamed to the nested layout
 //! (`model.language_model.*`, `lm_head`, `model.vision_tower.*`, `model.multi_modal_projector.*`).
 //!
-//! Tolerance: max abs diff 1e-4 (the bound; both sides compute in f32).
+//! Tolerance: max abs diff 1e-4 (misp's conformance bound; both sides compute in f32).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! LLaVA + LoRA as the trainer uses it (issue #5): gradients reach every adapter variable and
+//! LLaVA + LoRA as the trainer uses it: gradients reach every adapter variable and
 //! the projector through the image-token path and agree with finite differences; a fresh
 //! adapter, the enable switch and right padding leave log-probs exactly where they belong; bf16
 //! weights score close to f32 and generate.

@@ -1,5 +1,5 @@
 //! Mining end to end on small synthetic embeddings: SAE training, every strategy, resume,
-//! sharding, sampling by seed, and the bad inputs the issue lists.
+//! sharding, sampling by seed, and bad inputs (missing, malformed and mismatched stores).
 
 use std::path::{Path, PathBuf};
 

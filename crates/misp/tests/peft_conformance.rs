@@ -9,7 +9,7 @@
 //!   loaded by `PeftModel.from_pretrained`, which the script checks wrapped exactly the 14
 //!   language-model projections, with peft's per-token log-probs for it.
 //!
-//! Tolerance: max abs diff 1e-4 on per-token log-probs (the bound; both sides compute
+//! Tolerance: max abs diff 1e-4 on per-token log-probs (misp's conformance bound; both sides compute
 //! in f32, and `fixtures/llava` already shows the base models agree to well under it).
 
 use std::path::{Path, PathBuf};

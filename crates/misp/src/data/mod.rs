@@ -20,7 +20,7 @@
 //! repeated id keeps its first occurrence; later ones are skipped with the reason
 //! `duplicate id`.
 //!
-//! Image paths found in a dataset are untrusted (DESIGN.md §7): they are resolved under the
+//! Image paths found in a dataset are untrusted (docs/design.md §7): they are resolved under the
 //! dataset root and checked with [`paths::DatasetRoot`], so an [`ImageSource::Path`] handed to a
 //! decoder always names an existing file inside that root. Image bytes are passed on as they
 //! are; decoding (and reporting undecodable images) is the embed and train stages' job.

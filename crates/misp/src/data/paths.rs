@@ -1,4 +1,4 @@
-//! Confinement of untrusted image paths to a dataset root (DESIGN.md §7).
+//! Confinement of untrusted image paths to a dataset root (docs/design.md §7).
 //!
 //! A path from a dataset is joined to the root (or taken as is when absolute), normalised
 //! lexically (`.` and `..` folded without touching the disk) and must stay under the root;

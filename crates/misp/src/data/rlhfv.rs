@@ -68,7 +68,7 @@ pub fn read(path: &Path) -> Result<Rows, DataError> {
             Ok(iter.map(|r| r.map_err(|e| e.to_string())).collect())
         };
         // The decoder is third-party code fed untrusted bytes: a panic inside it is turned into
-        // skipped rows rather than taking the run down (DESIGN.md §7: never a panic).
+        // skipped rows rather than taking the run down (docs/design.md §7: never a panic).
         let decoded = match catch_unwind(AssertUnwindSafe(read_group)) {
             Ok(r) => r,
             Err(_) => Err("the parquet decoder panicked".into()),

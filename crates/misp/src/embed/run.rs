@@ -15,11 +15,11 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::preprocess::ImageProcessor;
 use super::safetensors_stream::{self, StreamDType, StreamTensor};
 use crate::data::{self, ImageSource, Skip};
 use crate::embeddings::{EmbeddingMeta, EMBEDDINGS_FILE, IDS_FILE, META_FILE};
 use crate::files::{self, FileError, Shard};
+use crate::model::clip::image_processor::ImageProcessor;
 use crate::model::clip::{ClipModel, ClipTokenizer};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

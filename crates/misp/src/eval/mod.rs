@@ -1,4 +1,4 @@
-//! Stage 3, evaluation (DESIGN.md §5): hallucination benchmarks with per-item audit files.
+//! Stage 3, evaluation (docs/design.md §5): hallucination benchmarks with per-item audit files.
 //!
 //! - [`pope`]: POPE yes/no probes -> `answers.jsonl` + `metrics.json` (accuracy, precision,
 //!   recall, F1, yes-ratio per split and overall), answers parsed as the official script does.
@@ -67,7 +67,7 @@ impl EvalError {
 }
 
 /// `root/name` when `name` is a plain relative path that stays inside `root` (dataset paths
-/// are untrusted, DESIGN.md §7); `None` otherwise.
+/// are untrusted, docs/design.md §7); `None` otherwise.
 pub fn image_path(root: &Path, name: &str) -> Option<PathBuf> {
     let rel = Path::new(name);
     let plain = rel

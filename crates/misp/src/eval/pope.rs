@@ -3,7 +3,7 @@
 //! answers exactly as the official `evaluate.py` does and writes `answers.jsonl` (every raw
 //! answer), `metrics.json` (per split and overall) and `excluded.json` (what was left out).
 //!
-//! Conventions fixed here (DESIGN.md §5): "yes" is the positive class; `overall` pools every
+//! Conventions fixed here (docs/design.md §5): "yes" is the positive class; `overall` pools every
 //! answer (what the official script reports when run on all splits' answers at once); a
 //! metric whose denominator is zero (no predicted yes, say) is 0 rather than the script's
 //! ZeroDivisionError.

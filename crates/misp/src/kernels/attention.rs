@@ -23,8 +23,8 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::fused::{self, Real};
 use super::gemm::{product_into, Mat, MatMut, Threads};
+use super::real::{self, Real};
 
 /// Query rows per block of the causal loop.
 const BLOCK: usize = 64;
@@ -42,7 +42,7 @@ pub(crate) struct AttentionInputs<'a> {
 
 /// Whether [`attention`] has a kernel for these projections (CPU, `f32` / `f64`, `[B, T, _]`).
 pub(crate) fn fusable(q: &Tensor) -> bool {
-    fused::fusable(q) && q.rank() == 3
+    real::fusable(q) && q.rank() == 3
 }
 
 /// `softmax(RoPE(q) RoPE(k)^T / sqrt(hd) + bias) v`, heads merged: `q [B, T, H * hd]`,
@@ -92,7 +92,7 @@ pub(super) fn with_data<T: Real, R>(
     let candle_core::Storage::Cpu(s) = &*s else {
         candle_core::bail!("attention: input is not on the CPU")
     };
-    Ok(f(fused::cpu_slice::<T>(s, l, "attention")?))
+    Ok(f(real::cpu_slice::<T>(s, l, "attention")?))
 }
 
 fn attention_as<T: Real + WithDType>(
@@ -135,10 +135,10 @@ fn attention_as<T: Real + WithDType>(
         );
     }
     let qr = with_data(q, |q| {
-        fused::rope_data(q, &cos, &sin, (b, t, d.h, d.hd), false)
+        super::rope_data(q, &cos, &sin, (b, t, d.h, d.hd), false)
     })?;
     let kr = with_data(k, |k| {
-        fused::rope_data(k, &cos, &sin, (b, t, d.kv, d.hd), false)
+        super::rope_data(k, &cos, &sin, (b, t, d.kv, d.hd), false)
     })?;
     let vd = data::<T>(v)?;
     let scale = <T as Real>::from_f64(1.0 / (d.hd as f64).sqrt());
@@ -220,7 +220,7 @@ fn forward<T: Real>(
                         Threads::One,
                     );
                     for r in r0..r0 + rows {
-                        fused::softmax_row(&mut p[r * t..][..end], &bias[r * t..][..end], scale);
+                        real::softmax_row(&mut p[r * t..][..end], &bias[r * t..][..end], scale);
                     }
                     product_into(
                         MatMut::new(&mut o[r0 * hd..], rows, hd, hd),
@@ -371,8 +371,8 @@ impl<T: Real + WithDType> CustomOp3 for Attention<T> {
         let Dims { b, t, h, kv, hd } = self.d;
         let (dqr, dkr, dvh) = with_data(grad, |g| self.backward(g))?;
         let cpu = &candle_core::Device::Cpu;
-        let dq = fused::rope_data(&dqr, &self.cos, &self.sin, (b, t, h, hd), true);
-        let dk = fused::rope_data(&dkr, &self.cos, &self.sin, (b, t, kv, hd), true);
+        let dq = super::rope_data(&dqr, &self.cos, &self.sin, (b, t, h, hd), true);
+        let dk = super::rope_data(&dkr, &self.cos, &self.sin, (b, t, kv, hd), true);
         let dv = merge_heads(&dvh, (b, kv, t, hd));
         Ok((
             Some(Tensor::from_vec(dq, (b, t, h * hd), cpu)?),

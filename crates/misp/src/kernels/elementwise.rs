@@ -11,272 +11,11 @@
 //! composition (the reference the tests compare against) on other devices and dtypes, so the
 //! CUDA build keeps working unchanged.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::{DType, Tensor, D};
 use rayon::prelude::*;
 
-/// Rows handed to one rayon task: enough work to amortise the task, small enough to share.
-const MIN_ELEMS_PER_TASK: usize = 1 << 14;
-
-/// Whether `x` runs on a fused kernel here (CPU, `f32` / `f64`).
-pub fn fusable(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
-}
-
-/// A kernel over `N` contiguous inputs of one float type, written once for every [`Real`].
-trait Kernel<const N: usize> {
-    const NAME: &'static str;
-    fn run<T: Real>(&self, inputs: [&[T]; N]) -> Vec<T>;
-}
-
-/// Runs `k` on the inputs' `f32` or `f64` data: the `cpu_fwd` of every op here. The output has
-/// the first input's shape; a dtype mix or a strided input is an error naming the op.
-fn dispatch<const N: usize, K: Kernel<N>>(
-    k: &K,
-    inputs: [(&CpuStorage, &Layout); N],
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    fn slices<'a, T: Real, const N: usize>(
-        name: &str,
-        inputs: [(&'a CpuStorage, &Layout); N],
-    ) -> candle_core::Result<[&'a [T]; N]> {
-        let mut out: [&[T]; N] = [&[]; N];
-        for (o, (s, l)) in out.iter_mut().zip(inputs) {
-            let Some(v) = T::slice(s) else {
-                candle_core::bail!("{name}: dtype mismatch between inputs")
-            };
-            let Some((a, b)) = l.contiguous_offsets() else {
-                candle_core::bail!("{name}: input is not contiguous")
-            };
-            *o = &v[a..b];
-        }
-        Ok(out)
-    }
-    let shape = inputs[0].1.shape().clone();
-    let out = match inputs[0].0 {
-        CpuStorage::F32(_) => CpuStorage::F32(k.run(slices::<f32, N>(K::NAME, inputs)?)),
-        CpuStorage::F64(_) => CpuStorage::F64(k.run(slices::<f64, N>(K::NAME, inputs)?)),
-        _ => candle_core::bail!("{}: only f32 and f64 have a CPU kernel", K::NAME),
-    };
-    Ok((out, shape))
-}
-
-/// The contiguous data of a CPU storage as `T`, or an error naming `op`.
-pub(crate) fn cpu_slice<'a, T: Real>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    op: &str,
-) -> candle_core::Result<&'a [T]> {
-    match (T::slice(s), l.contiguous_offsets()) {
-        (Some(v), Some((a, b))) => Ok(&v[a..b]),
-        (None, _) => candle_core::bail!("{op}: dtype mismatch between inputs"),
-        (_, None) => candle_core::bail!("{op}: input is not contiguous"),
-    }
-}
-
-/// The float types the kernels run on.
-pub(crate) trait Real:
-    'static
-    + Copy
-    + Send
-    + Sync
-    + std::ops::Add<Output = Self>
-    + std::ops::Sub<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::Div<Output = Self>
-    + PartialOrd
-{
-    const ZERO: Self;
-    const ONE: Self;
-    const NEG_INF: Self;
-    /// `e^x`: [`exp_f32`] for `f32`, the library's for `f64` (the finite-difference tests).
-    fn exp(self) -> Self;
-    fn sqrt(self) -> Self;
-    fn from_f64(v: f64) -> Self;
-    /// The storage's data if it holds this type.
-    fn slice(s: &CpuStorage) -> Option<&[Self]>;
-    /// Data of this type as a storage.
-    fn wrap(v: Vec<Self>) -> CpuStorage;
-}
-
-impl Real for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const NEG_INF: Self = f32::NEG_INFINITY;
-    fn exp(self) -> Self {
-        exp_f32(self)
-    }
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-    fn slice(s: &CpuStorage) -> Option<&[Self]> {
-        match s {
-            CpuStorage::F32(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn wrap(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-}
-impl Real for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const NEG_INF: Self = f64::NEG_INFINITY;
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-    fn slice(s: &CpuStorage) -> Option<&[Self]> {
-        match s {
-            CpuStorage::F64(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn wrap(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F64(v)
-    }
-}
-
-/// `e^x` in `f32` to about 1 ulp, branch-free so loops over it vectorise (libm's `expf` is a
-/// call per element: 6-7 % of a decoding step in `perf`). Range reduction `x = n ln2 + r` with
-/// `ln2` split in two (Cody-Waite), Cephes' degree-6 polynomial for `e^r` on
-/// `|r| <= ln2 / 2`, and `2^n` built in the exponent bits. Inputs below -87.3 give 0 (as
-/// `expf` underflows), above 88.3 are clamped (finite, ~2.2e38).
-#[inline(always)]
-pub fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding 1.5 * 2^23 rounds to the nearest integer without a call, and leaves that integer
-    // in the low mantissa bits: bits(t) = 0x4B40_0000 + n for |n| < 2^22.
-    const ROUND: f32 = 12_582_912.0;
-    const ROUND_BITS: u32 = 0x4B40_0000;
-    let xc = x.clamp(-87.3, 88.3);
-    let t = xc * LOG2E + ROUND;
-    let n = t - ROUND;
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.5;
-    let e = p * r * r + r + 1.0;
-    // 2^n from n's bits, in integer lanes (`n as i32` is a saturating cast, which does not
-    // vectorise). n is in [-126, 127], so n + 127 is a normal exponent.
-    let scale = f32::from_bits(t.to_bits().wrapping_sub(ROUND_BITS - 127) << 23);
-    if x < -87.3 {
-        0.0
-    } else {
-        e * scale
-    }
-}
-
-/// Runs `f` compiled for the widest vector unit this CPU has (AVX-512, else AVX2 + FMA, else
-/// the build's baseline, SSE2): the release binary is built for any x86-64, so without this the
-/// element-wise loops here vectorise four lanes wide at most. `f` is inlined into a function
-/// with those target features, which is where the loop vectoriser sees it. Rust never fuses
-/// `a * b + c` into an FMA on its own, so every path gives the same bits.
-#[inline(always)]
-pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { with_avx512(f) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above.
-            return unsafe { with_avx2(f) };
-        }
-    }
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
-unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
-/// `sum(v)` with eight partial sums, so the loop vectorises without reassociation licence.
-pub(crate) fn lane_sum<T: Real>(v: &[T]) -> T {
-    let mut acc = [T::ZERO; 8];
-    let mut chunks = v.chunks_exact(8);
-    for c in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a = *a + x;
-        }
-    }
-    let tail = chunks.remainder().iter().fold(T::ZERO, |a, &x| a + x);
-    acc.iter().fold(tail, |a, &x| a + x)
-}
-
-/// `softmax(scale * s + bias)` of one row, in place.
-#[inline(always)]
-pub(crate) fn softmax_row<T: Real>(row: &mut [T], bias: &[T], scale: T) {
-    let mut max = T::NEG_INF;
-    for (s, &b) in row.iter_mut().zip(bias) {
-        *s = scale * *s + b;
-        if *s > max {
-            max = *s;
-        }
-    }
-    for s in row.iter_mut() {
-        *s = (*s - max).exp();
-    }
-    let inv = T::ONE / lane_sum(row);
-    for s in row.iter_mut() {
-        *s = *s * inv;
-    }
-}
-
-/// `n` uninitialised values: a kernel's output, whose parallel chunks each pass through
-/// [`zeroed`] on their own thread. `vec![0.0; n]` zero-fills the whole output on the calling
-/// thread first, with the other threads idle (a 20 MB memset per MLP activation in CLIP).
-pub(crate) fn uninit<T: Real>(n: usize) -> Vec<std::mem::MaybeUninit<T>> {
-    let mut v = Vec::with_capacity(n);
-    // SAFETY: `MaybeUninit` needs no initialisation.
-    unsafe { v.set_len(n) };
-    v
-}
-
-/// A chunk of [`uninit`]'s output, zeroed (while it is in this thread's cache) and usable.
-#[inline(always)]
-pub(crate) fn zeroed<T: Real>(c: &mut [std::mem::MaybeUninit<T>]) -> &mut [T] {
-    for x in c.iter_mut() {
-        x.write(T::ZERO);
-    }
-    // SAFETY: every element was just written; `MaybeUninit<T>` has `T`'s layout.
-    unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
-}
-
-/// [`uninit`]'s output once every element has been written.
-///
-/// # Safety
-/// Every element must have been initialised (each chunk passed through [`zeroed`]).
-pub(crate) unsafe fn assume_init<T: Real>(v: Vec<std::mem::MaybeUninit<T>>) -> Vec<T> {
-    let mut v = std::mem::ManuallyDrop::new(v);
-    // SAFETY: same allocation, length and capacity; `MaybeUninit<T>` has `T`'s layout, and the
-    // caller vouches every element is initialised.
-    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
-}
-
-fn rows_per_task(cols: usize) -> usize {
-    (MIN_ELEMS_PER_TASK / cols.max(1)).max(1)
-}
+use super::op::{map_rows, zip_map, Kernel, Op};
+use super::real::{fusable, lane_sum, vectorised, Real};
 
 // ---------------------------------------------------------------------------------------------
 // softmax(scale * s + bias) over the last dimension
@@ -302,30 +41,24 @@ pub fn scaled_softmax(
     }
     let (b, h, t, tk) = scores.dims4()?;
     let scores = scores.contiguous()?;
-    match bias {
-        None => scores.apply_op1(Softmax {
+    let op = |bias_batches| {
+        Op(Softmax {
             scale,
             heads: h,
             t,
             cols: tk,
-            bias_batches: 0,
-        }),
+            bias_batches,
+        })
+    };
+    match bias {
+        None => scores.apply_op1(op(0)),
         Some(bias) => {
             let (bb, one, bt, btk) = bias.dims4()?;
             if one != 1 || bt != t || btk != tk || !(bb == 1 || bb == b) {
                 return plain();
             }
             let bias = bias.to_dtype(scores.dtype())?.contiguous()?;
-            scores.apply_op2(
-                &bias,
-                Softmax {
-                    scale,
-                    heads: h,
-                    t,
-                    cols: tk,
-                    bias_batches: bb,
-                },
-            )
+            scores.apply_op2(&bias, op(bb))
         }
     }
 }
@@ -342,54 +75,63 @@ struct Softmax {
 impl Softmax {
     fn softmax<T: Real>(&self, s: &[T], bias: Option<&[T]>) -> Vec<T> {
         let scale = T::from_f64(self.scale);
-        let mut out = uninit::<T>(s.len());
         let (heads, t, cols, bb) = (self.heads, self.t, self.cols, self.bias_batches);
-        out.par_chunks_mut(cols * rows_per_task(cols))
-            .enumerate()
-            .for_each(|(task, chunk)| {
-                let chunk = zeroed(chunk);
-                vectorised(
-                    #[inline(always)]
-                    || {
-                        let first = task * rows_per_task(cols);
-                        for (i, row) in chunk.chunks_mut(cols).enumerate() {
-                            let r = first + i;
-                            let src = &s[r * cols..(r + 1) * cols];
-                            let b_row = bias.map(|b| {
-                                let batch = if bb == 1 { 0 } else { r / (heads * t) };
-                                let q = r % t;
-                                &b[(batch * t + q) * cols..(batch * t + q + 1) * cols]
-                            });
-                            let mut max = T::NEG_INF;
-                            for (j, o) in row.iter_mut().enumerate() {
-                                let v = match b_row {
-                                    Some(b) => scale * src[j] + b[j],
-                                    None => scale * src[j],
-                                };
-                                *o = v;
-                                if v > max {
-                                    max = v;
-                                }
-                            }
-                            // Separate loops: the exps vectorise, the sum uses eight lanes.
-                            for o in row.iter_mut() {
-                                *o = (*o - max).exp();
-                            }
-                            let inv = T::ONE / lane_sum(row);
-                            for o in row.iter_mut() {
-                                *o = *o * inv;
-                            }
-                        }
-                    },
-                )
+        map_rows([s], cols, move |r, row, [src]| {
+            let b_row = bias.map(|b| {
+                let batch = if bb == 1 { 0 } else { r / (heads * t) };
+                let q = r % t;
+                &b[(batch * t + q) * cols..(batch * t + q + 1) * cols]
             });
-        // SAFETY: every chunk of `out` went through `zeroed`.
-        unsafe { assume_init(out) }
+            let mut max = T::NEG_INF;
+            for (j, o) in row.iter_mut().enumerate() {
+                let v = match b_row {
+                    Some(b) => scale * src[j] + b[j],
+                    None => scale * src[j],
+                };
+                *o = v;
+                if v > max {
+                    max = v;
+                }
+            }
+            // Separate loops: the exps vectorise, the sum uses eight lanes.
+            for o in row.iter_mut() {
+                *o = (*o - max).exp();
+            }
+            let inv = T::ONE / lane_sum(row);
+            for o in row.iter_mut() {
+                *o = *o * inv;
+            }
+        })
     }
+}
 
-    /// `ds = scale * p * (g - sum(g * p))` per row.
-    fn grad(&self, p: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
-        softmax_grad(p, g, self.scale)
+impl Kernel<1> for Softmax {
+    const NAME: &'static str = "scaled-softmax";
+    fn run<T: Real>(&self, [s]: [&[T]; 1]) -> Vec<T> {
+        self.softmax(s, None)
+    }
+    fn backward(
+        &self,
+        _: [&Tensor; 1],
+        p: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 1]> {
+        Ok([Some(softmax_grad(p, g, self.scale)?)])
+    }
+}
+
+impl Kernel<2> for Softmax {
+    const NAME: &'static str = "scaled-masked-softmax";
+    fn run<T: Real>(&self, [s, bias]: [&[T]; 2]) -> Vec<T> {
+        self.softmax(s, Some(bias))
+    }
+    fn backward(
+        &self,
+        _: [&Tensor; 2],
+        p: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 2]> {
+        Ok([Some(softmax_grad(p, g, self.scale)?), None])
     }
 }
 
@@ -399,61 +141,11 @@ impl Softmax {
 pub(crate) fn softmax_grad(p: &Tensor, g: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     p.contiguous()?.apply_op2_no_bwd(
         &g.contiguous()?,
-        &SoftmaxGrad {
+        &Op(SoftmaxGrad {
             scale,
             cols: p.dim(D::Minus1)?,
-        },
+        }),
     )
-}
-
-impl Kernel<1> for Softmax {
-    const NAME: &'static str = "softmax";
-    fn run<T: Real>(&self, [s]: [&[T]; 1]) -> Vec<T> {
-        self.softmax(s, None)
-    }
-}
-
-impl Kernel<2> for Softmax {
-    const NAME: &'static str = "softmax";
-    fn run<T: Real>(&self, [s, bias]: [&[T]; 2]) -> Vec<T> {
-        self.softmax(s, Some(bias))
-    }
-}
-
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "scaled-softmax"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch(self, [(s, l)])
-    }
-    fn bwd(&self, _s: &Tensor, p: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(self.grad(p, g)?))
-    }
-}
-
-impl CustomOp2 for Softmax {
-    fn name(&self) -> &'static str {
-        "scaled-masked-softmax"
-    }
-    fn cpu_fwd(
-        &self,
-        s: &CpuStorage,
-        sl: &Layout,
-        b: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch(self, [(s, sl), (b, bl)])
-    }
-    fn bwd(
-        &self,
-        _s: &Tensor,
-        _b: &Tensor,
-        p: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(self.grad(p, g)?), None))
-    }
 }
 
 struct SoftmaxGrad {
@@ -462,46 +154,15 @@ struct SoftmaxGrad {
 }
 
 impl Kernel<2> for SoftmaxGrad {
-    const NAME: &'static str = "softmax grad";
+    const NAME: &'static str = "scaled-softmax-grad";
     fn run<T: Real>(&self, [p, g]: [&[T]; 2]) -> Vec<T> {
-        let (scale, cols) = (T::from_f64(self.scale), self.cols);
-        let mut out = uninit::<T>(p.len());
-        out.par_chunks_mut(cols * rows_per_task(cols))
-            .zip(p.par_chunks(cols * rows_per_task(cols)))
-            .zip(g.par_chunks(cols * rows_per_task(cols)))
-            .for_each(|((o, p), g)| {
-                let o = zeroed(o);
-                vectorised(
-                    #[inline(always)]
-                    || {
-                        for ((o, p), g) in
-                            o.chunks_mut(cols).zip(p.chunks(cols)).zip(g.chunks(cols))
-                        {
-                            let dot = p.iter().zip(g).fold(T::ZERO, |a, (&p, &g)| a + p * g);
-                            for ((o, &p), &g) in o.iter_mut().zip(p).zip(g) {
-                                *o = scale * p * (g - dot);
-                            }
-                        }
-                    },
-                )
-            });
-        // SAFETY: every chunk of `out` went through `zeroed`.
-        unsafe { assume_init(out) }
-    }
-}
-
-impl CustomOp2 for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "scaled-softmax-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        p: &CpuStorage,
-        pl: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch(self, [(p, pl), (g, gl)])
+        let scale = T::from_f64(self.scale);
+        map_rows([p, g], self.cols, move |_, o, [p, g]| {
+            let dot = p.iter().zip(g).fold(T::ZERO, |a, (&p, &g)| a + p * g);
+            for ((o, &p), &g) in o.iter_mut().zip(p).zip(g) {
+                *o = scale * p * (g - dot);
+            }
+        })
     }
 }
 
@@ -614,7 +275,7 @@ pub fn layer_norm_no_grad(
     Ok(Some(x.contiguous()?.apply_op3_no_bwd(
         &w,
         &b,
-        &LayerNorm { eps },
+        &Op(LayerNorm { eps }),
     )?))
 }
 
@@ -623,59 +284,28 @@ struct LayerNorm {
 }
 
 impl Kernel<3> for LayerNorm {
-    const NAME: &'static str = "layer norm";
+    const NAME: &'static str = "layer-norm";
     fn run<T: Real>(&self, [x, w, b]: [&[T]; 3]) -> Vec<T> {
         let cols = w.len();
         let eps = T::from_f64(self.eps);
         let inv_n = T::from_f64(1.0 / cols as f64);
-        let mut out = uninit::<T>(x.len());
-        let per = cols * rows_per_task(cols);
-        out.par_chunks_mut(per)
-            .zip(x.par_chunks(per))
-            .for_each(|(o, x)| {
-                let o = zeroed(o);
-                vectorised(
-                    #[inline(always)]
-                    || {
-                        for (o, x) in o.chunks_mut(cols).zip(x.chunks(cols)) {
-                            let mean = lane_sum(x) * inv_n;
-                            for (o, &x) in o.iter_mut().zip(x) {
-                                *o = x - mean;
-                            }
-                            let mut sq = [T::ZERO; 8];
-                            for c in o.chunks(8) {
-                                for (a, &v) in sq.iter_mut().zip(c) {
-                                    *a = *a + v * v;
-                                }
-                            }
-                            let var = sq.iter().fold(T::ZERO, |a, &v| a + v) * inv_n;
-                            let r = T::ONE / (var + eps).sqrt();
-                            for ((o, &w), &b) in o.iter_mut().zip(w).zip(b) {
-                                *o = *o * r * w + b;
-                            }
-                        }
-                    },
-                )
-            });
-        // SAFETY: every chunk of `out` went through `zeroed`.
-        unsafe { assume_init(out) }
-    }
-}
-
-impl CustomOp3 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "layer-norm"
-    }
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        w: &CpuStorage,
-        wl: &Layout,
-        b: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch(self, [(x, xl), (w, wl), (b, bl)])
+        map_rows([x], cols, move |_, o, [x]| {
+            let mean = lane_sum(x) * inv_n;
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = x - mean;
+            }
+            let mut sq = [T::ZERO; 8];
+            for c in o.chunks(8) {
+                for (a, &v) in sq.iter_mut().zip(c) {
+                    *a = *a + v * v;
+                }
+            }
+            let var = sq.iter().fold(T::ZERO, |a, &v| a + v) * inv_n;
+            let r = T::ONE / (var + eps).sqrt();
+            for ((o, &w), &b) in o.iter_mut().zip(w).zip(b) {
+                *o = *o * r * w + b;
+            }
+        })
     }
 }
 
@@ -688,67 +318,32 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
         let silu = (gate * (gate.neg()?.exp()? + 1.0)?.recip()?)?;
         return silu * up;
     }
-    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+    gate.contiguous()?.apply_op2(&up.contiguous()?, Op(SwiGlu))
 }
-
-struct SwiGlu;
 
 /// `1 / (1 + exp(-x))`; `exp` overflowing to inf gives 0, the limit.
 fn sigmoid<T: Real>(x: T) -> T {
     T::ONE / (T::ONE + (T::ZERO - x).exp())
 }
 
-/// `f` is `Copy` and copied into the loop, so what it captures is in registers: read through
-/// the closure's reference, a captured scalar might alias the output and the loop would not
-/// vectorise (callers pass `move` closures).
-fn map2<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync + Copy) -> Vec<T> {
-    let mut out = uninit::<T>(a.len());
-    out.par_chunks_mut(MIN_ELEMS_PER_TASK)
-        .zip(a.par_chunks(MIN_ELEMS_PER_TASK))
-        .zip(b.par_chunks(MIN_ELEMS_PER_TASK))
-        .for_each(|((o, a), b)| {
-            let o = zeroed(o);
-            vectorised(
-                #[inline(always)]
-                || {
-                    let local = f;
-                    for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                        *o = local(a, b);
-                    }
-                },
-            )
-        });
-    // SAFETY: every chunk of `out` went through `zeroed`.
-    unsafe { assume_init(out) }
-}
-
-fn map3<T: Real>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T + Sync + Copy) -> Vec<T> {
-    let mut out = uninit::<T>(a.len());
-    out.par_chunks_mut(MIN_ELEMS_PER_TASK)
-        .zip(a.par_chunks(MIN_ELEMS_PER_TASK))
-        .zip(b.par_chunks(MIN_ELEMS_PER_TASK))
-        .zip(c.par_chunks(MIN_ELEMS_PER_TASK))
-        .for_each(|(((o, a), b), c)| {
-            let o = zeroed(o);
-            vectorised(
-                #[inline(always)]
-                || {
-                    let local = f;
-                    for (((o, &a), &b), &c) in o.iter_mut().zip(a).zip(b).zip(c) {
-                        *o = local(a, b, c);
-                    }
-                },
-            )
-        });
-    // SAFETY: every chunk of `out` went through `zeroed`.
-    unsafe { assume_init(out) }
-}
-
 /// `silu(g) * u`   (inputs: g, u)
+struct SwiGlu;
+
 impl Kernel<2> for SwiGlu {
     const NAME: &'static str = "swiglu";
     fn run<T: Real>(&self, [g, u]: [&[T]; 2]) -> Vec<T> {
-        map2(g, u, |g, u| g * sigmoid(g) * u)
+        zip_map(g, u, u, |g, u, _| g * sigmoid(g) * u)
+    }
+    fn backward(
+        &self,
+        [g, u]: [&Tensor; 2],
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 2]> {
+        let grad = grad.contiguous()?;
+        let dg = g.apply_op3_no_bwd(u, &grad, &Op(SwiGluGradGate))?;
+        let du = g.apply_op2_no_bwd(&grad, &Op(SwiGluGradUp))?;
+        Ok([Some(dg), Some(du)])
     }
 }
 
@@ -756,24 +351,9 @@ impl Kernel<2> for SwiGlu {
 struct SwiGluGradUp;
 
 impl Kernel<2> for SwiGluGradUp {
-    const NAME: &'static str = "swiglu grad up";
+    const NAME: &'static str = "swiglu-grad-up";
     fn run<T: Real>(&self, [g, grad]: [&[T]; 2]) -> Vec<T> {
-        map2(g, grad, |g, grad| grad * g * sigmoid(g))
-    }
-}
-
-impl CustomOp2 for SwiGluGradUp {
-    fn name(&self) -> &'static str {
-        "swiglu-grad-up"
-    }
-    fn cpu_fwd(
-        &self,
-        g: &CpuStorage,
-        gl: &Layout,
-        d: &CpuStorage,
-        dl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch(self, [(g, gl), (d, dl)])
+        zip_map(g, grad, grad, |g, grad, _| grad * g * sigmoid(g))
     }
 }
 
@@ -781,56 +361,12 @@ impl CustomOp2 for SwiGluGradUp {
 struct SwiGluGradGate;
 
 impl Kernel<3> for SwiGluGradGate {
-    const NAME: &'static str = "swiglu grad gate";
+    const NAME: &'static str = "swiglu-grad-gate";
     fn run<T: Real>(&self, [g, u, grad]: [&[T]; 3]) -> Vec<T> {
-        map3(g, u, grad, |g, u, d| {
+        zip_map(g, u, grad, |g, u, d| {
             let s = sigmoid(g);
             d * u * s * (T::ONE + g * (T::ONE - s))
         })
-    }
-}
-
-impl CustomOp3 for SwiGluGradGate {
-    fn name(&self) -> &'static str {
-        "swiglu-grad-gate"
-    }
-    fn cpu_fwd(
-        &self,
-        g: &CpuStorage,
-        gl: &Layout,
-        u: &CpuStorage,
-        ul: &Layout,
-        d: &CpuStorage,
-        dl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch(self, [(g, gl), (u, ul), (d, dl)])
-    }
-}
-
-impl CustomOp2 for SwiGlu {
-    fn name(&self) -> &'static str {
-        "swiglu"
-    }
-    fn cpu_fwd(
-        &self,
-        g: &CpuStorage,
-        gl: &Layout,
-        u: &CpuStorage,
-        ul: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch(self, [(g, gl), (u, ul)])
-    }
-    fn bwd(
-        &self,
-        g: &Tensor,
-        u: &Tensor,
-        _y: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let dg = g.apply_op3_no_bwd(u, &grad, &SwiGluGradGate)?;
-        let du = g.apply_op2_no_bwd(&grad, &SwiGluGradUp)?;
-        Ok((Some(dg), Some(du)))
     }
 }
 
@@ -844,25 +380,16 @@ pub fn quick_gelu_no_grad(x: &Tensor) -> candle_core::Result<Tensor> {
     if !fusable(x) {
         return x * ((x * -1.702)?.exp()? + 1.0)?.recip()?;
     }
-    x.contiguous()?.apply_op1_no_bwd(&QuickGelu)
+    x.contiguous()?.apply_op1_no_bwd(&Op(QuickGelu))
 }
 
 struct QuickGelu;
 
 impl Kernel<1> for QuickGelu {
-    const NAME: &'static str = "quick gelu";
+    const NAME: &'static str = "quick-gelu";
     fn run<T: Real>(&self, [x]: [&[T]; 1]) -> Vec<T> {
         let k = T::from_f64(1.702);
-        map2(x, x, move |x, _| x * sigmoid(k * x))
-    }
-}
-
-impl CustomOp1 for QuickGelu {
-    fn name(&self) -> &'static str {
-        "quick-gelu"
-    }
-    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch(self, [(x, l)])
+        zip_map(x, x, x, move |x, _, _| x * sigmoid(k * x))
     }
 }
 
@@ -885,7 +412,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Te
         return h.to_dtype(x.dtype())?.broadcast_mul(weight);
     }
     x.contiguous()?
-        .apply_op2(&weight.contiguous()?, RmsNorm { eps })
+        .apply_op2(&weight.contiguous()?, Op(RmsNorm { eps }))
 }
 
 struct RmsNorm {
@@ -900,55 +427,24 @@ fn inv_rms<T: Real>(row: &[T], eps: T) -> T {
 }
 
 impl Kernel<2> for RmsNorm {
-    const NAME: &'static str = "rms norm";
+    const NAME: &'static str = "rms-norm";
     fn run<T: Real>(&self, [x, w]: [&[T]; 2]) -> Vec<T> {
-        let cols = w.len();
         let eps = T::from_f64(self.eps);
-        let mut out = uninit::<T>(x.len());
-        let per = cols * rows_per_task(cols);
-        out.par_chunks_mut(per)
-            .zip(x.par_chunks(per))
-            .for_each(|(o, x)| {
-                let o = zeroed(o);
-                vectorised(
-                    #[inline(always)]
-                    || {
-                        for (o, x) in o.chunks_mut(cols).zip(x.chunks(cols)) {
-                            let r = inv_rms(x, eps);
-                            for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
-                                *o = x * r * w;
-                            }
-                        }
-                    },
-                )
-            });
-        // SAFETY: every chunk of `out` went through `zeroed`.
-        unsafe { assume_init(out) }
+        map_rows([x], w.len(), move |_, o, [x]| {
+            let r = inv_rms(x, eps);
+            for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                *o = x * r * w;
+            }
+        })
     }
-}
-
-impl CustomOp2 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "rms-norm"
-    }
-    fn cpu_fwd(
+    fn backward(
         &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        w: &CpuStorage,
-        wl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch(self, [(x, xl), (w, wl)])
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
+        [x, w]: [&Tensor; 2],
+        _: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<[Option<Tensor>; 2]> {
         let grad = grad.contiguous()?;
-        let dx = x.apply_op3_no_bwd(w, &grad, &RmsNormGradInput { eps: self.eps })?;
+        let dx = x.apply_op3_no_bwd(w, &grad, &Op(RmsNormGradInput { eps: self.eps }))?;
         let dw = if w.track_op() {
             // sum over rows of grad * x_hat: rare (pretraining), so plain ops are fine. On
             // detached tensors: ops on `x` itself would record a graph in the gradient, which
@@ -963,7 +459,7 @@ impl CustomOp2 for RmsNorm {
         } else {
             None
         };
-        Ok((Some(dx), dw))
+        Ok([Some(dx), dw])
     }
 }
 
@@ -973,58 +469,24 @@ struct RmsNormGradInput {
 }
 
 impl Kernel<3> for RmsNormGradInput {
-    const NAME: &'static str = "rms norm grad";
+    const NAME: &'static str = "rms-norm-grad";
     fn run<T: Real>(&self, [x, w, g]: [&[T]; 3]) -> Vec<T> {
         let cols = w.len();
         let eps = T::from_f64(self.eps);
         let n = T::from_f64(cols as f64);
-        let mut out = uninit::<T>(x.len());
-        let per = cols * rows_per_task(cols);
-        out.par_chunks_mut(per)
-            .zip(x.par_chunks(per))
-            .zip(g.par_chunks(per))
-            .for_each(|((o, x), g)| {
-                let o = zeroed(o);
-                vectorised(
-                    #[inline(always)]
-                    || {
-                        for ((o, x), g) in
-                            o.chunks_mut(cols).zip(x.chunks(cols)).zip(g.chunks(cols))
-                        {
-                            let r = inv_rms(x, eps);
-                            let mut dot = T::ZERO;
-                            for ((&x, &w), &g) in x.iter().zip(w).zip(g) {
-                                dot = dot + g * w * x * r;
-                            }
-                            let m = dot / n;
-                            for (((o, &x), &w), &g) in o.iter_mut().zip(x).zip(w).zip(g) {
-                                *o = r * (g * w - x * r * m);
-                            }
-                        }
-                    },
-                )
-            });
-        // SAFETY: every chunk of `out` went through `zeroed`.
-        unsafe { assume_init(out) }
-    }
-}
-
-impl CustomOp3 for RmsNormGradInput {
-    fn name(&self) -> &'static str {
-        "rms-norm-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        w: &CpuStorage,
-        wl: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch(self, [(x, xl), (w, wl), (g, gl)])
+        map_rows([x, g], cols, move |_, o, [x, g]| {
+            let r = inv_rms(x, eps);
+            let mut dot = T::ZERO;
+            for ((&x, &w), &g) in x.iter().zip(w).zip(g) {
+                dot = dot + g * w * x * r;
+            }
+            let m = dot / n;
+            for (((o, &x), &w), &g) in o.iter_mut().zip(x).zip(w).zip(g) {
+                *o = r * (g * w - x * r * m);
+            }
+        })
     }
 }
 
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;

@@ -15,8 +15,8 @@ use candle_core::{DType, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::attention::with_data;
-use super::fused::{self, Real};
 use super::gemm::{product_into, Mat, MatMut, Threads};
+use super::real::{self, Real};
 
 /// `softmax(q k^T / sqrt(hd) + mask) v` per head, merged: `q [B, Tq, H * hd]`,
 /// `k, v [B, Tk, H * hd]`, `mask` additive `[B or 1, 1, Tq, Tk]`, -> `[B, Tq, H * hd]`.
@@ -29,7 +29,7 @@ pub(crate) fn attention_no_grad(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> candle_core::Result<Option<Tensor>> {
-    if !fused::fusable(q) || [q, k, v].iter().any(|x| x.track_op() || x.rank() != 3) {
+    if !real::fusable(q) || [q, k, v].iter().any(|x| x.track_op() || x.rank() != 3) {
         return Ok(None);
     }
     match q.dtype() {
@@ -73,14 +73,14 @@ fn attention_as<T: Real + WithDType>(
     };
     let hd = d / heads;
     let scale = <T as Real>::from_f64(1.0 / (hd as f64).sqrt());
-    let mut out = fused::uninit::<T>(b * tq * d);
+    let mut out = real::uninit::<T>(b * tq * d);
     with_data(q, |q| {
         with_data(k, |k| {
             with_data(v, |v| {
                 out.par_chunks_mut(tq * d)
                     .enumerate()
                     .for_each(|(bi, out)| {
-                        let out = fused::zeroed(out);
+                        let out = real::zeroed(out);
                         let mask =
                             &mask[if mask_rows == 1 { 0 } else { bi } * tq * tk..][..tq * tk];
                         let (q, k, v) = (
@@ -94,7 +94,7 @@ fn attention_as<T: Real + WithDType>(
         })
     })???;
     // SAFETY: every chunk of `out` went through `zeroed`.
-    let out = unsafe { fused::assume_init(out) };
+    let out = unsafe { real::assume_init(out) };
     Tensor::from_vec(out, (b, tq, d), q.device())
 }
 
@@ -119,11 +119,11 @@ fn batch_row<T: Real>(
             false,
             Threads::One,
         );
-        fused::vectorised(
+        real::vectorised(
             #[inline(always)]
             || {
                 for (row, bias) in scores.chunks_mut(tk).zip(mask.chunks(tk)) {
-                    fused::softmax_row(row, bias, scale);
+                    real::softmax_row(row, bias, scale);
                 }
             },
         );
@@ -154,7 +154,7 @@ mod tests {
     use candle_core::{Device, Tensor, D};
 
     use super::*;
-    use crate::model::fused::tests::max_abs;
+    use crate::kernels::testing::max_abs;
 
     /// The composition CLIP ran before: split heads, `softmax(q k^T * scale + mask) v`, merge.
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Tensor {

@@ -8,7 +8,7 @@
 //! `dst = alpha dst + beta lhs rhs` writes a fresh product without the fill ([`product`]) and
 //! accumulates one in place ([`add_product`]).
 
-use super::fused::Real;
+use super::real::Real;
 
 /// A strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]

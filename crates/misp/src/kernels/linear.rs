@@ -13,8 +13,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::fused::Real;
 use super::gemm::{self, Mat};
+use super::real::Real;
 
 /// `x [.., in] @ w^T -> [.., out]` for `w [out, in]`.
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
@@ -85,7 +85,7 @@ impl Linear {
 /// accumulates onto rows pre-filled with the bias: no separate add pass, no zero-filled
 /// product. `None` where there is no such kernel (other devices and dtypes, tracked tensors).
 fn biased_no_grad(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    if !super::fused::fusable(x)
+    if !super::real::fusable(x)
         || x.track_op()
         || w.track_op()
         || b.track_op()
@@ -119,11 +119,11 @@ fn biased_no_grad(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Opt
         let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(bs)) = (&*xs, &*ws, &*bs) else {
             candle_core::bail!("linear: tensors are not on the CPU");
         };
-        let data = |s, l| super::fused::cpu_slice::<T>(s, l, "linear");
+        let data = |s, l| super::real::cpu_slice::<T>(s, l, "linear");
         let (xv, wv, bv) = (data(xs, xl)?, data(ws, wl)?, data(bs, bl)?);
         // The bias in every row, filled in parallel (a serial fill kept the other threads
         // idle: ~2 % of `misp embed`).
-        let mut y = super::fused::uninit::<T>(n * out);
+        let mut y = super::real::uninit::<T>(n * out);
         y.par_chunks_mut(out.max(1) * (1usize << 12).div_ceil(out.max(1)))
             .for_each(|rows| {
                 for (d, &b) in rows.iter_mut().zip(bv.iter().cycle()) {
@@ -131,7 +131,7 @@ fn biased_no_grad(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Opt
                 }
             });
         // SAFETY: every element was written: each chunk is whole rows, each row the bias.
-        let mut y = unsafe { super::fused::assume_init(y) };
+        let mut y = unsafe { super::real::assume_init(y) };
         gemm::add_product(
             &mut y,
             Mat::new(xv, n, inp),
@@ -173,8 +173,8 @@ impl CustomOp2 for FrozenMatmul {
             wl: &Layout,
             (n, k, m): (usize, usize, usize),
         ) -> candle_core::Result<CpuStorage> {
-            let x = super::fused::cpu_slice::<T>(x, xl, "frozen-matmul")?;
-            let w = super::fused::cpu_slice::<T>(w, wl, "frozen-matmul")?;
+            let x = super::real::cpu_slice::<T>(x, xl, "frozen-matmul")?;
+            let w = super::real::cpu_slice::<T>(w, wl, "frozen-matmul")?;
             Ok(T::wrap(gemm::product(
                 Mat::new(x, n, k),
                 Mat::new(w, m, k).t(),

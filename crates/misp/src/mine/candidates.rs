@@ -1,4 +1,4 @@
-//! Candidate sets: which pool images are scored for a record (DESIGN.md §2).
+//! Candidate sets: which pool images are scored for a record (docs/design.md §2).
 //!
 //! `knn:M` (default, M = 256): the M pool images nearest to the positive by CLIP image-image
 //! cosine; `random:M`: M uniform draws; `all`: the whole pool. Every spec first removes the
@@ -13,7 +13,8 @@ use rand::Rng;
 
 use crate::embeddings::PoolEmbeddings;
 
-/// Pool images at or above this cosine to the positive count as the same picture.
+/// Pool images above this cosine to the positive count as the same picture (excluded as
+/// candidates; exactly 0.95 stays eligible).
 pub const NEAR_DUPLICATE_COSINE: f32 = 0.95;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! Stage 1b, mining: K negative images per preference record (DESIGN.md §2).
+//! Stage 1b, mining: K negative images per preference record (docs/design.md §2).
 //!
 //! Reads a pool store and a records store (see [`crate::embeddings`]) and, for the `misp`
 //! strategy, a trained SAE; writes the negatives file ([`negatives`]). The pieces, in the order

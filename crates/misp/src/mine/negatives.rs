@@ -1,7 +1,7 @@
 //! The negatives file: one JSON object per record, the hand-off from mining to training.
 //!
 //! `{"id": ..., "negatives": [{"image": <pool id | "crop" | "noise">, "strategy": ...,
-//! "score": s, "recon": .., "l1": .., "q": .., "seed": ..}, ...]}` (DESIGN.md §2). Fields
+//! "score": s, "recon": .., "l1": .., "q": .., "seed": ..}, ...]}` (docs/design.md §2). Fields
 //! without a meaning for a strategy are `null` (a random negative has no SAE score; a
 //! similarity or synthetic negative has no proposal probability). Synthetic negatives carry the
 //! seed that regenerates their pixels.

@@ -3,7 +3,7 @@
 //!
 //! Inputs are per-candidate SAE outputs (reconstruction error, `||z||_1`, the latent code `z`);
 //! outputs are candidate positions with the probability the importance-sampling estimator will
-//! divide by (DESIGN.md §2).
+//! divide by (docs/design.md §2).
 
 use rand::Rng;
 

@@ -1,5 +1,5 @@
 //! Synthetic negatives made from the positive image itself: mDPO's random resized crop and
-//! CHiP's forward-diffusion noise (DESIGN.md §2).
+//! CHiP's forward-diffusion noise (docs/design.md §2).
 //!
 //! The miner only writes a seed per negative; whoever loads pixels (training, the reference
 //! cache) calls these functions with that seed, so every run sees the same pixels.

@@ -1,4 +1,4 @@
-//! LoRA adapters in PEFT's on-disk layout (DESIGN.md §4): `adapter_config.json` plus
+//! LoRA adapters in PEFT's on-disk layout (docs/design.md §4): `adapter_config.json` plus
 //! `adapter_model.safetensors`, so that a policy trained here loads with
 //! `PeftModel.from_pretrained` onto transformers' `LlavaForConditionalGeneration`, and an
 //! adapter trained with PEFT loads here.
@@ -23,10 +23,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::clip::TensorProblem;
 use super::llava::Llava;
 use super::lora::LoraConfig;
-use super::ModelError;
+use crate::checkpoint::{ModelError, TensorProblem};
 use crate::files::{write_atomic_with, write_json_atomic, FileError};
 
 /// The adapter config's file name inside an adapter folder.

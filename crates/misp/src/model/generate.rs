@@ -8,7 +8,7 @@
 use candle_core::{DType, Tensor, D};
 
 use super::llava::Llava;
-pub use super::ModelError;
+pub use crate::checkpoint::ModelError;
 
 /// Greedy continuation of each prompt (`prompts[i]` already templated and `<image>`-expanded,
 /// `pixels [B, 3, S, S]` its image). Returns the new ids of every row, EOS included when it

@@ -9,11 +9,11 @@
 //! Every struct below is one module of the checkpoint and loads from its own key prefix.
 //! Loading checks all tensors before failing: one error lists every missing or mis-shaped one.
 //!
-//! Gradients flow through this model into LoRA, so every op has a backward (DESIGN.md §4: candle's
+//! Gradients flow through this model into LoRA, so every op has a backward (docs/design.md §4: candle's
 //! fused `ops::rms_norm` and `rotary_emb::rope*` drop gradients on 0.11.1). RMSNorm, attention's
 //! scaled masked softmax and SwiGLU run on this crate's fused CPU kernels with their own backward
-//! ([`super::fused`]; the plain composition elsewhere), RoPE is written out, and frozen
-//! projections skip their weight gradient ([`super::linear`]). As in transformers, RMSNorm statistics, RoPE tables, softmax and the
+//! ([`crate::kernels`]; the plain composition elsewhere), RoPE is written out, and frozen
+//! projections skip their weight gradient ([`crate::kernels::linear`]). As in transformers, RMSNorm statistics, RoPE tables, softmax and the
 //! returned logits are f32 whatever the weights' dtype.
 //!
 //! Positions are `0..T` for every row in [`Llama::forward`], as `LlamaForCausalLM.forward` uses
@@ -28,13 +28,13 @@ use candle_nn::VarBuilder;
 use rand::Rng;
 use serde::Deserialize;
 
-use super::attention::{self, AttentionInputs};
-use super::clip::weights;
-pub use super::clip::TensorProblem;
-use super::fused;
-use super::linear::linear;
 use super::lora::{LoraConfig, LoraLinear, LoraSwitch};
-pub use super::ModelError;
+use crate::checkpoint;
+pub use crate::checkpoint::ModelError;
+pub use crate::checkpoint::TensorProblem;
+use crate::kernels;
+use crate::kernels::attention::{self, AttentionInputs};
+use crate::kernels::linear;
 
 /// `rope_parameters` of transformers 5 configs (`rope_theta` moved in here).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -100,7 +100,7 @@ impl Default for LlamaConfig {
 
 impl LlamaConfig {
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
-        let (cfg, path): (Self, _) = super::read_config(dir)?;
+        let (cfg, path): (Self, _) = checkpoint::read_config(dir)?;
         cfg.validate()
             .map_err(|message| ModelError::Config { path, message })?;
         Ok(cfg)
@@ -180,7 +180,7 @@ impl RmsNorm {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // One fused pass on the CPU; elsewhere the composition below, which it equals.
-        fused::rms_norm(x, &self.weight, self.eps)
+        kernels::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -331,7 +331,7 @@ impl LlamaAttention {
         let v = repeat(v)?;
         let scores = q.matmul(&k.t()?)?;
         let sdt = float_dtype(q.dtype());
-        let probs = fused::scaled_softmax(
+        let probs = kernels::scaled_softmax(
             &scores.to_dtype(sdt)?,
             Some(&ctx.bias.to_dtype(sdt)?),
             1.0 / (hd as f64).sqrt(),
@@ -361,7 +361,7 @@ impl LlamaMlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let g = self.gate_proj.forward(x)?;
         let u = self.up_proj.forward(x)?;
-        self.down_proj.forward(&fused::swiglu(&g, &u)?)
+        self.down_proj.forward(&kernels::swiglu(&g, &u)?)
     }
 }
 
@@ -473,8 +473,8 @@ impl Llama {
     /// mis-shaped tensor is listed in one [`ModelError::Tensors`].
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let config = LlamaConfig::from_dir(dir)?;
-        let (files, named) = weights::checkpoint_files(dir)?;
-        let st = weights::CheckedSafetensors::open(&files)?;
+        let (files, named) = checkpoint::checkpoint_files(dir)?;
+        let st = checkpoint::CheckedSafetensors::open(&files)?;
         let problems = st.problems();
         let model = Self::load(st.into_var_builder(dtype, device), config)?;
         let problems: Vec<TensorProblem> = problems.take();

@@ -1,37 +1,19 @@
-//! Models in their Hugging Face layouts, written on candle: the CLIP towers (stage 0's
-//! embedder and LLaVA's vision tower) and, later, LLaVA itself.
+//! The models, each in its Hugging Face layout and written on candle: CLIP (stage 0's embedder
+//! and LLaVA's vision tower) with its tokenizer and image processor, LLaMA, LLaVA-1.5 with its
+//! processor, LoRA and PEFT adapters, greedy generation, and [`vlm::Vlm`], the one handle the
+//! commands score and generate with.
 //!
-//! Each module mirrors its checkpoint's key tree, so a missing tensor names its own path.
+//! Each model file mirrors its checkpoint's key tree, so a missing tensor names its own path.
+//! Below the models sit [`crate::kernels`] (CPU kernels) and [`crate::checkpoint`]
+//! (config.json, safetensors, the shared error type); nothing here is imported by them.
 
 pub mod adapter;
-mod attention;
 pub mod clip;
-mod encoder_attention;
-
-pub use clip::ModelError;
-pub mod fused;
-mod gemm;
 pub mod generate;
-pub mod linear;
 pub mod llama;
 pub mod llava;
 pub mod lora;
-pub mod processor;
+pub mod resample;
 pub mod vlm;
 
-/// Reads `dir/config.json` (an HF model config) into `T`; returns it with the file's path for
-/// later error messages. Errors name the file.
-pub(crate) fn read_config<T: serde::de::DeserializeOwned>(
-    dir: &std::path::Path,
-) -> Result<(T, std::path::PathBuf), ModelError> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    let cfg = serde_json::from_str(&text).map_err(|source| ModelError::Json {
-        path: path.clone(),
-        source,
-    })?;
-    Ok((cfg, path))
-}
+pub use crate::checkpoint::ModelError;

@@ -15,12 +15,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use super::adapter::load_peft_adapter;
+use super::clip::image_processor::{ImageDecodeError, ImageProcessor};
 use super::generate::greedy;
+use super::llava::processor::{EncodeError, LlavaProcessor};
 use super::llava::Llava;
 use super::lora::LoraConfig;
-use super::processor::{EncodeError, LlavaProcessor};
-pub use super::ModelError;
-use crate::embed::preprocess::{ImageDecodeError, ImageProcessor};
+pub use crate::checkpoint::ModelError;
 
 /// How to load a checkpoint.
 #[derive(Debug, Clone)]

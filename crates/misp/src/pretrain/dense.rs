@@ -1,6 +1,6 @@
 //! Dense per-cell supervision of the CLIP's vision tower, trained alongside the contrastive loss.
 //!
-//! Stage: world pretrain. Why it exists (issue 8, sessions 6-7, `bench/world_grounding/`): a
+//! Stage: world pretrain. Why it exists (diagnostics in `bench/world_grounding/`): a
 //! contrastive CLIP this small separates a batch by colour and position alone and never puts
 //! *shape* into its patch tokens (probe at the base rate). A LLaVA trained on such a tower
 //! cannot learn shape through its LLM either: attention has to route the question to the right
@@ -18,7 +18,9 @@
 
 use candle_core::{Device, Tensor, D};
 
-use super::init::Params;
+use rand::rngs::StdRng;
+
+use super::init::{Builder, Params};
 use crate::model::clip::ClipModel;
 use crate::world::scene::{Colour, Scene, Shape, Visibility};
 
@@ -74,7 +76,7 @@ pub const HEAD_NAMES: [&str; 3] = ["dense.shape", "dense.colour", "dense.cell"];
 /// The dense objective of one training run.
 #[derive(Debug)]
 pub struct DenseTask {
-    /// `dense.{shape,colour,cell}.{weight,bias}` ([`super::init::dense_head_params`]).
+    /// `dense.{shape,colour,cell}.{weight,bias}` ([`dense_head_params`]).
     pub heads: Params,
     /// Targets by pixel-table index.
     pub targets: Vec<CellTargets>,
@@ -177,4 +179,18 @@ fn head_var(heads: &Params, name: &str) -> Result<Tensor, super::PretrainError> 
         .find(|(n, _)| n == name)
         .map(|(_, v)| v.as_tensor().clone())
         .ok_or_else(|| super::PretrainError::Config(format!("dense head `{name}` missing")))
+}
+
+/// The dense heads: a linear map (`N(0, 0.02)` weight, zero bias) from the
+/// tower's width `d` to each of [`head_sizes`], named `dense.*`.
+pub fn dense_head_params(
+    d: usize,
+    rng: &mut StdRng,
+    device: &Device,
+) -> candle_core::Result<Params> {
+    let mut b = Builder::new(rng, device);
+    for (name, out) in HEAD_NAMES.iter().zip(head_sizes()) {
+        b.linear(name, d, out, true)?;
+    }
+    Ok(b.out)
 }

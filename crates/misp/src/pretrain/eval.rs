@@ -1,7 +1,7 @@
 //! How much the base model hallucinates: POPE (all three splits) and CHAIR on a world split.
 //!
-//! Stage: world pretrain (the tuning target of issue 8: POPE-adversarial F1 at least 5 points
-//! under POPE-random F1, or CHAIR_s >= 10%). Reads the world's `pope/*_{split}.jsonl`,
+//! Stage: world pretrain (the world's target: a base model that hallucinates, POPE-adversarial
+//! F1 at least 5 points under POPE-random F1, or CHAIR_s >= 10%). Reads the world's `pope/*_{split}.jsonl`,
 //! `chair/instances_{split}.json`, `chair/synonyms.txt`, `captions_prompt.txt` and images;
 //! writes nothing. Generation is greedy, as the evaluation stage's.
 
@@ -24,7 +24,7 @@ pub struct BaseEval {
     pub split: String,
     /// `random`, `popular`, `adversarial` -> metrics.
     pub pope: BTreeMap<String, PopeMetrics>,
-    /// POPE-random F1 minus POPE-adversarial F1, in points (the issue's first criterion).
+    /// POPE-random F1 minus POPE-adversarial F1, in points (the first hallucination criterion).
     pub f1_gap_points: f64,
     /// `chair_s` is the share of captions naming an absent object (the second criterion).
     pub chair: ChairMetrics,

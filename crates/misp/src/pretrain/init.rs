@@ -36,14 +36,15 @@ fn normal(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
         .collect()
 }
 
-struct Builder<'a> {
+/// Named parameters drawn or filled one by one, in a fixed order (so a seed fixes them all).
+pub(crate) struct Builder<'a> {
     rng: &'a mut StdRng,
     device: &'a Device,
-    out: Params,
+    pub(crate) out: Params,
 }
 
 impl<'a> Builder<'a> {
-    fn new(rng: &'a mut StdRng, device: &'a Device) -> Self {
+    pub(crate) fn new(rng: &'a mut StdRng, device: &'a Device) -> Self {
         Self {
             rng,
             device,
@@ -71,7 +72,13 @@ impl<'a> Builder<'a> {
         self.push(name, t)
     }
 
-    fn linear(&mut self, p: &str, inp: usize, out: usize, bias: bool) -> candle_core::Result<()> {
+    pub(crate) fn linear(
+        &mut self,
+        p: &str,
+        inp: usize,
+        out: usize,
+        bias: bool,
+    ) -> candle_core::Result<()> {
         self.linear_std(p, inp, out, bias, INIT_STD)
     }
 
@@ -227,23 +234,6 @@ pub fn llava_trainable_params(
     b.fill("language_model.model.norm.weight".into(), &[d], 1.0)?;
     if !t.tie_word_embeddings {
         b.random("language_model.lm_head.weight".into(), &[t.vocab_size, d])?;
-    }
-    Ok(b.out)
-}
-
-/// The dense heads of [`super::dense`]: a linear map (`N(0, 0.02)` weight, zero bias) from the
-/// tower's width `d` to each of [`super::dense::head_sizes`], named `dense.*`.
-pub fn dense_head_params(
-    d: usize,
-    rng: &mut StdRng,
-    device: &Device,
-) -> candle_core::Result<Params> {
-    let mut b = Builder::new(rng, device);
-    for (name, out) in super::dense::HEAD_NAMES
-        .iter()
-        .zip(super::dense::head_sizes())
-    {
-        b.linear(name, d, out, true)?;
     }
     Ok(b.out)
 }

@@ -1,4 +1,4 @@
-//! `misp world pretrain`: the world's own tiny models (DESIGN.md §6, issue 8). A CLIP trained
+//! `misp world pretrain`: the world's own tiny models (docs/design.md §6). A CLIP trained
 //! contrastively on the world's (image, description) pairs, its vision tower also supervised per
 //! grid cell ([`dense`]), then a LLaVA — that CLIP's vision tower (frozen by default, or
 //! fine-tuned: [`PretrainConfig::tune_tower`]) + projector + small LLaMA — trained by supervised
@@ -35,11 +35,11 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::embed::preprocess::ImageProcessor;
 use crate::eval::EvalError;
 use crate::files::{self, FileError};
+use crate::model::clip::image_processor::ImageProcessor;
 use crate::model::clip::ClipTokenizer;
-use crate::model::processor::LlavaProcessor;
+use crate::model::llava::processor::LlavaProcessor;
 use crate::model::vlm::{PreparedScore, Vlm, VlmOptions};
 use crate::model::ModelError;
 use tokenizer::{Flavour, WorldTokenizer};
@@ -142,11 +142,11 @@ pub struct PretrainConfig {
     pub skip_eval: bool,
     /// Weight of the dense per-cell loss ([`dense`]) added to the CLIP's contrastive loss; 0
     /// turns it off. Without it the tower never encodes shape and the LLaVA names shapes from
-    /// the text prior alone (issue 8, session 7: shape words of val descriptions 0.28 with the
+    /// the text prior alone (measured 2026-11-27 before dense training: shape words of val descriptions 0.28 with the
     /// scene's own image vs 0.31 with another's).
     pub dense_weight: f64,
     /// Fine-tune the vision tower (initialised from the trained CLIP) during SFT instead of
-    /// freezing it, as LLaVA-1.5 does. Off by default: measured in torch (issue 8, session 7),
+    /// freezing it, as LLaVA-1.5 does. Off by default: measured in torch (2026-11-27, `bench/world_grounding/`),
     /// a tower tuned through the language loss from the first step loses the shape its dense
     /// training gave it (readout 0.39 tuned vs 0.78 frozen). It was on while the tower had no
     /// dense training: then tuning was what let the LLaVA see colour and position at all.
@@ -425,7 +425,7 @@ fn world_texts(world: &Path, sft: &[SftRow]) -> Result<Vec<String>, PretrainErro
     if let Ok(p) = std::fs::read_to_string(world.join("captions_prompt.txt")) {
         texts.push(p);
     }
-    texts.push(crate::model::processor::DEFAULT_TEMPLATE.replace("<image>", " "));
+    texts.push(crate::model::llava::processor::DEFAULT_TEMPLATE.replace("<image>", " "));
     texts.push(eval::POPE_SUFFIX.to_string());
     Ok(texts)
 }
@@ -530,7 +530,7 @@ pub fn run(
             let mut head_rng = StdRng::seed_from_u64(cfg.seed ^ 0xde75e);
             let v = &clip_cfg.vision_config;
             Some(dense::DenseTask {
-                heads: init::dense_head_params(v.hidden_size, &mut head_rng, &device)?,
+                heads: dense::dense_head_params(v.hidden_size, &mut head_rng, &device)?,
                 targets: scene_targets(world, &scenes, &pixels, image_size / cfg.sizes.patch_size)?,
                 weight: cfg.dense_weight,
                 // The LLaVA reads hidden_states[-2] (`vision_feature_layer` in save.rs).

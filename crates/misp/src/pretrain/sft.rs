@@ -1,10 +1,10 @@
 //! Supervised fine-tuning of the world's LLaVA on `sft.jsonl`.
 //!
-//! Stage: world pretrain. The vision tower is the trained CLIP's. It is either frozen (plain
-//! tensors, not `Var`s, so no gradient is even computed for it) or, with
-//! [`super::PretrainConfig::tune_tower`] (the default, see there why), fine-tuned with the rest;
-//! the projector and the whole LLaMA are always trained from random initialisation. The loss is the mean negative log-likelihood of the
-//! response tokens (and the EOS after them) of a batch, with prompts scored exactly as the
+//! Stage: world pretrain. The vision tower is the trained CLIP's. It is frozen by default (plain
+//! tensors, not `Var`s, so no gradient is even computed for it), as LLaVA-1.5's is, or with
+//! [`super::PretrainConfig::tune_tower`] fine-tuned with the rest (see there why it is off);
+//! the projector and the whole LLaMA are always trained from random initialisation. The loss is
+//! the mean negative log-likelihood of the response tokens (and the EOS after them) of a batch, with prompts scored exactly as the
 //! scorer and the DPO trainer will later see them ([`crate::model::vlm`]).
 
 use std::collections::HashMap;

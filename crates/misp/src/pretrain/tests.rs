@@ -328,7 +328,7 @@ fn dense_targets_map_patches_to_cells_and_leave_hidden_objects_out() {
 fn dense_task(s: &Setup, rng: &mut StdRng) -> dense::DenseTask {
     let v = &s.clip_cfg.vision_config;
     dense::DenseTask {
-        heads: init::dense_head_params(v.hidden_size, rng, &Device::Cpu).unwrap(),
+        heads: dense::dense_head_params(v.hidden_size, rng, &Device::Cpu).unwrap(),
         targets: scene_targets(
             tiny_world(),
             &read_scenes(tiny_world()).unwrap(),

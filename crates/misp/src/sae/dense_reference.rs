@@ -8,8 +8,8 @@
 
 use candle_core::{DType, Tensor, Var};
 
+use super::data::TrainingSet;
 use super::factor::{self, host_f64, Batch, BatchLoss, Gradients, RHO_HAT_MIN};
-use super::train::TrainingSet;
 use super::{check_record_inputs, CandidateCodes, Result, Sae};
 
 /// Rows per chunk that keep the dense `x` (and its `f64` residual) near 256 MiB at `d = 768`.

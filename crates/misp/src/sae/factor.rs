@@ -28,8 +28,12 @@
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, WithDType};
 
-use super::train::{TrainingSet, FIRING_THRESHOLD};
+use super::data::TrainingSet;
 use super::{CandidateCodes, Result, Sae, SaeError};
+
+/// A latent "fires" on a pair when `z > 0.5` (sigmoid latents are never exactly 0, so L0 needs
+/// a threshold). Used by mean L0, the dead fraction and the firing histogram.
+pub const FIRING_THRESHOLD: f64 = 0.5;
 
 /// `rho_hat` is clamped into `[RHO_HAT_MIN, 1 - RHO_HAT_MIN]` inside the KL term so that a
 /// latent that is dead (or saturated) over a whole batch gives a large but finite loss. The

@@ -6,7 +6,7 @@
 //! writes an SAE checkpoint folder (`model.safetensors` + `config.json`) and, when training,
 //! `metrics.jsonl` and the resume state `train_state.safetensors` + `train_state.json`.
 //!
-//! Notation (DESIGN.md §2): `d` the CLIP dimension, `H` the hidden size, `t` the prompt
+//! Notation (docs/design.md §2): `d` the CLIP dimension, `H` the hidden size, `t` the prompt
 //! embedding, `p` the positive image, `v_i` a candidate image. The SAE input of candidate `i` is
 //! `x_i = vec(u_i t^T)` (row-major: index `a*d + c` holds `u[a] * t[c]`) with
 //! `u_i = s * (p - v_i)` and `s` the input scale of [`SaeConfig::input_scale`]. It has `d^2`
@@ -29,6 +29,7 @@
 //! Everything runs on the CPU device; the tensors are `f32`, or `f64` for reference checks
 //! ([`Sae::to_dtype`]).
 
+mod data;
 pub mod dense_reference;
 mod factor;
 mod io;
@@ -41,11 +42,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-pub use factor::{BatchLoss, Gradients};
-pub use train::{
-    bench_epoch, train, EpochMetrics, SaeTrainConfig, TrainingSet, FIRING_THRESHOLD,
-    HISTOGRAM_EDGES,
-};
+pub use data::TrainingSet;
+pub use factor::{BatchLoss, Gradients, FIRING_THRESHOLD};
+pub use train::{bench_epoch, train, EpochMetrics, SaeTrainConfig, HISTOGRAM_EDGES};
 
 use factor::{DecoderGram, Params};
 
@@ -138,7 +137,7 @@ pub type Result<T> = std::result::Result<T, SaeError>;
 pub struct SaeConfig {
     /// CLIP embedding dimension `d` (the SAE input has `d^2` entries).
     pub d: usize,
-    /// Number of latents `H` (DESIGN.md: 128).
+    /// Number of latents `H` (docs/design.md §2: 128).
     pub hidden: usize,
     /// Weight `gamma` of the sparsity term of Eq. 11 (1).
     pub gamma: f64,
@@ -154,7 +153,7 @@ pub struct SaeConfig {
 }
 
 impl SaeConfig {
-    /// The DESIGN.md defaults (`H = 128`, `gamma = 1`, `rho = 0.05`, scale 1) for embeddings of
+    /// The docs/design.md defaults (`H = 128`, `gamma = 1`, `rho = 0.05`, scale 1) for embeddings of
     /// dimension `d` from `clip_model`.
     pub fn for_embeddings(d: usize, clip_model: impl Into<String>, normalized: bool) -> Self {
         Self {

@@ -4,7 +4,7 @@
 //! Tolerances are normwise: `max_i |got_i - want_i| <= tol * max_i |want_i|`.
 //! - `1e-9` for factorised vs dense, both in `f64`: the two differ only in summation order and
 //!   in the expansion of `||x - x_hat||^2`, which at these sizes loses a few digits at most.
-//! - `1e-4` for `f32` factorised vs `f64` dense (DESIGN.md §2): `f32` GEMMs over `d` or `N`
+//! - `1e-4` for `f32` factorised vs `f64` dense (docs/design.md §2): `f32` GEMMs over `d` or `N`
 //!   terms carry about `1e-6` relative error, a margin of 100.
 //! - `1e-6` for central differences with step `1e-6` in `f64`: truncation `O(h^2)` and rounding
 //!   `O(eps / h) ~ 1e-10` relative.

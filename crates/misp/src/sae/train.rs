@@ -25,13 +25,10 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use super::data::TrainingSet;
 use super::factor::{self, Batch, DecoderGram, Params};
 use super::io::{self, TensorFile};
 use super::{Result, Sae, SaeConfig, SaeError};
-
-/// A latent "fires" on a pair when `z > 0.5` (sigmoid latents are never exactly 0, so L0 needs
-/// a threshold). Used by mean L0, the dead fraction and the firing histogram.
-pub const FIRING_THRESHOLD: f64 = 0.5;
 
 /// Upper edges of the firing-frequency histogram's bins after the first: bin 0 counts latents
 /// that never fired in the epoch, bin `k` (1..=5) those with frequency below
@@ -42,84 +39,6 @@ const METRICS_FILE: &str = "metrics.jsonl";
 const STATE_TENSORS: &str = "train_state.safetensors";
 const STATE_JSON: &str = "train_state.json";
 const STATE_FORMAT: u32 = 1;
-
-/// Embeddings to train on: every record's positive and prompt, and the rows of the pool that
-/// form its candidate set. All `f32`, row-major, `d` columns.
-#[derive(Debug, Clone, Copy)]
-pub struct TrainingSet<'a> {
-    /// `[N_pool, d]` candidate image embeddings.
-    pub pool: &'a [f32],
-    /// `[R, d]` prompt (text) embeddings `t`.
-    pub prompts: &'a [f32],
-    /// `[R, d]` positive image embeddings `p`.
-    pub positives: &'a [f32],
-    /// Per record, its candidates as rows of `pool`. Records with none are skipped.
-    pub candidates: &'a [Vec<u32>],
-    pub d: usize,
-}
-
-impl TrainingSet<'_> {
-    /// Number of records `R`.
-    pub fn records(&self) -> usize {
-        self.candidates.len()
-    }
-
-    /// Number of (record, candidate) pairs.
-    pub fn pairs(&self) -> usize {
-        self.candidates.iter().map(Vec::len).sum()
-    }
-
-    /// Lengths agree with `d` and `R`, candidate rows exist, every value is finite.
-    pub(crate) fn validate(&self) -> Result<()> {
-        let d = self.d;
-        if d == 0 {
-            return Err(SaeError::Data("`d` is 0".into()));
-        }
-        let r = self.records();
-        let check = |field: &'static str, v: &[f32], rows: Option<usize>| -> Result<()> {
-            let ok = match rows {
-                Some(rows) => v.len() == rows * d,
-                None => v.len() % d == 0,
-            };
-            if !ok {
-                return Err(SaeError::InputLength {
-                    field,
-                    got: v.len(),
-                    expected: match rows {
-                        Some(rows) => format!("{rows} x {d}"),
-                        None => format!("a multiple of {d}"),
-                    },
-                });
-            }
-            if let Some(row) = v
-                .chunks_exact(d)
-                .position(|x| x.iter().any(|a| !a.is_finite()))
-            {
-                return Err(SaeError::NonFiniteInput { field, row });
-            }
-            Ok(())
-        };
-        check("pool", self.pool, None)?;
-        check("prompts", self.prompts, Some(r))?;
-        check("positives", self.positives, Some(r))?;
-        let pool = self.pool.len() / d;
-        for (record, cands) in self.candidates.iter().enumerate() {
-            if let Some(&index) = cands.iter().find(|&&i| i as usize >= pool) {
-                return Err(SaeError::CandidateIndex {
-                    record,
-                    index,
-                    pool,
-                });
-            }
-        }
-        if self.pairs() == 0 {
-            return Err(SaeError::Data(
-                "no record has a candidate: nothing to train on".into(),
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// Optimisation settings of `misp sae train`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

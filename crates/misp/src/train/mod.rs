@@ -1,5 +1,5 @@
 //! Stage 2: MISP-DPO training of a LoRA adapter on a LLaVA checkpoint (Eq. 6-10 of the paper,
-//! DESIGN.md §3), and every baseline of the paper as a config ([`config::TrainConfig`]).
+//! docs/design.md §3), and every baseline of the paper as a config ([`config::TrainConfig`]).
 //!
 //! | module | does |
 //! |---|---|
@@ -17,9 +17,28 @@ pub mod run;
 pub mod step;
 
 pub use config::{ConfigError, TrainConfig};
-pub use run::{train, TrainInputs, TrainSummary};
+pub use run::{train, TrainInputs};
+
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
 
 use crate::model::ModelError;
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub records: usize,
+    pub skipped: usize,
+    pub refused_steps: usize,
+    /// Wall seconds of each epoch this process ran (a resumed epoch counts from the resume).
+    pub epoch_seconds: Vec<f64>,
+    pub seconds: f64,
+    /// The metrics rows written by this process.
+    pub metrics: Vec<Map<String, Value>>,
+    pub adapter: PathBuf,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

@@ -7,8 +7,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::config::TrainConfig;
-use super::run::TrainSummary;
-use super::TrainError;
+use super::{TrainError, TrainSummary};
 use crate::files::write_atomic;
 use crate::report::plot::line_chart;
 

@@ -27,7 +27,7 @@ use super::config::TrainConfig;
 use super::data::{self, PixelCache, TrainItem};
 use super::reference::{hash_items, hash_model, Fnv, RefCache};
 use super::step::micro_step;
-use super::TrainError;
+use super::{TrainError, TrainSummary};
 use crate::data::read_records;
 use crate::files::{splitmix64, write_atomic, write_json_atomic};
 use crate::model::adapter::save_peft_adapter;
@@ -51,21 +51,6 @@ pub struct TrainInputs {
     /// Stop (with a checkpoint, as Ctrl-C does) after this many optimiser steps: how tests
     /// simulate a killed run.
     pub stop_after: Option<u64>,
-}
-
-/// What a finished run reports.
-#[derive(Debug, Clone)]
-pub struct TrainSummary {
-    pub steps: u64,
-    pub records: usize,
-    pub skipped: usize,
-    pub refused_steps: usize,
-    /// Wall seconds of each epoch this process ran (a resumed epoch counts from the resume).
-    pub epoch_seconds: Vec<f64>,
-    pub seconds: f64,
-    /// The metrics rows written by this process.
-    pub metrics: Vec<Map<String, Value>>,
-    pub adapter: PathBuf,
 }
 
 /// SIGINT sets this; the loop checkpoints and stops at the next step boundary. A second

@@ -1,4 +1,4 @@
-//! ShapesWorld (DESIGN.md §6): the synthetic world that makes the whole pipeline runnable and
+//! ShapesWorld (docs/design.md §6): the synthetic world that makes the whole pipeline runnable and
 //! measurable on two CPU cores. `misp world generate` writes it; every later stage of the demo
 //! (SFT of the tiny models, embed, mine, train, eval) reads it.
 //!
@@ -75,7 +75,7 @@ pub struct WorldConfig {
     pub seed: u64,
     /// Side of the square images, in pixels. 48 by default: with the shipped models' 16 px
     /// patches each grid cell is exactly one patch (one image token per object); at 64 px cells
-    /// straddle patches and a tower this small never learned shapes (issue 8, session 6).
+    /// straddle patches and a tower this small never learned shapes (`bench/world_grounding/`).
     pub image_size: u32,
     /// Scenes for supervised fine-tuning (and preference records).
     pub train_scenes: usize,

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::*;
-use crate::model::fused::tests::{max_abs, rand};
+use crate::kernels::testing::{max_abs, rand};
 
 /// A layer's shapes and masks: `b` rows of `t` positions, the second row right-padded by two
 /// (as training batches are; no query row is wholly masked, so f32 and f64 agree).
@@ -245,12 +245,12 @@ fn rope_kernels_match_the_composition_and_are_each_others_transpose() {
     };
     let (cos, sin) = (vec(&case.cos), vec(&case.sin));
     let x = rand(&[case.b, case.t, 4 * case.hd], 5);
-    let rotated = fused::rope_data(&vec(&x), &cos, &sin, dims, false);
+    let rotated = crate::kernels::rope_data(&vec(&x), &cos, &sin, dims, false);
     let rotated = Tensor::from_vec(rotated, (case.b, 4, case.t, case.hd), &Device::Cpu).unwrap();
     assert!(max_abs(&rotated, &case.rope_plain(&x, 4)) < 1e-12);
     // <R x, g> = <x, R^T g> for any g.
     let g = rand(rotated.dims(), 6);
-    let back = fused::rope_data(&vec(&g), &cos, &sin, dims, true);
+    let back = crate::kernels::rope_data(&vec(&g), &cos, &sin, dims, true);
     let back = Tensor::from_vec(back, x.dims(), &Device::Cpu).unwrap();
     let lhs: f64 = (&rotated * &g)
         .unwrap()

@@ -4,34 +4,8 @@
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::*;
-
-/// Uniform values in [-1, 1) from a seeded LCG (shared with the attention tests).
-pub(crate) fn rand(shape: &[usize], seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let v: Vec<f64> = (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-pub(crate) fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
+use crate::kernels::exp_f32;
+use crate::kernels::testing::{max_abs, rand};
 
 /// Gradient of `sum(c * f(x))` with respect to `x` by autograd.
 fn autograd(f: &dyn Fn(&Tensor) -> Tensor, x: &Tensor, c: &Tensor) -> Tensor {

@@ -12,72 +12,26 @@
 //! key names the code that reads it. Loading checks all tensors before failing: a checkpoint
 //! with missing or mis-shaped tensors is one error that lists all of them.
 //!
-//! Only differentiable ops are used (DESIGN.md §4), because LLaVA's gradients flow through
+//! Only differentiable ops are used (docs/design.md §4), because LLaVA's gradients flow through
 //! graphs that contain this tower's output: layer norm is written out and softmax is
-//! [`super::fused::scaled_softmax`] (a fused CPU kernel with its own backward). Layer norm and softmax run in `f32` whatever the weights' dtype,
+//! [`crate::kernels::scaled_softmax`] (a fused CPU kernel with its own backward). Layer norm and softmax run in `f32` whatever the weights' dtype,
 //! as PyTorch does for half-precision inputs.
 
+pub mod image_processor;
 mod tokenizer;
-pub(crate) mod weights;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 
-use super::linear::Linear;
-use super::{encoder_attention, fused};
+use crate::checkpoint;
+use crate::kernels::Linear;
+use crate::kernels::{self, encoder_attention};
 use serde::Deserialize;
 
+pub use crate::checkpoint::{ModelError, TensorProblem};
 pub use tokenizer::{ClipTokenizer, ClipTokens};
-pub use weights::TensorProblem;
-
-/// Errors of loading and running CLIP. File errors name the file; tensor errors list every
-/// problem tensor by its checkpoint key.
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{}: {source}", path.display())]
-    Json {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error("{}: {message}", path.display())]
-    Config { path: PathBuf, message: String },
-    #[error("{}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are read)", dir.display())]
-    NoWeights { dir: PathBuf },
-    #[error("{}: cannot read safetensors: {source}", path.display())]
-    Safetensors {
-        path: PathBuf,
-        source: candle_core::Error,
-    },
-    #[error("{}: {} tensor problem(s): {}", path.display(), problems.len(), join(problems))]
-    Tensors {
-        path: PathBuf,
-        problems: Vec<TensorProblem>,
-    },
-    #[error("{}: tokenizer: {message}", path.display())]
-    Tokenizer { path: PathBuf, message: String },
-    #[error("CLIP input `{field}`: {message}")]
-    Input {
-        field: &'static str,
-        message: String,
-    },
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
-}
-
-fn join(problems: &[TensorProblem]) -> String {
-    problems
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
-}
 
 /// MLP activation, `hidden_act` in the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -98,7 +52,7 @@ impl Activation {
         match self {
             // Written with exp / recip rather than a fused sigmoid so the op is plainly
             // differentiable; exp overflowing to inf gives recip 0, not NaN.
-            Self::QuickGelu if !x.track_op() => super::fused::quick_gelu_no_grad(x),
+            Self::QuickGelu if !x.track_op() => kernels::quick_gelu_no_grad(x),
             Self::QuickGelu => x * ((x * -1.702)?.exp()? + 1.0)?.recip()?,
             Self::Gelu => x.gelu_erf(),
             Self::GeluTanh => x.gelu(),
@@ -207,7 +161,7 @@ impl Default for ClipConfig {
 impl ClipConfig {
     /// Reads and checks `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
-        let (cfg, path): (Self, _) = super::read_config(dir)?;
+        let (cfg, path): (Self, _) = checkpoint::read_config(dir)?;
         let bad = |message: String| ModelError::Config {
             path: path.clone(),
             message,
@@ -235,7 +189,7 @@ impl ClipConfig {
     }
 }
 
-/// Layer norm written out (DESIGN.md §4: candle's fused layer norm drops gradients), in `f32`.
+/// Layer norm written out (docs/design.md §4: candle's fused layer norm drops gradients), in `f32`.
 #[derive(Debug, Clone)]
 struct LayerNorm {
     weight: Tensor,
@@ -255,7 +209,7 @@ impl LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // f32 only: other dtypes keep the composition's f32 statistics.
         if x.dtype() == DType::F32 {
-            if let Some(y) = fused::layer_norm_no_grad(x, &self.weight, &self.bias, self.eps)? {
+            if let Some(y) = kernels::layer_norm_no_grad(x, &self.weight, &self.bias, self.eps)? {
                 return Ok(y);
             }
         }
@@ -328,7 +282,7 @@ impl ClipAttention {
         };
         let (q, k, v) = (split(q)?, split(k)?, split(v)?);
         let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-        let probs = fused::scaled_softmax(&scores, mask, self.scale)?.to_dtype(q.dtype())?;
+        let probs = kernels::scaled_softmax(&scores, mask, self.scale)?.to_dtype(q.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, tq, d))?;
         self.out_proj.forward(&out)
     }
@@ -715,8 +669,8 @@ impl ClipModel {
     /// missing or mis-shaped tensor is reported in one [`ModelError::Tensors`].
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let config = ClipConfig::from_dir(dir)?;
-        let (files, named) = weights::checkpoint_files(dir)?;
-        let st = weights::CheckedSafetensors::open(&files)?;
+        let (files, named) = checkpoint::checkpoint_files(dir)?;
+        let st = checkpoint::CheckedSafetensors::open(&files)?;
         let problems = st.problems();
         let model = Self::new(st.into_var_builder(dtype, device), config)?;
         let problems = problems.take();
@@ -782,7 +736,7 @@ impl ClipModel {
         Ok(pixels.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
 
-    /// Image embeddings: `[B, 3, S, S]` pixels (from [`crate::embed::preprocess`]) to
+    /// Image embeddings: `[B, 3, S, S]` pixels (from [`crate::model::clip::image_processor`]) to
     /// `[B, projection_dim]` `f32`, L2-normalised.
     pub fn embed_images(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
         let x = self.check_pixels(pixels)?;

@@ -1,4 +1,4 @@
-//! LLaVA as transformers' `LlavaForConditionalGeneration` (DESIGN.md §4): the CLIP vision
+//! LLaVA as transformers' `LlavaForConditionalGeneration` (docs/design.md §4): the CLIP vision
 //! tower's `hidden_states[vision_feature_layer]` (CLS dropped for the "default" strategy),
 //! projected by `linear_1 -> GELU -> linear_2` (with biases) into the LLaMA's embedding space,
 //! and written over the `<image>` positions of the token embeddings.
@@ -10,16 +10,19 @@
 
 use std::path::Path;
 
+pub mod processor;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::linear::Linear;
+use crate::kernels::Linear;
 use serde::Deserialize;
 
-use super::clip::{weights, ClipVisionConfig, ClipVisionTower};
-pub use super::llama::{sequence_logprobs, token_logprobs};
-use super::llama::{Llama, LlamaConfig};
-pub use super::ModelError;
+use crate::checkpoint;
+pub use crate::checkpoint::ModelError;
+use crate::model::clip::{ClipVisionConfig, ClipVisionTower};
+pub use crate::model::llama::{sequence_logprobs, token_logprobs};
+use crate::model::llama::{Llama, LlamaConfig};
 
 /// `config.json` of a `LlavaForConditionalGeneration`.
 #[derive(Debug, Clone, Deserialize)]
@@ -54,7 +57,7 @@ fn default_true() -> bool {
 impl LlavaConfig {
     /// Reads and checks `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
-        let (cfg, path): (Self, _) = super::read_config(dir)?;
+        let (cfg, path): (Self, _) = checkpoint::read_config(dir)?;
         if let Err(message) = cfg.validate() {
             return Err(ModelError::Config { path, message });
         }
@@ -227,8 +230,8 @@ impl Llava {
     /// [`ModelError::Tensors`].
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let config = LlavaConfig::from_dir(dir)?;
-        let (files, named) = weights::checkpoint_files(dir)?;
-        let st = weights::CheckedSafetensors::open(&files)?;
+        let (files, named) = checkpoint::checkpoint_files(dir)?;
+        let st = checkpoint::CheckedSafetensors::open(&files)?;
         let problems = st.problems();
         let vb = st.into_var_builder(dtype, device);
         let layout = KeyLayout::detect(|k| vb.contains_tensor(k));

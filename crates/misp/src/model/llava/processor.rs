@@ -5,7 +5,7 @@
 //! Stage: score / train / eval. Reads the checkpoint's `tokenizer.json` (with `tokenizers`, so
 //! pre-tokenisation, merges and added tokens are the checkpoint's own). Writes nothing.
 //!
-//! The convention (DESIGN.md §4, TRL's DPO): the prompt text `USER: <image>\n{prompt}
+//! The convention (docs/design.md §4, TRL's DPO): the prompt text `USER: <image>\n{prompt}
 //! ASSISTANT:` is encoded *with* the tokenizer's special tokens (the post-processor adds BOS);
 //! the response is encoded *without* them and EOS is appended. The single `<image>` token is then
 //! expanded to one token per image feature, which is what the HF processor does by repeating the
@@ -16,8 +16,8 @@ use std::path::Path;
 
 use tokenizers::Tokenizer;
 
-use super::llava::LlavaConfig;
-pub use super::ModelError;
+use super::LlavaConfig;
+pub use crate::checkpoint::ModelError;
 
 /// llava-hf's prompt template; `{prompt}` is replaced by the user's prompt.
 pub const DEFAULT_TEMPLATE: &str = "USER: <image>\n{prompt} ASSISTANT:";

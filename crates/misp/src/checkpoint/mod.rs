@@ -1,0 +1,74 @@
+//! Checkpoint plumbing shared by every model: reading an HF `config.json`, opening a
+//! safetensors checkpoint (single file or sharded) as a `VarBuilder` that checks every tensor a
+//! model asks for, and the error type every model loader returns.
+
+use std::path::PathBuf;
+
+mod safetensors;
+
+pub use safetensors::TensorProblem;
+pub(crate) use safetensors::{checkpoint_files, CheckedSafetensors};
+
+/// Errors of loading and running a model. File errors name the file; tensor errors list every
+/// problem tensor by its checkpoint key.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Config { path: PathBuf, message: String },
+    #[error("{}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are read)", dir.display())]
+    NoWeights { dir: PathBuf },
+    #[error("{}: cannot read safetensors: {source}", path.display())]
+    Safetensors {
+        path: PathBuf,
+        source: candle_core::Error,
+    },
+    #[error("{}: {} tensor problem(s): {}", path.display(), problems.len(), join(problems))]
+    Tensors {
+        path: PathBuf,
+        problems: Vec<TensorProblem>,
+    },
+    #[error("{}: tokenizer: {message}", path.display())]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("CLIP input `{field}`: {message}")]
+    Input {
+        field: &'static str,
+        message: String,
+    },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+fn join(problems: &[TensorProblem]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Reads `dir/config.json` (an HF model config) into `T`; returns it with the file's path for
+/// later error messages. Errors name the file.
+pub(crate) fn read_config<T: serde::de::DeserializeOwned>(
+    dir: &std::path::Path,
+) -> Result<(T, std::path::PathBuf), ModelError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let cfg = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: path.clone(),
+        source,
+    })?;
+    Ok((cfg, path))
+}
