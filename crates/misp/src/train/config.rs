@@ -1,5 +1,5 @@
-//! `RUN.toml`: every knob of a training run, flat, with the paper's defaults (§5 of the paper,
-//! DESIGN.md §3). A variant of the paper is a file under `configs/`, never a code path.
+//! `RUN.toml`: every knob of a training run, flat, with the paper's settings where it gives them
+//! and misp's own otherwise (docs/design.md §9.2). A variant of the paper is a file under `configs/`, never a code path.
 //!
 //! Unknown keys are errors that name them (a typo must not silently train the default), and
 //! `--set key=value` overrides are parsed as TOML values and checked the same way.
@@ -208,7 +208,8 @@ impl TrainConfig {
         Self::deserialize(merged).map_err(|e| e.to_string())
     }
 
-    /// Range checks, with the field named.
+    /// Range checks, with the field named: every float finite and of the sign it can take,
+    /// every count in range, and the combinations that cannot train refused.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field: &'static str, message: &str| {
             Err(ConfigError::Invalid {
@@ -216,8 +217,26 @@ impl TrainConfig {
                 message: message.into(),
             })
         };
-        if self.beta.is_nan() || self.beta <= 0.0 {
-            return bad("beta", "must be > 0");
+        // (field, value, lower bound, whether the bound itself is allowed)
+        let floats: [(&'static str, f64, f64, bool); 8] = [
+            ("beta", self.beta, 0.0, false),
+            ("image_weight", self.image_weight, 0.0, true),
+            ("lambda", self.lambda, 0.0, true),
+            ("anchor_weight", self.anchor_weight, 0.0, true),
+            ("lora_alpha", self.lora_alpha, 0.0, false),
+            ("lr", self.lr, 0.0, false),
+            ("weight_decay", self.weight_decay, 0.0, true),
+            // 0 turns clipping off.
+            ("max_grad_norm", self.max_grad_norm, 0.0, true),
+        ];
+        for (field, v, low, inclusive) in floats {
+            if !v.is_finite() {
+                return bad(field, &format!("must be a finite number, got {v}"));
+            }
+            if v < low || (!inclusive && v == low) {
+                let op = if inclusive { ">=" } else { ">" };
+                return bad(field, &format!("must be {op} {low}, got {v}"));
+            }
         }
         if self.batch_size == 0 || self.micro_batch_size == 0 {
             return bad("batch_size", "batch_size and micro_batch_size must be >= 1");
@@ -237,6 +256,12 @@ impl TrainConfig {
         if self.epochs == 0 {
             return bad("epochs", "must be >= 1");
         }
+        if self.keep_checkpoints == 0 {
+            return bad(
+                "keep_checkpoints",
+                "must be >= 1 (the last checkpoint is what --resume reads)",
+            );
+        }
         if !matches!(self.dtype.as_str(), "f32" | "bf16") {
             return bad("dtype", "must be f32 or bf16");
         }
@@ -247,6 +272,12 @@ impl TrainConfig {
             return bad(
                 "k",
                 "synthetic crop / noise negatives give one per record: set k = 1",
+            );
+        }
+        if self.image_weight == 0.0 && self.lambda == 0.0 && self.anchor_weight == 0.0 {
+            return bad(
+                "lambda",
+                "image_weight, lambda and anchor_weight are all 0: nothing to train",
             );
         }
         Ok(())
@@ -303,13 +334,13 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_the_papers() {
+    fn defaults_are_the_papers_and_documented_own_choices() {
         let c = TrainConfig::load(None, &[]).unwrap();
+        // The paper's (its training details): beta, lambda, K, lr, LoRA r / alpha, batch 32.
         assert_eq!((c.beta, c.lambda, c.k, c.lr), (0.5, 1.0, 3, 1e-5));
-        assert_eq!(
-            (c.lora_r, c.lora_alpha, c.batch_size, c.epochs),
-            (64, 128.0, 32, 3)
-        );
+        assert_eq!((c.lora_r, c.lora_alpha, c.batch_size), (64, 128.0, 32));
+        // misp's own (docs/design.md §9.2): epochs, decay, warmup, clipping.
+        assert_eq!(c.epochs, 3);
         assert_eq!(
             (c.weight_decay, c.warmup_ratio, c.max_grad_norm),
             (0.05, 0.1, 1.0)
@@ -346,6 +377,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("beta"), "{e}");
+        for set in [
+            "lr=nan",
+            "lr=inf",
+            "lr=-1e-5",
+            "lr=0",
+            "lambda=-1",
+            "lora_alpha=-2",
+            "weight_decay=-0.1",
+            "max_grad_norm=-1",
+            "beta=nan",
+            "image_weight=inf",
+            "anchor_weight=-1",
+        ] {
+            let key = set.split('=').next().unwrap();
+            let e = TrainConfig::load(None, &[set.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("`{key}`")), "{set}: {e}");
+        }
         let e = TrainConfig::load(None, &["negatives=\"crop\"".into()])
             .unwrap_err()
             .to_string();
