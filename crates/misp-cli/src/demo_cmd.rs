@@ -60,7 +60,7 @@ fn strings(parts: &[&str]) -> Vec<String> {
 /// Refuses an output folder whose finished steps were made with other base models (or by a misp
 /// from before the stamp existed); stamps a fresh one.
 fn check_models_stamp(out: &Path, clip: &Path, llava: &Path) -> anyhow::Result<()> {
-    let mut h = misp::train::reference::Fnv::default();
+    let mut h = misp::files::Fnv::default();
     for dir in [clip, llava] {
         misp::train::reference::hash_model(dir, &mut h)?;
     }

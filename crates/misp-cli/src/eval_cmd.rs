@@ -240,9 +240,10 @@ fn run_pope(args: PopeArgs) -> anyhow::Result<()> {
     let vlm = args.model.load()?;
     let mut generate = generator(&vlm, args.max_new_tokens);
     let start = std::time::Instant::now();
+    let images = misp::eval::Images::new(&args.images, args.model.image_root.as_deref())?;
     let run = pope::run_pope(
         &questions,
-        &args.images,
+        &images,
         &args.suffix,
         args.model.batch_size,
         &mut generate,
@@ -278,9 +279,10 @@ fn run_chair(args: ChairArgs) -> anyhow::Result<()> {
     let vlm = args.model.load()?;
     let mut generate = generator(&vlm, args.max_new_tokens);
     let start = std::time::Instant::now();
+    let images = misp::eval::Images::new(&args.images, args.model.image_root.as_deref())?;
     let run = chair::run_chair(
         &gt,
-        &args.images,
+        &images,
         &args.prompt,
         args.model.batch_size,
         &mut generate,

@@ -95,7 +95,24 @@ fn main() {
         .with_target(false)
         .init();
     if let Err(err) = run(cli) {
-        eprintln!("misp: error: {err:#}");
+        eprintln!("misp: error: {}", error_text(&err));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes on one line, each cause once: many library errors already quote
+/// their source in their own message (`{path}: {source}`), and printing the chain as well
+/// repeated it ("Corrupt footer ...: Corrupt footer ...").
+fn error_text(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&c);
+        }
+    }
+    text
 }

@@ -47,6 +47,12 @@ pub(crate) struct ModelArgs {
     /// Sequences per forward.
     #[arg(long, default_value_t = 8)]
     pub(crate) batch_size: usize,
+    /// Folder that image paths in the input must stay inside; absolute paths are admitted when
+    /// they lie under it (`--image-root /` admits all). Without it, `score` / `generate` take
+    /// paths relative to the current directory or absolute, and `eval` relative names under
+    /// `--images` only.
+    #[arg(long)]
+    pub(crate) image_root: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -58,8 +64,17 @@ impl ModelArgs {
             template: Some(self.template.clone()),
             ..VlmOptions::default()
         };
-        Vlm::load(&self.model, self.adapter.as_deref(), &opts)
-            .with_context(|| format!("loading {}", self.model.display()))
+        Vlm::load(&self.model, self.adapter.as_deref(), &opts).with_context(|| {
+            match &self.adapter {
+                // The adapter's own errors name its files; this says which pair was being loaded.
+                Some(a) => format!(
+                    "loading {} with the adapter {}",
+                    self.model.display(),
+                    a.display()
+                ),
+                None => format!("loading {}", self.model.display()),
+            }
+        })
     }
 
     /// The resolved settings, for a run's config file.
@@ -71,6 +86,7 @@ impl ModelArgs {
             "pad_to_square": self.pad_to_square,
             "template": self.template,
             "batch_size": self.batch_size,
+            "image_root": self.image_root,
         })
     }
 }
@@ -78,7 +94,8 @@ impl ModelArgs {
 /// Input and output of `score` and `generate`.
 #[derive(Args, Debug)]
 pub struct IoArgs {
-    /// Input JSONL; image paths are relative to the current directory unless absolute.
+    /// Input JSONL; image paths are relative to the current directory unless absolute (or
+    /// under --image-root).
     #[arg(long)]
     data: PathBuf,
     /// Output JSONL (written atomically; `OUT.config.json` records the settings).
@@ -95,6 +112,10 @@ pub struct ScoreArgs {
     model: ModelArgs,
     #[command(flatten)]
     io: IoArgs,
+    /// Exit 0 even when some rows score NaN or infinite (written as null); by default such rows
+    /// are named and the command fails.
+    #[arg(long)]
+    keep_going: bool,
 }
 
 #[derive(Args, Debug)]
@@ -137,20 +158,48 @@ fn config_path(out: &Path) -> PathBuf {
     out.with_file_name(name)
 }
 
+fn image_root(a: &ModelArgs) -> anyhow::Result<Option<misp::data::paths::DatasetRoot>> {
+    a.image_root
+        .as_deref()
+        .map(misp::data::paths::DatasetRoot::new)
+        .transpose()
+        .context("--image-root")
+}
+
 pub fn score(args: ScoreArgs) -> anyhow::Result<()> {
     let (a, io) = (&args.model, &args.io);
-    let rows = infer::read_rows(&io.data, true)?;
+    let rows = infer::read_rows(&io.data, true, image_root(a)?.as_ref())?;
     let vlm = a.load()?;
     let out = infer::score(&vlm, &rows, a.batch_size, !io.quiet)?;
+    // Written in full either way: a NaN row is evidence, not something to drop.
     write_rows(&io.out, &out)?;
-    write_json_atomic(&config_path(&io.out), &config(a, io, "score", json!({})))?;
+    let extra = json!({"keep_going": args.keep_going});
+    write_json_atomic(&config_path(&io.out), &config(a, io, "score", extra))?;
+    let bad: Vec<&str> = out
+        .iter()
+        .filter(|r| !r.logp.is_finite())
+        .map(|r| r.id.as_str())
+        .collect();
+    if !bad.is_empty() {
+        let shown = bad.iter().take(10).copied().collect::<Vec<_>>().join(", ");
+        let message = format!(
+            "{} of {} rows have a non-finite log-prob (written as null): ids {shown}{}; the model's weights or these inputs give NaN/inf",
+            bad.len(),
+            out.len(),
+            if bad.len() > 10 { ", ..." } else { "" }
+        );
+        if !args.keep_going {
+            anyhow::bail!("{message} (pass --keep-going to accept)");
+        }
+        eprintln!("warning: {message}");
+    }
     eprintln!("scored {} rows -> {}", out.len(), io.out.display());
     Ok(())
 }
 
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let (a, io) = (&args.model, &args.io);
-    let rows = infer::read_rows(&io.data, false)?;
+    let rows = infer::read_rows(&io.data, false, image_root(a)?.as_ref())?;
     let vlm = a.load()?;
     let out = infer::generate(&vlm, &rows, a.batch_size, args.max_new_tokens, !io.quiet)?;
     write_rows(&io.out, &out)?;

@@ -30,6 +30,11 @@ pub struct TrainArgs {
     /// Pool folder (its ids.jsonl maps negative ids to image paths).
     #[arg(long)]
     pool: Option<PathBuf>,
+    /// Folder that image paths in the records are relative to and must stay inside (default:
+    /// the records file's folder); absolute paths are admitted when they lie under it, so
+    /// `--image-root /` admits every absolute path.
+    #[arg(long)]
+    image_root: Option<PathBuf>,
     /// Output folder: adapter/, config.toml, metrics.jsonl, checkpoints/, report.md, curves.
     #[arg(long)]
     out: PathBuf,
@@ -51,6 +56,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         data: args.data,
         negatives: args.negatives,
         pool: args.pool,
+        image_root: args.image_root,
         out: args.out.clone(),
         resume: args.resume,
         progress: !args.quiet,

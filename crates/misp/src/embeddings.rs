@@ -7,8 +7,9 @@
 //!
 //! Loading validates everything a later stage would trip on and says where: shapes against
 //! `meta.json`, row counts against `ids.jsonl`, duplicate or missing ids (an error naming the
-//! line), and non-finite rows (kept, but listed in `invalid_rows` so callers skip and count
-//! them rather than letting a NaN poison a whole batch).
+//! line), and unusable rows: non-finite ones, and ones that are not unit-norm in a store that
+//! says it is normalised (kept, but listed in `invalid_rows` so callers skip and count them
+//! rather than letting a NaN or a zero vector poison a whole batch).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -70,6 +71,8 @@ pub struct InvalidRow {
     pub row: usize,
     pub id: String,
     pub tensor: &'static str,
+    /// `non-finite`, or `not unit-norm` in a store whose `meta.json` says normalised.
+    pub reason: &'static str,
 }
 
 /// The image pool: candidate negatives, in row order.
@@ -188,19 +191,38 @@ fn load_tensors(dir: &Path) -> Result<(PathBuf, HashMap<String, Tensor>), StoreE
     Ok((file, tensors))
 }
 
-fn non_finite_rows(
+/// How far a normalised row's squared norm may be from 1: f16 storage rounds each value to
+/// ~1e-3 relative, far inside this; a zero or unnormalised row is far outside.
+const UNIT_NORM_TOLERANCE: f64 = 1e-2;
+
+/// Rows no later stage should use: non-finite ones, and, where `normalized` promises unit
+/// rows, those that are not (a zero row has no direction; cosines against it are meaningless).
+fn unusable_rows(
     data: &[f32],
     dim: usize,
     ids: &[String],
     tensor: &'static str,
+    normalized: bool,
 ) -> Vec<InvalidRow> {
     data.chunks(dim.max(1))
         .enumerate()
-        .filter(|(_, row)| row.iter().any(|x| !x.is_finite()))
-        .map(|(row, _)| InvalidRow {
-            row,
-            id: ids[row].clone(),
-            tensor,
+        .filter_map(|(row, v)| {
+            let reason = if v.iter().any(|x| !x.is_finite()) {
+                "non-finite"
+            } else if normalized
+                && (v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() - 1.0).abs()
+                    > UNIT_NORM_TOLERANCE
+            {
+                "not unit-norm"
+            } else {
+                return None;
+            };
+            Some(InvalidRow {
+                row,
+                id: ids[row].clone(),
+                tensor,
+                reason,
+            })
         })
         .collect()
 }
@@ -215,7 +237,7 @@ impl PoolEmbeddings {
         if ids.is_empty() {
             return Err(invalid(&dir.join(IDS_FILE), "the image pool is empty"));
         }
-        let invalid_rows = non_finite_rows(&embeds, meta.dim, &ids, "image_embeds");
+        let invalid_rows = unusable_rows(&embeds, meta.dim, &ids, "image_embeds", meta.normalized);
         Ok(Self {
             dir: dir.to_path_buf(),
             meta,
@@ -272,12 +294,14 @@ impl RecordEmbeddings {
         let (file, mut tensors) = load_tensors(dir)?;
         let prompts = take_matrix(&mut tensors, &file, "prompt_embeds", ids.len(), meta.dim)?;
         let positives = take_matrix(&mut tensors, &file, "positive_embeds", ids.len(), meta.dim)?;
-        let mut invalid_rows = non_finite_rows(&prompts, meta.dim, &ids, "prompt_embeds");
-        invalid_rows.extend(non_finite_rows(
+        let norm = meta.normalized;
+        let mut invalid_rows = unusable_rows(&prompts, meta.dim, &ids, "prompt_embeds", norm);
+        invalid_rows.extend(unusable_rows(
             &positives,
             meta.dim,
             &ids,
             "positive_embeds",
+            norm,
         ));
         invalid_rows.sort_by_key(|r| r.row);
         invalid_rows.dedup_by_key(|r| r.row);

@@ -37,11 +37,7 @@ fn temp_path(path: &Path) -> PathBuf {
 
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
-    write_atomic_with(path, |tmp| {
-        let mut f = File::create(tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })
+    write_atomic_with(path, |tmp| File::create(tmp)?.write_all(bytes))
 }
 
 /// Runs `write` on a temporary sibling of `path`, then renames it over `path`. For writers
@@ -54,12 +50,47 @@ pub fn write_atomic_with(
         fs::create_dir_all(dir).map_err(|e| FileError::new(dir, e))?;
     }
     let tmp = temp_path(path);
-    let result = write(&tmp).and_then(|()| fs::rename(&tmp, path));
+    let result = write(&tmp)
+        .and_then(|()| File::open(&tmp)?.sync_all())
+        .and_then(|()| usual_mode(&tmp))
+        .and_then(|()| fs::rename(&tmp, path));
     if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
         return Err(FileError::new(path, e));
     }
     Ok(())
+}
+
+/// Gives `path` the mode a newly created file gets (`0o666` less the umask). Writers that go
+/// through a private temporary file of their own (the safetensors crate's) leave `0o600`,
+/// which another user could not read; every output is made readable alike.
+fn usual_mode(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Linux reports the umask in /proc (4.7+); elsewhere assume the common 022.
+        let umask = fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|t| {
+                let line = t.lines().find(|l| l.starts_with("Umask:"))?;
+                u32::from_str_radix(line.split_whitespace().nth(1)?, 8).ok()
+            })
+            .unwrap_or(0o022);
+        fs::set_permissions(path, fs::Permissions::from_mode(0o666 & !umask))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Writes `tensors` as a safetensors file at `path`, atomically and with the usual mode.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> Result<(), FileError> {
+    write_atomic_with(path, |tmp| {
+        candle_core::safetensors::save(tensors, tmp).map_err(std::io::Error::other)
+    })
 }
 
 /// Serialises `value` as pretty JSON into `path`, atomically.
@@ -81,6 +112,87 @@ pub fn read_lines(path: &Path) -> Result<Vec<(usize, String)>, FileError> {
         }
     }
     Ok(out)
+}
+
+/// FNV-1a, 64 bit: a stable hash without a dependency (not for security).
+#[derive(Clone, Copy)]
+pub struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    pub fn bytes(&mut self, b: &[u8]) {
+        for &x in b {
+            self.0 ^= u64::from(x);
+            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
+        }
+        // Length-delimit so ("ab", "c") and ("a", "bc") differ.
+        for x in (b.len() as u64).to_le_bytes() {
+            self.0 ^= u64::from(x);
+            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    pub fn str(&mut self, s: &str) {
+        self.bytes(s.as_bytes());
+    }
+
+    pub fn ids(&mut self, ids: &[u32]) {
+        let b: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+        self.bytes(&b);
+    }
+
+    pub fn finish(self) -> u64 {
+        self.0
+    }
+}
+
+/// Files up to this size are hashed whole by [`hash_file`]; larger ones are sampled.
+const HASH_WHOLE_LIMIT: u64 = 64 << 20;
+
+/// Feeds `path` into `h`: its size, then its bytes when it is at most 64 MiB, else its first
+/// and last MiB (weights and embedding stores run to GBs; a different file of the same size
+/// and the same ends is not a mistake a user makes by accident).
+pub fn hash_file(path: &Path, h: &mut Fnv) -> Result<(), FileError> {
+    use std::io::{Read, Seek, SeekFrom};
+    const MIB: u64 = 1 << 20;
+    let io = |e| FileError::new(path, e);
+    let mut f = File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    h.bytes(&len.to_le_bytes());
+    if len <= HASH_WHOLE_LIMIT {
+        let mut buf = Vec::with_capacity(len as usize);
+        (&mut f).take(len).read_to_end(&mut buf).map_err(io)?;
+        h.bytes(&buf);
+        return Ok(());
+    }
+    let mut buf = vec![0u8; MIB as usize];
+    f.read_exact(&mut buf).map_err(io)?;
+    h.bytes(&buf);
+    f.seek(SeekFrom::Start(len - MIB)).map_err(io)?;
+    f.read_exact(&mut buf).map_err(io)?;
+    h.bytes(&buf);
+    Ok(())
+}
+
+/// A hex fingerprint of the files of `dir` named in `names` (absent ones count as absent), for
+/// recording which inputs a run was made from.
+pub fn fingerprint_files(dir: &Path, names: &[&str]) -> Result<String, FileError> {
+    let mut h = Fnv::default();
+    for name in names {
+        let p = dir.join(name);
+        h.str(name);
+        if p.is_file() {
+            hash_file(&p, &mut h)?;
+        } else {
+            h.str("<absent>");
+        }
+    }
+    Ok(format!("{:016x}", h.finish()))
 }
 
 /// SplitMix64 finaliser: a well-mixed, version-stable 64-bit hash step (std's hashers are not
@@ -155,6 +267,46 @@ mod tests {
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn safetensors_outputs_get_the_usual_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("misp-mode-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let plain = dir.join("a.json");
+        write_json_atomic(&plain, &serde_json::json!({})).unwrap();
+        let t = candle_core::Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu);
+        let tensors = [("x".to_string(), t.unwrap())].into_iter().collect();
+        let st = dir.join("a.safetensors");
+        write_safetensors(&st, &tensors).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        // The safetensors crate alone writes 0o600; both must match a plain created file.
+        assert_eq!(mode(&st), mode(&plain));
+        assert_ne!(
+            mode(&st),
+            0o600,
+            "umask of the test process hides the check"
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn json_floats_read_back_bit_for_bit() {
+        // Saved configs are compared after a round trip (SAE resume compares its input scale):
+        // serde_json's default parser can come back one ulp off, e.g. for this scale.
+        let mut values = vec![0.970_739_922_174_651_2_f64, 0.1, 1.0 / 3.0, 1e-300, 5e-324];
+        let mut s = 1u64;
+        for _ in 0..2000 {
+            s = splitmix64(s);
+            values.push(f64::from_bits(s >> 2));
+        }
+        for v in values.into_iter().filter(|v| v.is_finite()) {
+            let text = serde_json::to_string(&serde_json::json!({ "v": v })).unwrap();
+            let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(back["v"].as_f64().unwrap().to_bits(), v.to_bits(), "{text}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! Stage: score / eval. Reads `{"id", "image", "prompt", "response"}` (score) or `{"id",
 //! "image", "prompt"}` (generate) rows; image paths are relative to the current directory
-//! unless absolute (as `misp eval` reads them). A malformed row, an unreadable
+//! unless absolute, or, with an image root, relative to it and confined to it. A malformed row, an unreadable
 //! image or a prompt the template cannot take is an error naming the file, line and id: these
 //! files are small, hand-made inputs, and a silently missing score is worse than a stop.
 
@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::data::paths::DatasetRoot;
 use crate::files::{read_lines, FileError};
 use crate::model::vlm::{ItemError, Vlm};
 use crate::model::ModelError;
@@ -59,8 +60,14 @@ pub enum InferError {
     Model(#[from] ModelError),
 }
 
-/// Reads the rows of `path`; `response` says whether each row must carry a `response`.
-pub fn read_rows(path: &Path, response: bool) -> Result<Vec<InferRow>, InferError> {
+/// Reads the rows of `path`; `response` says whether each row must carry a `response`. With
+/// `root`, every image path must resolve inside it (relative ones under it, absolute ones
+/// lying under it); a row whose path does not is an error naming it.
+pub fn read_rows(
+    path: &Path,
+    response: bool,
+    root: Option<&DatasetRoot>,
+) -> Result<Vec<InferRow>, InferError> {
     let mut rows = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (line, text) in read_lines(path)? {
@@ -85,9 +92,16 @@ pub fn read_rows(path: &Path, response: bool) -> Result<Vec<InferRow>, InferErro
         if !seen.insert(id.clone()) {
             return Err(bad(format!("duplicate id {id:?}")));
         }
+        let raw = field("image")?;
+        let image = match root {
+            Some(root) => root
+                .resolve(&raw)
+                .map_err(|e| bad(format!("id {id}: {e}")))?,
+            None => PathBuf::from(raw),
+        };
         rows.push(InferRow {
             id,
-            image: PathBuf::from(field("image")?),
+            image,
             prompt: field("prompt")?,
             response: if response {
                 Some(field("response")?)

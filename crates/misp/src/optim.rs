@@ -68,8 +68,11 @@ impl AdamW {
     }
 
     /// One update with `grads[i]` the gradient of `vars[i]` (`None`: no gradient, variable and
-    /// its moments untouched, as PyTorch skips parameters whose `.grad` is `None`).
-    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> candle_core::Result<()> {
+    /// its moments untouched, as PyTorch skips parameters whose `.grad` is `None`). Returns
+    /// `false`, changing nothing (not even the step count), when the update would make a
+    /// variable or a moment non-finite: finite gradients can still overflow a moment, and a
+    /// NaN adapter must not replace the last good one.
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> candle_core::Result<bool> {
         if grads.len() != self.vars.len() {
             candle_core::bail!(
                 "{} gradients for {} variables",
@@ -77,25 +80,55 @@ impl AdamW {
                 self.vars.len()
             );
         }
-        self.step += 1;
-        let c = self.config;
-        let t = self.step as i32;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
+        // Two passes over the variables: the first only sums the new values (one host read for
+        // the whole check, and no second copy of every variable held), the second applies them.
+        let t = (self.step + 1) as i32;
+        let mut total: Option<Tensor> = None;
         for (i, g) in grads.iter().enumerate() {
             let Some(g) = g else { continue };
-            let var = &self.vars[i];
-            let g = g.to_dtype(var.dtype())?;
-            let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let p = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
-            let denom = ((&v / bc2)?.sqrt()? + c.eps)?;
-            let update = ((&m / bc1)? / denom)?;
-            var.set(&(p - (update * lr)?)?)?;
+            let (p, m, v) = self.updated(i, g, lr, t)?;
+            let s = (p.sum_all()? + m.sum_all()?)?.add(&v.sum_all()?)?;
+            let s = s.to_dtype(DType::F64)?;
+            total = Some(match total {
+                Some(acc) => (acc + s)?,
+                None => s,
+            });
+        }
+        if let Some(total) = total {
+            if !total.to_scalar::<f64>()?.is_finite() {
+                return Ok(false);
+            }
+        }
+        self.step += 1;
+        for (i, g) in grads.iter().enumerate() {
+            let Some(g) = g else { continue };
+            let (p, m, v) = self.updated(i, g, lr, t)?;
+            self.vars[i].set(&p)?;
             self.m[i] = m;
             self.v[i] = v;
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Variable `i`'s new value and moments after step `t` with gradient `g`.
+    fn updated(
+        &self,
+        i: usize,
+        g: &Tensor,
+        lr: f64,
+        t: i32,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let c = self.config;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        let var = &self.vars[i];
+        let g = g.to_dtype(var.dtype())?;
+        let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+        let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+        let p = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
+        let denom = ((&v / bc2)?.sqrt()? + c.eps)?;
+        let update = ((&m / bc1)? / denom)?;
+        Ok(((p - (update * lr)?)?, m, v))
     }
 
     /// The state as named tensors (`m.{i}`, `v.{i}`, `step`), for a checkpoint.
@@ -252,6 +285,38 @@ mod tests {
         for (a, b) in got.iter().zip(want) {
             assert!((a - b).abs() < 1e-12, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn an_update_that_is_not_finite_changes_nothing() {
+        let dev = Device::Cpu;
+        let p = Var::new(&[1.0f32, -2.0], &dev).unwrap();
+        let mut opt = AdamW::new(vec![p.clone()], AdamWConfig::default()).unwrap();
+        let g = Tensor::new(&[0.5f32, -1.0], &dev).unwrap();
+        assert!(opt.step(&[Some(g.clone())], 0.1).unwrap());
+        let (before, state) = (
+            p.as_tensor().to_vec1::<f32>().unwrap(),
+            opt.state().unwrap(),
+        );
+        // A finite gradient whose square overflows f32: the second moment becomes inf.
+        let huge = Tensor::new(&[3e38f32, 1.0], &dev).unwrap();
+        assert!(!opt.step(&[Some(huge)], 0.1).unwrap());
+        assert!(!opt.step(&[Some(g.clone())], f64::NAN).unwrap());
+        assert_eq!(p.as_tensor().to_vec1::<f32>().unwrap(), before);
+        assert_eq!(opt.steps(), 1);
+        let after = opt.state().unwrap();
+        for (k, t) in &state {
+            let same = (t - &after[k]).unwrap().abs().unwrap().sum_all().unwrap();
+            assert_eq!(
+                same.to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap(),
+                0.0,
+                "{k}"
+            );
+        }
+        assert!(opt.step(&[Some(g)], 0.1).unwrap());
     }
 
     #[test]

@@ -111,6 +111,7 @@ fn inputs(dir: &Path, data: &Path, neg: &Path, pool: &Path, out: &str) -> TrainI
         data: data.to_path_buf(),
         negatives: Some(neg.to_path_buf()),
         pool: Some(pool.to_path_buf()),
+        image_root: None,
         out: dir.join(out),
         resume: false,
         progress: false,
@@ -428,4 +429,103 @@ fn a_non_finite_step_is_refused_and_the_adapter_stays_finite() {
         let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
         assert!(v.iter().all(|x| x.is_finite()), "{k} is not finite");
     }
+}
+
+/// A copy of the fixture LLaVA whose `lm_head` is NaN: every log-prob it gives is NaN.
+fn nan_model(dir: &Path) -> PathBuf {
+    let src = root().join("fixtures/llava_chat/tiny");
+    let dst = dir.join("nan-model");
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+    }
+    let file = dst.join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let head = t["language_model.lm_head.weight"].clone();
+    let nan = (head.ones_like().unwrap() * f64::NAN).unwrap();
+    t.insert("language_model.lm_head.weight".into(), nan);
+    candle_core::safetensors::save(&t, &file).unwrap();
+    dst
+}
+
+#[test]
+fn resume_with_other_inputs_is_refused_naming_them() {
+    let dir = tmp("resume-inputs");
+    let (data, neg, pool) = world(&dir, &["misp", "misp"]);
+    let cfg = tiny_cfg(&["epochs=2", "checkpoint_every=1"]);
+    let mut first = inputs(&dir, &data, &neg, &pool, "out");
+    first.stop_after = Some(1);
+    assert!(train(&cfg, &first).is_err());
+    let edited = |from: &Path, name: &str, a: &str, b: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, std::fs::read_to_string(from).unwrap().replace(a, b)).unwrap();
+        p
+    };
+    let data2 = edited(&data, "records2.jsonl", "A red circle.", "A red disc.");
+    let neg2 = edited(&neg, "negatives2.jsonl", "\"q\":0.25", "\"q\":0.5");
+    let resume = |data: &Path, neg: &Path| {
+        let mut r = inputs(&dir, data, neg, &pool, "out");
+        r.resume = true;
+        train(&cfg, &r)
+    };
+    let e = resume(&data2, &neg).unwrap_err().to_string();
+    assert!(e.contains("--data") && !e.contains("--negatives"), "{e}");
+    let e = resume(&data, &neg2).unwrap_err().to_string();
+    assert!(e.contains("--negatives") && !e.contains("--data"), "{e}");
+    // The run's own inputs resume as before.
+    assert_eq!(resume(&data, &neg).unwrap().steps, 4);
+}
+
+#[test]
+fn a_run_whose_every_step_is_refused_fails_and_logs_refusals_as_such() {
+    let dir = tmp("all-refused");
+    let (data, neg, pool) = world(&dir, &["misp", "misp"]);
+    let cfg = tiny_cfg(&["epochs=1"]);
+    let mut inp = inputs(&dir, &data, &neg, &pool, "out");
+    inp.model = nan_model(&dir);
+    let e = train(&cfg, &inp).unwrap_err().to_string();
+    assert!(e.contains("every one of the 2 steps was refused"), "{e}");
+    assert!(!dir.join("out/adapter").exists());
+    let rows: Vec<Value> = std::fs::read_to_string(dir.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        assert_eq!(r["refused"], json!(true), "{r}");
+        assert!(r.get("loss").is_none(), "a refused step has no loss: {r}");
+        assert!(r["refused_reason"].as_str().unwrap().contains("non-finite"));
+    }
+}
+
+#[test]
+fn absolute_image_paths_say_which_flag_admits_them() {
+    let dir = tmp("abs-paths");
+    let (data, neg, pool) = world(&dir, &["misp", "misp"]);
+    // The same records with absolute image paths, in a folder of their own.
+    let sub = dir.join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    let abs = sub.join("records.jsonl");
+    let images = dir.join("images").to_string_lossy().into_owned();
+    let text = std::fs::read_to_string(&data).unwrap();
+    std::fs::write(&abs, text.replace("\"images/", &format!("\"{images}/"))).unwrap();
+    let cfg = tiny_cfg(&["max_steps=1"]);
+    let e = train(&cfg, &inputs(&dir, &abs, &neg, &pool, "o1"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no usable records")
+            && e.contains("6 x image path escapes the dataset root")
+            && e.contains("--image-root")
+            && e.contains("(id r0)"),
+        "{e}"
+    );
+    let listed = std::fs::read_to_string(dir.join("o1/skipped.jsonl")).unwrap();
+    assert_eq!(listed.lines().count(), 6, "{listed}");
+    // Admitted by a root that holds them.
+    let mut rooted = inputs(&dir, &abs, &neg, &pool, "o2");
+    rooted.image_root = Some(dir.clone());
+    assert_eq!(train(&cfg, &rooted).unwrap().records, 6);
 }

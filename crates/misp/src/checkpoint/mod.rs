@@ -7,7 +7,7 @@ use std::path::PathBuf;
 mod safetensors;
 
 pub use safetensors::TensorProblem;
-pub(crate) use safetensors::{checkpoint_files, CheckedSafetensors};
+pub(crate) use safetensors::{load_checked, same_keys};
 
 /// Errors of loading and running a model. File errors name the file; tensor errors list every
 /// problem tensor by its checkpoint key.
@@ -48,12 +48,20 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
+/// The problems, all of them up to 20 (a config with fewer layers than the weights leaves
+/// hundreds of unexpected tensors), then how many more.
 fn join(problems: &[TensorProblem]) -> String {
-    problems
+    const SHOWN: usize = 20;
+    let mut text = problems
         .iter()
+        .take(SHOWN)
         .map(ToString::to_string)
         .collect::<Vec<_>>()
-        .join("; ")
+        .join("; ");
+    if problems.len() > SHOWN {
+        text.push_str(&format!("; and {} more", problems.len() - SHOWN));
+    }
+    text
 }
 
 /// Reads `dir/config.json` (an HF model config) into `T`; returns it with the file's path for

@@ -87,7 +87,7 @@ impl fmt::Debug for ImageSource {
 /// (`invalid JSON`, `no image`, `empty chosen`, `image path escapes the dataset root`,
 /// `duplicate id`, ...) optionally followed by `: detail`, so reports can count by the part
 /// before the colon.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Skip {
     pub source: String,
     pub id: Option<String>,
@@ -102,6 +102,40 @@ impl Skip {
             reason: reason.into(),
         }
     }
+}
+
+/// What the skips were, for an error that says why nothing was usable: the count per reason
+/// (the part of a reason before its first `:`), then the first `first` skips in full with where
+/// they were and their id, e.g. `4 skipped: 4 x image path escapes the dataset root; first:
+/// data.jsonl:1 (id r0): image path escapes the dataset root: /abs/a.jpg (...)`.
+pub fn describe_skips(skipped: &[Skip], first: usize) -> String {
+    if skipped.is_empty() {
+        return "nothing was skipped".into();
+    }
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for s in skipped {
+        let key = s.reason.split(':').next().unwrap_or("").trim();
+        match counts.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((key, 1)),
+        }
+    }
+    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
+    let by_reason = counts
+        .iter()
+        .map(|(k, n)| format!("{n} x {k}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let examples = skipped
+        .iter()
+        .take(first)
+        .map(|s| match &s.id {
+            Some(id) => format!("{} (id {id}): {}", s.source, s.reason),
+            None => format!("{}: {}", s.source, s.reason),
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    format!("{} skipped: {by_reason}; first: {examples}", skipped.len())
 }
 
 /// A source that cannot be read at all; each variant names the file.

@@ -58,11 +58,17 @@ impl DatasetRoot {
         let joined = self.dir.join(raw);
         let lexical = normalize(&joined);
         if !lexical.starts_with(&self.dir) {
-            return Err(format!("{ESCAPES_ROOT}: {raw}"));
+            return Err(format!(
+                "{ESCAPES_ROOT}: {raw} (not under {}; --image-root DIR admits paths under DIR, --image-root / any path)",
+                self.dir.display()
+            ));
         }
         match lexical.canonicalize() {
             Ok(real) if !real.starts_with(&self.canonical) => {
-                Err(format!("{ESCAPES_ROOT} (through a symlink): {raw}"))
+                Err(format!(
+                    "{ESCAPES_ROOT} (through a symlink): {raw} (not under {}; --image-root DIR admits paths under DIR)",
+                    self.canonical.display()
+                ))
             }
             Ok(real) if !real.is_file() => Err(format!("image is not a file: {raw}")),
             Ok(_) => Ok(lexical),

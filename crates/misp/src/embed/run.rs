@@ -3,10 +3,14 @@
 //! Items (pool images, or records with their image and prompt) are cut into chunks of
 //! `chunk_size`. Each chunk is decoded in parallel, embedded in batches, and written as a part
 //! file under `OUT/parts/` (atomically; the part's safetensors is its completion mark). A
-//! re-run skips finished parts; `--shard i/n` runs a contiguous range of chunks, several shards
-//! may share one `OUT`. When every part exists, whichever run finishes last merges them,
-//! streaming, into the store of [`crate::embeddings`] and removes the parts: memory stays
-//! flat in the number of images.
+//! re-run checks finished parts (rows, ids, finite values) and reuses them, rebuilding a bad
+//! one; `--shard i/n` runs a contiguous range of chunks, and shards may share one `OUT` in any
+//! order, sequential or concurrent. `OUT/manifest.json` records what the store is made from
+//! (inputs, checkpoint, settings; not the shard), so a run with other inputs is refused. Two
+//! runs of the same shard are refused while one holds its lock (`OUT/.shard-I-of-N.lock`).
+//! When every part exists, whichever run finishes last merges them, under `OUT/.merge.lock`,
+//! streaming, into the store of [`crate::embeddings`] and removes the parts: memory stays flat
+//! in the number of images. Locks are advisory file locks, released when a process dies.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -39,8 +43,9 @@ fn input(context: impl Into<String>) -> impl FnOnce(BoxError) -> EmbedError {
     move |source| EmbedError::Input { context, source }
 }
 
-/// Settings of one embed run; part of the manifest that guards resumption.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Settings of one embed run. All but the shard are part of the manifest that guards
+/// resumption (shards of one store differ only in their shard).
+#[derive(Debug, Clone, PartialEq)]
 pub struct EmbedConfig {
     /// Images per CLIP forward pass.
     pub batch_size: usize,
@@ -48,8 +53,15 @@ pub struct EmbedConfig {
     pub chunk_size: usize,
     /// Precision of the written embeddings.
     pub f16: bool,
-    #[serde(skip)]
     pub shard: Shard,
+}
+
+/// What of an [`EmbedConfig`] shapes the store (everything but the shard).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct StoreSettings {
+    batch_size: usize,
+    chunk_size: usize,
+    f16: bool,
 }
 
 impl Default for EmbedConfig {
@@ -102,7 +114,7 @@ struct Manifest {
     clip_model: String,
     items: usize,
     fingerprint: String,
-    config: EmbedConfig,
+    config: StoreSettings,
 }
 
 /// The CLIP checkpoint, its tokenizer and its image processor.
@@ -267,7 +279,11 @@ fn run(
         clip_model: embedder.name.clone(),
         items: items.len(),
         fingerprint: fingerprint(&items),
-        config: cfg.clone(),
+        config: StoreSettings {
+            batch_size: cfg.batch_size,
+            chunk_size: cfg.chunk_size,
+            f16: cfg.f16,
+        },
     };
     let mut report = EmbedReport {
         items: items.len(),
@@ -279,17 +295,37 @@ fn run(
         return Ok(report);
     }
     if items.is_empty() {
+        // Say why, and keep the list: skipped.jsonl is what the user reads next.
+        files::write_atomic(&out.join("skipped.jsonl"), &jsonl(&reader_skips))?;
         return Err(EmbedError::Inconsistent {
             path: out.into(),
             message: format!(
-                "nothing to embed: every input was skipped ({} skips)",
-                reader_skips.len()
+                "nothing to embed, every input was skipped (listed in skipped.jsonl): {}",
+                data::describe_skips(&reader_skips, 3)
             ),
         });
     }
     check_manifest(out, &manifest, false)?;
+    let _shard_lock = lock(
+        &out.join(format!(".shard-{}-of-{}.lock", cfg.shard.index, cfg.shard.count)),
+        false,
+    )
+    .map_err(|e| match e {
+        LockError::Held(path) => EmbedError::Inconsistent {
+            path,
+            message: format!(
+                "another misp embed (shard {}/{}) is writing {}; wait for it, or give each run its own --shard i/n",
+                cfg.shard.index,
+                cfg.shard.count,
+                out.display()
+            ),
+        },
+        LockError::Io(e) => EmbedError::File(e),
+    })?;
 
     let chunks = items.len().div_ceil(cfg.chunk_size);
+    let chunk = |c: usize| &items[c * cfg.chunk_size..((c + 1) * cfg.chunk_size).min(items.len())];
+    let dim = embedder.model_dim();
     let range = cfg.shard.range(chunks);
     let bar = crate::progress::bar(
         progress,
@@ -298,31 +334,146 @@ fn run(
         "images",
     );
     for c in range {
-        let chunk = &items[c * cfg.chunk_size..((c + 1) * cfg.chunk_size).min(items.len())];
-        if part_path(out, c, "safetensors").exists() {
+        if part_is_usable(out, c, kind, dim, chunk(c).len()) {
             report.parts_done_before += 1;
-            bar.inc(chunk.len() as u64);
+            bar.inc(chunk(c).len() as u64);
             continue;
         }
-        let part = embed_chunk(embedder, kind, chunk, cfg.batch_size, &bar)?;
+        let part = embed_chunk(embedder, kind, chunk(c), cfg.batch_size, &bar)?;
         report.embedded += part.ids.len();
         report.skipped += part.skipped.len();
         report.truncated_prompts += part.truncated;
-        write_part(out, c, kind, &part, embedder.model_dim())?;
+        write_part(out, c, kind, &part, dim)?;
         report.parts_written += 1;
     }
     bar.finish_and_clear();
+    report.skipped += reader_skips.len();
+
+    // The merge: one run at a time; whoever takes the lock first and finds every part merges,
+    // a run that finds the store already merged by another is done too.
+    let _merge_lock = lock(&out.join(".merge.lock"), true).map_err(|e| match e {
+        LockError::Held(path) => EmbedError::Inconsistent {
+            path,
+            message: "merge lock held".into(),
+        },
+        LockError::Io(e) => EmbedError::File(e),
+    })?;
+    if out.join(META_FILE).exists() && check_manifest(out, &manifest, true)? {
+        report.merged = true;
+        report.seconds = start.elapsed().as_secs_f64();
+        return Ok(report);
+    }
     report.parts_pending = (0..chunks)
         .filter(|c| !part_path(out, *c, "safetensors").exists())
         .count();
-    report.skipped += reader_skips.len();
     if report.parts_pending == 0 {
+        // Parts made by other runs are checked too; a bad one is made again here.
+        for c in 0..chunks {
+            if !part_is_usable(out, c, kind, dim, chunk(c).len()) {
+                let part = embed_chunk(embedder, kind, chunk(c), cfg.batch_size, &bar)?;
+                write_part(out, c, kind, &part, dim)?;
+                report.parts_written += 1;
+            }
+        }
         // Count every skip of the store, including those of parts made by earlier runs.
         report.skipped = merge(out, kind, chunks, &reader_skips, embedder, cfg)?;
         report.merged = true;
     }
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+enum LockError {
+    Held(PathBuf),
+    Io(FileError),
+}
+
+/// An advisory exclusive lock on `path` (created if absent), held until the file is dropped:
+/// waited for when `wait`, else refused at once if another process holds it.
+fn lock(path: &Path, wait: bool) -> Result<std::fs::File, LockError> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| LockError::Io(FileError::new(path, e)))?;
+    if wait {
+        file.lock()
+            .map_err(|e| LockError::Io(FileError::new(path, e)))?;
+    } else {
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(LockError::Held(path.into())),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(LockError::Io(FileError::new(path, e)))
+            }
+        }
+    }
+    Ok(file)
+}
+
+/// Whether part `c` exists and holds what a finished part holds: an ids line (a JSON object
+/// with a string `id`, and `path` for a pool) per tensor row, at most `items` rows, tensors of
+/// `dim` columns with finite values, and a readable skip list. A part that fails is logged and
+/// made again (a killed writer cannot leave one: the safetensors is written last, atomically;
+/// but files can be damaged or edited afterwards).
+fn part_is_usable(out: &Path, c: usize, kind: Kind, dim: usize, items: usize) -> bool {
+    if !part_path(out, c, "safetensors").exists() {
+        return false;
+    }
+    match check_part(out, c, kind, dim, items) {
+        Ok(()) => true,
+        Err(why) => {
+            tracing::warn!(
+                "{}: {why}; embedding that chunk again",
+                part_path(out, c, "safetensors").display()
+            );
+            false
+        }
+    }
+}
+
+fn check_part(out: &Path, c: usize, kind: Kind, dim: usize, items: usize) -> Result<(), String> {
+    let ids_path = part_path(out, c, "ids.jsonl");
+    let text = std::fs::read_to_string(&ids_path).map_err(|e| format!("ids.jsonl: {e}"))?;
+    let mut rows = 0;
+    for (i, line) in text.lines().enumerate() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("ids.jsonl line {}: {e}", i + 1))?;
+        let has_path = v.get("path").is_some_and(|p| p.is_string());
+        if !v.get("id").is_some_and(|x| x.is_string()) || (kind == Kind::Pool && !has_path) {
+            return Err(format!("ids.jsonl line {}: not an id row", i + 1));
+        }
+        rows += 1;
+    }
+    if rows > items {
+        return Err(format!("{rows} ids for a chunk of {items} items"));
+    }
+    let skipped = std::fs::read_to_string(part_path(out, c, "skipped.jsonl"))
+        .map_err(|e| format!("skipped.jsonl: {e}"))?;
+    if let Some(bad) = skipped
+        .lines()
+        .position(|l| serde_json::from_str::<Skip>(l).is_err())
+    {
+        return Err(format!("skipped.jsonl line {}: not a skip row", bad + 1));
+    }
+    let names: &[&str] = match kind {
+        Kind::Pool => &["images"],
+        Kind::Records => &["images", "prompts"],
+    };
+    for name in names {
+        let v = read_part_tensor(out, c, name).map_err(|e| e.to_string())?;
+        if v.len() != rows * dim {
+            return Err(format!(
+                "`{name}` has {} values, expected {rows} rows x {dim}",
+                v.len()
+            ));
+        }
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(format!("`{name}` row {} is not finite", i / dim.max(1)));
+        }
+    }
+    Ok(())
 }
 
 impl Embedder {

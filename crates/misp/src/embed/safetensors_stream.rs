@@ -75,7 +75,7 @@ pub fn write(
         offset += len;
     }
     let mut header = serde_json::Value::Object(header).to_string().into_bytes();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     files::write_atomic_with(path, |tmp| {

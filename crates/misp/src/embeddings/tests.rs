@@ -79,9 +79,9 @@ fn shape_mismatch_with_meta_is_an_error_naming_the_tensor() {
 #[test]
 fn non_finite_rows_are_listed_not_fatal() {
     let dir = tmp("nan");
-    let mut prompts = vec![0.5f32; 8];
+    let mut prompts = [0.6f32, 0.8].repeat(4);
     prompts[5] = f32::NAN;
-    let mut positives = vec![0.5f32; 8];
+    let mut positives = [0.6f32, 0.8].repeat(4);
     positives[0] = f32::INFINITY;
     positives[5] = f32::NAN;
     RecordEmbeddings::write(
@@ -96,6 +96,33 @@ fn non_finite_rows_are_listed_not_fatal() {
     let recs = RecordEmbeddings::load(&dir).unwrap();
     let rows: Vec<usize> = recs.invalid_rows.iter().map(|r| r.row).collect();
     assert_eq!(rows, vec![0, 2]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn rows_that_are_not_unit_norm_in_a_normalised_store_are_listed() {
+    let dir = tmp("zero-norm");
+    let mut embeds = [0.6f32, 0.8].repeat(3);
+    embeds[2] = 0.0; // row 1: the zero vector
+    embeds[3] = 0.0;
+    embeds[4] = 0.3; // row 2: norm 0.5
+    embeds[5] = 0.4;
+    let paths: Vec<String> = (0..3).map(|i| format!("{i}.png")).collect();
+    PoolEmbeddings::write(&dir, &meta(2), &ids(3), &paths, &embeds, StoreDType::F32).unwrap();
+    let pool = PoolEmbeddings::load(&dir).unwrap();
+    let bad: Vec<(usize, &str)> = pool
+        .invalid_rows
+        .iter()
+        .map(|r| (r.row, r.reason))
+        .collect();
+    assert_eq!(bad, vec![(1, "not unit-norm"), (2, "not unit-norm")]);
+    // The same rows in a store that does not claim normalisation are fine.
+    let raw = EmbeddingMeta {
+        normalized: false,
+        ..meta(2)
+    };
+    PoolEmbeddings::write(&dir, &raw, &ids(3), &paths, &embeds, StoreDType::F32).unwrap();
+    assert!(PoolEmbeddings::load(&dir).unwrap().invalid_rows.is_empty());
     std::fs::remove_dir_all(dir).unwrap();
 }
 

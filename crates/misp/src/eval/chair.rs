@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::words::{singularize, word_tokenize};
-use super::{generate_all, image_path, EvalError, GenerateFn};
+use super::{generate_all, EvalError, GenerateFn, Images};
 use crate::files::{read_lines, write_atomic, write_json_atomic, FileError};
 
 /// The COCO synonym table of the CHAIR reference: one object per line, its name first, then
@@ -433,7 +433,7 @@ pub struct ChairRun {
 /// are missing under `images` are left out, returned in [`ChairRun::excluded`] and logged.
 pub fn run_chair(
     gt: &GroundTruth,
-    images: &Path,
+    images: &Images,
     prompt: &str,
     batch: usize,
     generate: &mut GenerateFn<'_>,
@@ -442,16 +442,12 @@ pub fn run_chair(
     let mut items: Vec<(PathBuf, String)> = Vec::new();
     let mut excluded = Vec::new();
     for name in gt.objects.keys() {
-        match image_path(images, name) {
-            Some(p) if p.is_file() => {
+        match images.resolve(name) {
+            Ok(p) => {
                 items.push((p, prompt.to_string()));
                 names.push(name.clone());
             }
-            Some(_) => excluded.push((name.clone(), "image file not found".to_string())),
-            None => excluded.push((
-                name.clone(),
-                "image path leaves the images folder".to_string(),
-            )),
+            Err(reason) => excluded.push((name.clone(), reason)),
         }
     }
     if !excluded.is_empty() {
@@ -465,7 +461,7 @@ pub fn run_chair(
         return Err(EvalError::Input(format!(
             "none of the {} annotated images is under {}",
             gt.objects.len(),
-            images.display()
+            images.dir().display()
         )));
     }
     let texts = generate_all(&items, batch, "chair", generate)?;

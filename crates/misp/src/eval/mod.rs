@@ -66,6 +66,62 @@ impl EvalError {
     }
 }
 
+/// Where a benchmark's image names point: a relative name under the images folder (and never
+/// out of it: dataset paths are untrusted, docs/design.md §7); an absolute path only under
+/// `--image-root`, when one is given.
+#[derive(Debug, Clone)]
+pub struct Images {
+    dir: PathBuf,
+    root: Option<crate::data::paths::DatasetRoot>,
+}
+
+impl Images {
+    /// Names relative to `dir`; absolute paths admitted under `image_root` (which must be an
+    /// existing folder).
+    pub fn new(dir: &Path, image_root: Option<&Path>) -> Result<Self, crate::files::FileError> {
+        let root = image_root
+            .map(crate::data::paths::DatasetRoot::new)
+            .transpose()?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            root,
+        })
+    }
+
+    /// Relative names under `dir` only.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            root: None,
+        }
+    }
+
+    /// The images folder relative names are under.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The image file `name` points to, or why it cannot be used (the reason recorded in
+    /// `excluded.json`).
+    pub fn resolve(&self, name: &str) -> Result<PathBuf, String> {
+        if Path::new(name).is_absolute() {
+            return match &self.root {
+                Some(root) => root.resolve(name),
+                None => Err(format!(
+                    "image path is absolute: {name} (--image-root DIR admits absolute paths under DIR)"
+                )),
+            };
+        }
+        match image_path(&self.dir, name) {
+            None => Err(format!(
+                "image path is empty or leaves the images folder: {name}"
+            )),
+            Some(p) if !p.is_file() => Err(format!("image file not found: {}", p.display())),
+            Some(p) => Ok(p),
+        }
+    }
+}
+
 /// `root/name` when `name` is a plain relative path that stays inside `root` (dataset paths
 /// are untrusted, docs/design.md §7); `None` otherwise.
 pub fn image_path(root: &Path, name: &str) -> Option<PathBuf> {
@@ -136,6 +192,32 @@ mod tests {
         assert_eq!(image_path(root, "../etc/passwd"), None);
         assert_eq!(image_path(root, "/etc/passwd"), None);
         assert_eq!(image_path(root, ""), None);
+    }
+
+    #[test]
+    fn absolute_image_paths_need_an_image_root_that_holds_them() {
+        let dir = std::env::temp_dir().join(format!("misp-eval-images-{}", std::process::id()));
+        let (inside, outside) = (dir.join("root"), dir.join("elsewhere"));
+        std::fs::create_dir_all(&inside).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(inside.join("a.png"), b"x").unwrap();
+        std::fs::write(outside.join("b.png"), b"x").unwrap();
+        let abs = |p: PathBuf| p.to_string_lossy().into_owned();
+        let plain = Images::in_dir(&inside);
+        assert_eq!(plain.resolve("a.png").unwrap(), inside.join("a.png"));
+        let e = plain.resolve(&abs(inside.join("a.png"))).unwrap_err();
+        assert!(e.contains("--image-root"), "{e}");
+        let rooted = Images::new(&outside, Some(&inside)).unwrap();
+        assert!(rooted.resolve(&abs(inside.join("a.png"))).is_ok());
+        let e = rooted.resolve(&abs(outside.join("b.png"))).unwrap_err();
+        assert!(e.contains("escapes") && e.contains("--image-root"), "{e}");
+        assert!(
+            rooted.resolve("b.png").is_ok(),
+            "relative names stay under the images folder"
+        );
+        let e = rooted.resolve("missing.png").unwrap_err();
+        assert!(e.starts_with("image file not found"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{generate_all, image_path, EvalError, GenerateFn};
+use super::{generate_all, EvalError, GenerateFn, Images};
 use crate::files::{read_lines, write_atomic, write_json_atomic};
 
 /// The suffix LLaVA's own POPE evaluation appends to every question (its `model_vqa_loader`
@@ -364,7 +364,7 @@ pub fn read_answers(path: &Path) -> Result<Vec<PopeAnswer>, EvalError> {
 /// they are returned in [`PopeRun::excluded`] with the reason, and logged.
 pub fn run_pope(
     questions: &[PopeQuestion],
-    images: &Path,
+    images: &Images,
     suffix: &str,
     batch: usize,
     generate: &mut GenerateFn<'_>,
@@ -373,22 +373,17 @@ pub fn run_pope(
     let mut items = Vec::new();
     let mut excluded = Vec::new();
     for q in questions {
-        let reason = match image_path(images, &q.image) {
-            None => Some("image path is absolute, empty or leaves the images folder"),
-            Some(p) if !p.is_file() => Some("image file not found"),
-            Some(p) => {
+        match images.resolve(&q.image) {
+            Ok(p) => {
                 items.push((p, format!("{}{suffix}", q.text)));
                 asked.push(q);
-                None
             }
-        };
-        if let Some(reason) = reason {
-            excluded.push(Excluded {
+            Err(reason) => excluded.push(Excluded {
                 question_id: q.question_id.clone(),
                 split: q.split.clone(),
                 image: q.image.clone(),
-                reason: reason.to_string(),
-            });
+                reason,
+            }),
         }
     }
     if !excluded.is_empty() {
@@ -403,7 +398,7 @@ pub fn run_pope(
         return Err(EvalError::Input(format!(
             "none of the {} questions has its image under {}",
             questions.len(),
-            images.display()
+            images.dir().display()
         )));
     }
     let texts = generate_all(&items, batch, "pope", generate)?;
@@ -546,7 +541,7 @@ mod tests {
         };
         let run = run_pope(
             &questions,
-            &dir.join("images"),
+            &Images::in_dir(&dir.join("images")),
             LLAVA_POPE_SUFFIX,
             8,
             &mut gen,

@@ -223,6 +223,7 @@ mod tests {
             row: 5,
             id: "p5".into(),
             tensor: "image_embeds",
+            reason: "non-finite",
         });
         let index = PoolIndex::new(&p).unwrap();
         let cos = &index.cosines(&[2.0, 0.0]).unwrap()[0];

@@ -55,6 +55,8 @@ pub enum NegativesError {
         line: usize,
         message: String,
     },
+    #[error("{path}: exists and is not a regular file; --out must name a file")]
+    NotAFile { path: PathBuf },
 }
 
 /// Reads a whole negatives file; every malformed line is an error naming the line.
@@ -101,14 +103,25 @@ impl Writer {
             std::fs::create_dir_all(dir).map_err(|e| FileError::new(dir, e))?;
         }
         let io = |e| FileError::new(path, e);
+        // A device or a folder is not an output file: /dev/full, say, reads as endless zeros.
+        if let Ok(meta) = std::fs::metadata(path) {
+            if !meta.is_file() {
+                return Err(NegativesError::NotAFile {
+                    path: path.to_path_buf(),
+                });
+            }
+        }
         let mut file = OpenOptions::new()
             .read(true)
             .create(true)
             .append(true)
             .open(path)
             .map_err(io)?;
+        // Read what the file held when opened, no more (a file that grows meanwhile must not
+        // keep this read going).
+        let len = file.metadata().map_err(io)?.len();
         let mut text = Vec::new();
-        file.read_to_end(&mut text).map_err(io)?;
+        (&mut file).take(len).read_to_end(&mut text).map_err(io)?;
         let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
         if complete < text.len() {
             file.set_len(complete as u64).map_err(io)?;

@@ -135,6 +135,33 @@ struct ResolvedRun {
     sae: Option<PathBuf>,
     clip_model: String,
     config: MineConfig,
+    /// Fingerprints of the input files ([`files::fingerprint_files`]): `pool`, `records`,
+    /// `sae`. A re-run into the same output must find the same ones (files written by a misp
+    /// that did not record them have none, and are not compared).
+    #[serde(default)]
+    inputs: std::collections::BTreeMap<String, String>,
+}
+
+/// What of each input decides the negatives: a store's ids, meta and embeddings; an SAE's
+/// config and weights.
+fn input_fingerprints(
+    pool: &Path,
+    records: &Path,
+    sae: Option<&Path>,
+) -> Result<std::collections::BTreeMap<String, String>, MineError> {
+    let store = [
+        embeddings::IDS_FILE,
+        embeddings::META_FILE,
+        embeddings::EMBEDDINGS_FILE,
+    ];
+    let mut out = std::collections::BTreeMap::new();
+    out.insert("pool".into(), files::fingerprint_files(pool, &store)?);
+    out.insert("records".into(), files::fingerprint_files(records, &store)?);
+    if let Some(dir) = sae {
+        let names = ["config.json", "model.safetensors"];
+        out.insert("sae".into(), files::fingerprint_files(dir, &names)?);
+    }
+    Ok(out)
 }
 
 /// `<out>` with `suffix` replacing its extension: `neg.jsonl` -> `neg.config.json`.
@@ -245,24 +272,46 @@ pub fn mine(
         sae: sae_dir.map(Path::to_path_buf),
         clip_model: pool.meta.clip_model.clone(),
         config: cfg.clone(),
+        inputs: input_fingerprints(&pool.dir, &records.dir, sae_dir)?,
     };
+    // Opening the output first refuses one that is not a regular file before anything else
+    // is written beside it.
+    let (mut writer, done) = negatives::Writer::open(out)?;
     let config_path = sidecar(out, "config.json");
-    if out.exists() && config_path.exists() {
+    if !done.is_empty() && config_path.exists() {
         let text = std::fs::read_to_string(&config_path)
             .map_err(|e| files::FileError::new(&config_path, e))?;
         let before: Option<ResolvedRun> = serde_json::from_str(&text).ok();
-        if before.as_ref().map(|b| &b.config) != Some(&resolved.config) {
-            return Err(MineError::Inconsistent {
-                path: config_path,
-                message: format!(
-                    "{} was mined with other settings; resuming would mix them. Delete it or choose another --out",
-                    out.display()
-                ),
-            });
+        let refuse = |what: String| {
+            MineError::Inconsistent {
+            path: config_path.clone(),
+            message: format!(
+                "{} holds {} records mined {what}; resuming would mix them. Delete it or choose another --out",
+                out.display(),
+                done.len()
+            ),
+        }
+        };
+        let Some(before) = before else {
+            return Err(refuse("by an unknown run".into()));
+        };
+        if before.config != resolved.config {
+            return Err(refuse("with other settings".into()));
+        }
+        let changed: Vec<&str> = resolved
+            .inputs
+            .iter()
+            .filter(|(k, v)| before.inputs.get(*k).is_some_and(|b| b != *v))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        if !changed.is_empty() {
+            return Err(refuse(format!(
+                "from other inputs (changed: {})",
+                changed.join(", ")
+            )));
         }
     }
     files::write_json_atomic(&config_path, &resolved)?;
-    let (mut writer, done) = negatives::Writer::open(out)?;
 
     let index = PoolIndex::new(pool).map_err(|source| MineError::Tensor {
         id: "<pool>".into(),
@@ -319,7 +368,7 @@ pub fn mine(
             let Some(cos) = cos_of.remove(&i) else {
                 report.skipped.push(Skipped {
                     id: id.clone(),
-                    reason: "non-finite prompt or positive embedding".into(),
+                    reason: "unusable prompt or positive embedding (non-finite, or not unit-norm in a normalised store)".into(),
                 });
                 continue;
             };

@@ -129,11 +129,11 @@ impl LlamaConfig {
         }
         let heads = self.num_attention_heads;
         let kv = self.kv_heads();
-        if heads == 0 || kv == 0 || heads % kv != 0 {
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
             bad.push(format!(
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
             ));
-        } else if self.head_dim() % 2 != 0 {
+        } else if !self.head_dim().is_multiple_of(2) {
             bad.push(format!("head_dim {} is odd", self.head_dim()));
         }
         if bad.is_empty() {
@@ -469,22 +469,13 @@ impl Llama {
         })
     }
 
-    /// Loads `dir` (config.json + safetensors) with weights in `dtype`; every missing or
-    /// mis-shaped tensor is listed in one [`ModelError::Tensors`].
+    /// Loads `dir` (config.json + safetensors) with weights in `dtype`; every missing,
+    /// mis-shaped or unexpected tensor is listed in one [`ModelError::Tensors`].
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let config = LlamaConfig::from_dir(dir)?;
-        let (files, named) = checkpoint::checkpoint_files(dir)?;
-        let st = checkpoint::CheckedSafetensors::open(&files)?;
-        let problems = st.problems();
-        let model = Self::load(st.into_var_builder(dtype, device), config)?;
-        let problems: Vec<TensorProblem> = problems.take();
-        if !problems.is_empty() {
-            return Err(ModelError::Tensors {
-                path: named,
-                problems,
-            });
-        }
-        Ok(model)
+        checkpoint::load_checked(dir, dtype, device, checkpoint::same_keys, |vb| {
+            Ok(Self::load(vb, config)?)
+        })
     }
 
     pub fn config(&self) -> &LlamaConfig {

@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::PretrainError;
 use crate::eval::chair::{self, Chair, ChairMetrics, GroundTruth};
 use crate::eval::pope::{self, PopeMetrics};
+use crate::eval::Images;
 use crate::model::vlm::Vlm;
 
 /// LLaVA-1.5's POPE prompt suffix.
@@ -62,7 +63,13 @@ pub fn evaluate(
         let path = world.join("pope").join(format!("{kind}_{split}.jsonl"));
         let questions = pope::read_questions(&path, Some(kind))?;
         let mut gen = generator(vlm, 6);
-        let run = pope::run_pope(&questions, world, POPE_SUFFIX, batch, &mut gen)?;
+        let run = pope::run_pope(
+            &questions,
+            &Images::in_dir(world),
+            POPE_SUFFIX,
+            batch,
+            &mut gen,
+        )?;
         let m = pope::metrics(
             run.answers
                 .iter()
@@ -82,7 +89,7 @@ pub fn evaluate(
     let prompt = std::fs::read_to_string(&prompt_path)
         .map_err(|e| crate::files::FileError::new(&prompt_path, e))?;
     let mut gen = generator(vlm, 64);
-    let run = chair::run_chair(&gt, world, prompt.trim(), batch, &mut gen)?;
+    let run = chair::run_chair(&gt, &Images::in_dir(world), prompt.trim(), batch, &mut gen)?;
     let (chair_metrics, _) = chair::score(&table, &gt, &run.captions)?;
     let f1 = |k: &str| pope_metrics.get(k).map_or(0.0, |m: &PopeMetrics| m.f1);
     let gap = 100.0 * (f1("random") - f1("adversarial"));

@@ -99,7 +99,10 @@ pub fn train_sft(
             .collect();
         clip_grad_norm(&mut g, cfg.max_grad_norm)?;
         let lr = cfg.lr * cosine_with_warmup(step as u64, cfg.warmup as u64, cfg.steps as u64);
-        opt.step(&g, lr)?;
+        if !opt.step(&g, lr)? {
+            let why = format!("step {step}: non-finite update (loss or gradients diverged)");
+            return Err(candle_core::Error::Msg(why).into());
+        }
         log(step, loss.to_scalar::<f32>()? as f64, lr);
     }
     Ok(())

@@ -40,7 +40,7 @@ impl TrainingSet<'_> {
         let check = |field: &'static str, v: &[f32], rows: Option<usize>| -> Result<()> {
             let ok = match rows {
                 Some(rows) => v.len() == rows * d,
-                None => v.len() % d == 0,
+                None => v.len().is_multiple_of(d),
             };
             if !ok {
                 return Err(SaeError::InputLength {

@@ -176,27 +176,23 @@ impl TensorFile {
     }
 }
 
-/// `dir/.name.tmp`: the temporary sibling a file is written to before its rename.
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
-}
-
-/// Writes `path` through `write(temp)`, fsyncs the temporary file and renames it into place.
+/// Writes `path` through `write(temp)` with [`files::write_atomic_with`] (fsync, usual mode,
+/// rename), keeping the writer's own error when it is the one that failed.
 pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = temp_path(path);
-    let io_err = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| SaeError::Io { path: p, source }
-    };
-    write(&tmp)?;
-    fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+    let mut inner = None;
+    crate::files::write_atomic_with(path, |tmp| {
+        write(tmp).map_err(|e| {
+            let message = e.to_string();
+            inner = Some(e);
+            std::io::Error::other(message)
+        })
+    })
+    .map_err(|e| {
+        inner.take().unwrap_or(SaeError::Io {
+            path: e.path,
+            source: e.source,
+        })
+    })
 }
 
 /// Atomically writes a safetensors file.

@@ -386,7 +386,7 @@ fn check_record_inputs(
             return Err(SaeError::NonFiniteInput { field, row: 0 });
         }
     }
-    if candidates.len() % d != 0 {
+    if !candidates.len().is_multiple_of(d) {
         return Err(SaeError::InputLength {
             field: "candidates",
             got: candidates.len(),

@@ -72,7 +72,9 @@ pub struct TrainSet {
     pub unreadable_negatives: usize,
 }
 
-/// Joins `records` with their negatives for `cfg`, tokenising with `vlm`'s processor.
+/// Joins `records` with their negatives for `cfg`, tokenising with `vlm`'s processor. An empty
+/// `records` is an error that says why (the reader's skips); a set left empty by the joining
+/// is returned as is, for the caller to write its skips before refusing it.
 pub fn build(
     vlm: &Vlm,
     records: Vec<PreferenceRecord>,
@@ -81,6 +83,14 @@ pub fn build(
     pool: Option<&Path>,
     cfg: &TrainConfig,
 ) -> Result<TrainSet, TrainError> {
+    // Said before anything else: with every record skipped, a negatives file would only be
+    // blamed for matching none of them.
+    if records.is_empty() {
+        return Err(TrainError::Input(format!(
+            "no usable records in the training data (listed in skipped.jsonl): {}",
+            crate::data::describe_skips(&skipped, 3)
+        )));
+    }
     let negatives = match (cfg.uses_images(), cfg.negatives, negatives_file) {
         (true, NegativeSource::File, None) => {
             return Err(TrainError::Input(format!(
@@ -220,18 +230,6 @@ pub fn build(
         set.items.truncate(cfg.max_records);
     }
     set.skipped = skipped;
-    if set.items.is_empty() {
-        return Err(TrainError::Input(format!(
-            "no usable records ({} skipped; first reasons: {})",
-            set.skipped.len(),
-            set.skipped
-                .iter()
-                .take(3)
-                .map(|s| s.reason.clone())
-                .collect::<Vec<_>>()
-                .join("; ")
-        )));
-    }
     Ok(set)
 }
 

@@ -54,4 +54,6 @@ pub enum TrainError {
     Candle(#[from] candle_core::Error),
     #[error("interrupted: checkpoint written at step {step}; continue with --resume")]
     Interrupted { step: u64 },
+    #[error("every one of the {steps} steps was refused (non-finite loss, gradient or update; reasons in {}); no adapter written", metrics.display())]
+    AllRefused { steps: u64, metrics: PathBuf },
 }

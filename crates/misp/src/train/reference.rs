@@ -9,14 +9,13 @@
 //! policy pass), so later epochs skip that forward entirely.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::data::TrainItem;
 use super::TrainError;
-use crate::files::write_json_atomic;
+use crate::files::{self, write_json_atomic, Fnv};
 
 /// `pi_ref` of one record's sequences.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,76 +40,27 @@ struct OnDisk {
     entries: HashMap<String, RefEntry>,
 }
 
-/// FNV-1a, 64 bit: a stable hash without a dependency (not for security).
-#[derive(Clone, Copy)]
-pub struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    pub fn bytes(&mut self, b: &[u8]) {
-        for &x in b {
-            self.0 ^= u64::from(x);
-            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
-        }
-        // Length-delimit so ("ab", "c") and ("a", "bc") differ.
-        for x in (b.len() as u64).to_le_bytes() {
-            self.0 ^= u64::from(x);
-            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
-        }
-    }
-
-    pub fn str(&mut self, s: &str) {
-        self.bytes(s.as_bytes());
-    }
-
-    pub fn ids(&mut self, ids: &[u32]) {
-        let b: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
-        self.bytes(&b);
-    }
-
-    pub fn finish(self) -> u64 {
-        self.0
-    }
-}
-
-/// Hashes what of the base checkpoint a reference value depends on. Weight files are sampled
-/// (size, first and last MiB) rather than read whole: a 7B checkpoint is 14 GB.
+/// Hashes what of the base checkpoint a reference value depends on: its config, tokenizer and
+/// processor files whole, its weight files sampled ([`files::hash_file`]; a 7B checkpoint is
+/// 14 GB).
 pub fn hash_model(dir: &Path, h: &mut Fnv) -> Result<(), TrainError> {
-    let io = |p: &Path, e: std::io::Error| TrainError::Input(format!("{}: {e}", p.display()));
+    let io = |e: files::FileError| TrainError::Input(e.to_string());
     for name in ["config.json", "tokenizer.json", "preprocessor_config.json"] {
         let p = dir.join(name);
         if p.is_file() {
             h.str(name);
-            h.bytes(&std::fs::read(&p).map_err(|e| io(&p, e))?);
+            files::hash_file(&p, h).map_err(io)?;
         }
     }
     let mut weights: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| io(dir, e))?
+        .map_err(|e| TrainError::Input(format!("{}: {e}", dir.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
     weights.sort();
-    const MIB: u64 = 1 << 20;
     for p in weights {
-        let mut f = std::fs::File::open(&p).map_err(|e| io(&p, e))?;
-        let len = f.metadata().map_err(|e| io(&p, e))?.len();
         h.str(&p.file_name().unwrap_or_default().to_string_lossy());
-        h.bytes(&len.to_le_bytes());
-        let mut buf = vec![0u8; len.min(MIB) as usize];
-        f.read_exact(&mut buf).map_err(|e| io(&p, e))?;
-        h.bytes(&buf);
-        if len > MIB {
-            use std::io::Seek;
-            f.seek(std::io::SeekFrom::Start(len - MIB))
-                .map_err(|e| io(&p, e))?;
-            f.read_exact(&mut buf).map_err(|e| io(&p, e))?;
-            h.bytes(&buf);
-        }
+        files::hash_file(&p, h).map_err(io)?;
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! and report.
 //!
 //! Stage: train. Reads the base checkpoint, the records, the negatives file and the pool ids.
-//! Writes `OUT/config.toml`, `OUT/metrics.jsonl`, `OUT/skipped.jsonl`, `OUT/checkpoints/
+//! Writes `OUT/config.toml`, `OUT/inputs.json` (fingerprints of the inputs), `OUT/metrics.jsonl`, `OUT/skipped.jsonl`, `OUT/checkpoints/
 //! step-N/`, `OUT/reference/`, `OUT/adapter/` (PEFT layout), `OUT/report.md` and PNG curves.
 //!
 //! Determinism is what makes `--resume` exact: the record order of epoch `e` is a function of
@@ -25,10 +25,11 @@ use serde_json::{json, Map, Value};
 
 use super::config::TrainConfig;
 use super::data::{self, PixelCache, TrainItem};
-use super::reference::{hash_items, hash_model, Fnv, RefCache};
+use super::reference::{hash_items, hash_model, RefCache};
 use super::step::micro_step;
 use super::{TrainError, TrainSummary};
 use crate::data::read_records;
+use crate::files::Fnv;
 use crate::files::{splitmix64, write_atomic, write_json_atomic};
 use crate::model::adapter::save_peft_adapter;
 use crate::model::lora::init_rng;
@@ -46,6 +47,9 @@ pub struct TrainInputs {
     pub negatives: Option<PathBuf>,
     pub pool: Option<PathBuf>,
     pub out: PathBuf,
+    /// Folder that image paths in the records are relative to and must stay in (default: the
+    /// records file's folder); absolute paths are admitted when they lie under it.
+    pub image_root: Option<PathBuf>,
     pub resume: bool,
     pub progress: bool,
     /// Stop (with a checkpoint, as Ctrl-C does) after this many optimiser steps: how tests
@@ -81,12 +85,69 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Input(format!("{}: {e}", path.display()))
 }
 
+/// Fingerprints of the run's inputs (`OUT/inputs.json`): the base model (as the reference
+/// cache hashes it), the records, the negatives file and the pool's ids. A file is hashed as
+/// [`crate::files::hash_file`] does, a folder as its files.
+fn input_fingerprints(inputs: &TrainInputs) -> Result<Map<String, Value>, TrainError> {
+    let of = |path: &Path| -> Result<String, TrainError> {
+        let mut h = Fnv::default();
+        let mut files = vec![path.to_path_buf()];
+        if path.is_dir() {
+            files = std::fs::read_dir(path)
+                .map_err(|e| io_err(path, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            files.sort();
+        }
+        for f in files {
+            h.str(&f.file_name().unwrap_or_default().to_string_lossy());
+            crate::files::hash_file(&f, &mut h).map_err(|e| io_err(&f, e))?;
+        }
+        Ok(format!("{:016x}", h.finish()))
+    };
+    let mut out = Map::new();
+    let mut model = Fnv::default();
+    hash_model(&inputs.model, &mut model)?;
+    out.insert("model".into(), json!(format!("{:016x}", model.finish())));
+    out.insert("data".into(), json!(of(&inputs.data)?));
+    if let Some(n) = &inputs.negatives {
+        out.insert("negatives".into(), json!(of(n)?));
+    }
+    if let Some(pool) = &inputs.pool {
+        out.insert("pool".into(), json!(of(&pool.join("ids.jsonl"))?));
+    }
+    Ok(out)
+}
+
 /// Checks `OUT` against `--resume`: a fresh run refuses a folder holding another run; a resumed
-/// run refuses other settings.
+/// run refuses other settings and other inputs (`OUT/inputs.json`), naming what differs.
 fn prepare_out(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<(), TrainError> {
     let out = &inputs.out;
     let config_path = out.join("config.toml");
+    let inputs_path = out.join("inputs.json");
+    let fingerprints = input_fingerprints(inputs)?;
     if inputs.resume {
+        if let Ok(text) = std::fs::read_to_string(&inputs_path) {
+            let old: Map<String, Value> =
+                serde_json::from_str(&text).map_err(|e| io_err(&inputs_path, e))?;
+            let names = ["model", "data", "negatives", "pool"];
+            let changed: Vec<&str> = names
+                .into_iter()
+                .filter(|k| old.get(*k) != fingerprints.get(*k))
+                .collect();
+            if !changed.is_empty() {
+                return Err(TrainError::Input(format!(
+                    "{}: --resume with other inputs ({} differ from the run's); resume with the same files, or start another --out",
+                    inputs_path.display(),
+                    changed
+                        .iter()
+                        .map(|k| format!("--{k}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
         if let Ok(text) = std::fs::read_to_string(&config_path) {
             let old: TrainConfig = toml::from_str(&text).map_err(|e| io_err(&config_path, e))?;
             if &old != cfg {
@@ -117,6 +178,7 @@ fn prepare_out(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<(), TrainError
     }
     std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
     write_atomic(&config_path, cfg.to_toml().as_bytes()).map_err(|e| io_err(&config_path, e))?;
+    write_json_atomic(&inputs_path, &fingerprints).map_err(|e| io_err(&inputs_path, e))?;
     Ok(())
 }
 
@@ -162,8 +224,11 @@ fn checkpoint(
         .enumerate()
         .map(|(i, v)| (format!("lora.{i}"), v.as_tensor().clone()))
         .collect();
-    candle_core::safetensors::save(&vars, tmp.join("lora.safetensors"))?;
-    candle_core::safetensors::save(&opt.state()?, tmp.join("optimizer.safetensors"))?;
+    let save = |name: &str, t: &HashMap<String, Tensor>| {
+        crate::files::write_safetensors(&tmp.join(name), t).map_err(|e| io_err(&tmp, e))
+    };
+    save("lora.safetensors", &vars)?;
+    save("optimizer.safetensors", &opt.state()?)?;
     save_peft_adapter(&tmp, &vlm.model, &cfg.lora(), &model_dir.to_string_lossy())?;
     write_json_atomic(
         &tmp.join("state.json"),
@@ -295,11 +360,20 @@ fn combine(parts: &[(usize, ObjectiveMetrics)]) -> Map<String, Value> {
     row
 }
 
-/// Runs (or resumes) training; see the module doc for what is written.
-pub fn train(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<TrainSummary, TrainError> {
-    let start = Instant::now();
-    cfg.validate()?;
-    prepare_out(cfg, inputs)?;
+/// The records and everything derived from them that the loop reads.
+struct Prepared {
+    vlm: Vlm,
+    items: Vec<TrainItem>,
+    skipped: usize,
+    without_negatives: usize,
+    unreadable_negatives: usize,
+    cache: RefCache,
+}
+
+/// Loads the base model with fresh adapters and the training set (writing `skipped.jsonl`,
+/// also when nothing is usable), and opens the reference cache under the hash of everything a
+/// reference value depends on.
+fn prepare(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<Prepared, TrainError> {
     let out = &inputs.out;
     let dtype = if cfg.dtype == "bf16" {
         DType::BF16
@@ -312,13 +386,21 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<TrainSummary, Tr
         ..VlmOptions::default()
     };
     let mut vlm = Vlm::load(&inputs.model, None, &opts)?;
-    let lora = cfg.lora();
     vlm.model
         .language_model_mut()
-        .attach_lora(&lora, &mut init_rng(cfg.seed))?;
+        .attach_lora(&cfg.lora(), &mut init_rng(cfg.seed))?;
 
-    let records =
-        read_records(&inputs.data, None, None).map_err(|e| TrainError::Input(e.to_string()))?;
+    let records = read_records(&inputs.data, None, inputs.image_root.as_deref())
+        .map_err(|e| TrainError::Input(e.to_string()))?;
+    let skipped_path = out.join("skipped.jsonl");
+    let write_skips = |skips: &[crate::data::Skip]| -> Result<(), TrainError> {
+        let text: String = skips
+            .iter()
+            .map(|s| serde_json::to_string(s).unwrap_or_default() + "\n")
+            .collect();
+        write_atomic(&skipped_path, text.as_bytes()).map_err(|e| io_err(out, e))
+    };
+    write_skips(&records.skipped)?;
     let set = data::build(
         &vlm,
         records.records,
@@ -327,32 +409,116 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<TrainSummary, Tr
         inputs.pool.as_deref(),
         cfg,
     )?;
-    let mut skipped_text = String::new();
-    for s in &set.skipped {
-        skipped_text.push_str(&serde_json::to_string(s).unwrap_or_default());
-        skipped_text.push('\n');
+    write_skips(&set.skipped)?;
+    if set.items.is_empty() {
+        return Err(TrainError::Input(format!(
+            "no usable records (listed in {}): {}",
+            skipped_path.display(),
+            crate::data::describe_skips(&set.skipped, 3)
+        )));
     }
-    write_atomic(&out.join("skipped.jsonl"), skipped_text.as_bytes())
-        .map_err(|e| io_err(out, e))?;
-    let items: Vec<TrainItem> = set.items;
-    let n = items.len();
 
     let mut h = Fnv::default();
     hash_model(&inputs.model, &mut h)?;
     h.str(&cfg.dtype);
     h.str(&format!("{}", cfg.pad_to_square));
     h.str(vlm.processor.template());
-    hash_items(&items, &mut h);
-    let mut cache = RefCache::open(&out.join("reference"), h.finish())?;
+    hash_items(&set.items, &mut h);
+    let cache = RefCache::open(&out.join("reference"), h.finish())?;
+    Ok(Prepared {
+        vlm,
+        skipped: set.skipped.len(),
+        without_negatives: set.without_negatives,
+        unreadable_negatives: set.unreadable_negatives,
+        items: set.items,
+        cache,
+    })
+}
 
-    let k = if cfg.uses_images() { cfg.k } else { 0 };
-    let steps_per_epoch = n.div_ceil(cfg.batch_size) as u64;
-    let mut total = steps_per_epoch * cfg.epochs as u64;
-    if cfg.max_steps > 0 {
-        total = total.min(cfg.max_steps as u64);
+/// Optimiser steps per epoch, in all, and of warmup.
+struct Schedule {
+    steps_per_epoch: u64,
+    total: u64,
+    warmup: u64,
+}
+
+impl Schedule {
+    fn new(records: usize, cfg: &TrainConfig) -> Self {
+        let steps_per_epoch = records.div_ceil(cfg.batch_size) as u64;
+        let mut total = steps_per_epoch * cfg.epochs as u64;
+        if cfg.max_steps > 0 {
+            total = total.min(cfg.max_steps as u64);
+        }
+        Self {
+            steps_per_epoch,
+            total,
+            warmup: (cfg.warmup_ratio * total as f64).ceil() as u64,
+        }
     }
-    let warmup = (cfg.warmup_ratio * total as f64).ceil() as u64;
-    let vars = vlm.model.language_model().trainable_vars();
+}
+
+/// What the forward and backward passes of one optimiser step's micro-batches produced.
+struct Accumulated {
+    grads: Vec<Option<Tensor>>,
+    /// Records and metrics of each micro-batch whose loss was finite.
+    parts: Vec<(usize, ObjectiveMetrics)>,
+    tokens: usize,
+    /// Records of micro-batches whose loss was not finite (left out of the gradient).
+    non_finite: Vec<String>,
+}
+
+/// Forward and backward over `batch` in micro-batches, gradients summed (each micro-batch's
+/// loss is its records' share of the batch mean). Dropout masks are seeded by
+/// `(seed, step, micro-batch)`, so a resumed run draws the same ones.
+fn accumulate(
+    vlm: &Vlm,
+    cache: &mut RefCache,
+    batch: &[&TrainItem],
+    step: u64,
+    cfg: &TrainConfig,
+    pixels: &PixelCache,
+    vars: &[candle_core::Var],
+) -> Result<Accumulated, TrainError> {
+    let k = if cfg.uses_images() { cfg.k } else { 0 };
+    let objective = cfg.objective();
+    let switch = vlm.model.language_model().lora_switch().clone();
+    let mut acc = GradAccumulator::new(vars.len());
+    let mut out = Accumulated {
+        grads: Vec::new(),
+        parts: Vec::new(),
+        tokens: 0,
+        non_finite: Vec::new(),
+    };
+    switch.set_training(true);
+    for (m, micro) in batch.chunks(cfg.micro_batch_size).enumerate() {
+        switch.set_dropout_seed(splitmix64(cfg.seed ^ splitmix64(step * 4096 + m as u64)));
+        let o = micro_step(vlm, micro, k, &objective, pixels, cache)?;
+        out.tokens += o.tokens;
+        let loss = (o.objective.per_record.sum_all()? / batch.len() as f64)?;
+        if !loss.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+            out.non_finite.extend(micro.iter().map(|r| r.id.clone()));
+            continue;
+        }
+        acc.add(vars, &loss.backward()?)?;
+        out.parts.push((micro.len(), o.objective.metrics()?));
+    }
+    switch.set_training(false);
+    out.grads = acc.take();
+    Ok(out)
+}
+
+/// Runs (or resumes) training; see the module doc for what is written.
+pub fn train(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<TrainSummary, TrainError> {
+    // Set-up: the output folder (refusing a resume on other settings or inputs), the model,
+    // the data, the reference cache, the schedule and the optimiser.
+    let start = Instant::now();
+    cfg.validate()?;
+    prepare_out(cfg, inputs)?;
+    let out = &inputs.out;
+    let mut p = prepare(cfg, inputs)?;
+    let n = p.items.len();
+    let sched = Schedule::new(n, cfg);
+    let vars = p.vlm.model.language_model().trainable_vars();
     let mut opt = AdamW::new(
         vars.clone(),
         AdamWConfig {
@@ -361,14 +527,14 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<TrainSummary, Tr
             ..AdamWConfig::default()
         },
     )?;
+
+    // Resume: the adapter, the optimiser and the step counter of the latest checkpoint.
     let metrics_path = out.join("metrics.jsonl");
     let (mut step, mut refused) = (0u64, 0usize);
     if inputs.resume {
         if let Some((s, dir)) = latest_checkpoint(out) {
-            let (s2, r) = restore(&dir, &mut opt)?;
-            debug_assert_eq!(s, s2);
-            step = s2;
-            refused = r;
+            (step, refused) = restore(&dir, &mut opt)?;
+            debug_assert_eq!(s, step);
             tracing::info!("resuming from {} (step {step})", dir.display());
         }
         truncate_metrics(&metrics_path, step)?;
@@ -377,18 +543,17 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<TrainSummary, Tr
     }
 
     let pixels = PixelCache::new(2 << 30);
-    let objective = cfg.objective();
-    let switch = vlm.model.language_model().lora_switch().clone();
     let flag = interrupted();
-    let bar = crate::progress::bar(inputs.progress, total, "training", "steps");
+    let bar = crate::progress::bar(inputs.progress, sched.total, "training", "steps");
     bar.set_position(step);
     let mut rows = Vec::new();
     let mut epoch_seconds = Vec::new();
     let mut epoch_start = Instant::now();
     let mut order_epoch = u64::MAX;
     let mut order = Vec::new();
-    while step < total {
-        let epoch = step / steps_per_epoch;
+    while step < sched.total {
+        // The batch: the next `batch_size` records of this epoch's seeded order.
+        let epoch = step / sched.steps_per_epoch;
         if epoch != order_epoch {
             if order_epoch != u64::MAX {
                 epoch_seconds.push(epoch_start.elapsed().as_secs_f64());
@@ -397,101 +562,126 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<TrainSummary, Tr
             order = epoch_order(n, cfg.seed, epoch);
             order_epoch = epoch;
         }
-        let b = (step % steps_per_epoch) as usize;
+        let b = (step % sched.steps_per_epoch) as usize;
         let batch: Vec<&TrainItem> = order[b * cfg.batch_size..((b + 1) * cfg.batch_size).min(n)]
             .iter()
-            .map(|&i| &items[i])
+            .map(|&i| &p.items[i])
             .collect();
+
+        // Forward and backward per micro-batch, then clipping.
         let t0 = Instant::now();
-        let mut acc = GradAccumulator::new(vars.len());
-        let mut parts = Vec::new();
-        let mut tokens = 0usize;
-        let mut finite = true;
-        switch.set_training(true);
-        for (m, micro) in batch.chunks(cfg.micro_batch_size).enumerate() {
-            switch.set_dropout_seed(splitmix64(cfg.seed ^ splitmix64(step * 4096 + m as u64)));
-            let outm = micro_step(&vlm, micro, k, &objective, &pixels, &mut cache)?;
-            tokens += outm.tokens;
-            let loss = (outm.objective.per_record.sum_all()? / batch.len() as f64)?;
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !value.is_finite() {
-                finite = false;
-                tracing::warn!(
-                    "step {}: non-finite loss in records {:?}",
-                    step + 1,
-                    micro.iter().map(|r| r.id.as_str()).collect::<Vec<_>>()
-                );
-                continue;
-            }
-            acc.add(&vars, &loss.backward()?)?;
-            parts.push((micro.len(), outm.objective.metrics()?));
-        }
-        switch.set_training(false);
-        let mut grads = acc.take();
+        let mut acc = accumulate(&p.vlm, &mut p.cache, &batch, step, cfg, &pixels, &vars)?;
         let norm = if cfg.max_grad_norm > 0.0 {
-            clip_grad_norm(&mut grads, cfg.max_grad_norm)?
+            clip_grad_norm(&mut acc.grads, cfg.max_grad_norm)?
         } else {
-            grad_norm(&grads)?
+            grad_norm(&acc.grads)?
         };
-        let lr = cfg.lr * cosine_with_warmup(step, warmup, total);
-        let mut row = combine(&parts);
-        if finite && norm.is_finite() {
-            opt.step(&grads, lr)?;
+
+        // The update, or its refusal: a non-finite loss, gradient or update leaves the adapter
+        // at its last good values.
+        let lr = cfg.lr * cosine_with_warmup(step, sched.warmup, sched.total);
+        let refusal = if !acc.non_finite.is_empty() {
+            Some(format!("non-finite loss in records {:?}", acc.non_finite))
+        } else if !norm.is_finite() {
+            Some(format!("non-finite gradient (norm {norm})"))
+        } else if !opt.step(&acc.grads, lr)? {
+            Some("non-finite update (AdamW's new values)".to_string())
         } else {
-            refused += 1;
-            let ids: Vec<&str> = batch.iter().map(|r| r.id.as_str()).collect();
-            tracing::warn!(
-                "step {} refused: non-finite loss or gradient (grad norm {norm}); records {:?}; the adapter keeps its last good values",
-                step + 1,
-                ids
-            );
-            row.insert("refused".into(), json!(true));
-        }
+            None
+        };
+
+        // Log the step.
         step += 1;
         let secs = t0.elapsed().as_secs_f64();
+        let mut row = match &refusal {
+            None => combine(&acc.parts),
+            Some(reason) => {
+                refused += 1;
+                let ids: Vec<&str> = batch.iter().map(|r| r.id.as_str()).collect();
+                tracing::warn!(
+                    "step {step} refused: {reason}; records {ids:?}; the adapter keeps its last good values"
+                );
+                let mut row = Map::new();
+                row.insert("refused".into(), json!(true));
+                row.insert("refused_reason".into(), json!(reason));
+                row
+            }
+        };
         row.insert("step".into(), json!(step));
-        row.insert("epoch".into(), json!(step as f64 / steps_per_epoch as f64));
-        row.insert("grad_norm".into(), json!(norm));
+        row.insert(
+            "epoch".into(),
+            json!(step as f64 / sched.steps_per_epoch as f64),
+        );
+        row.insert(
+            "grad_norm".into(),
+            if norm.is_finite() {
+                json!(norm)
+            } else {
+                Value::Null
+            },
+        );
         row.insert("lr".into(), json!(lr));
-        row.insert("tokens_per_s".into(), json!(tokens as f64 / secs.max(1e-9)));
+        row.insert(
+            "tokens_per_s".into(),
+            json!(acc.tokens as f64 / secs.max(1e-9)),
+        );
         row.insert("records".into(), json!(batch.len()));
         append_line(&metrics_path, &row)?;
         bar.set_message(format!(
             "loss {:.4} margin {:.3} {:.0} tok/s",
-            row["loss"].as_f64().unwrap_or(f64::NAN),
-            row["rewards/margins"].as_f64().unwrap_or(f64::NAN),
-            tokens as f64 / secs.max(1e-9)
+            row.get("loss").and_then(Value::as_f64).unwrap_or(f64::NAN),
+            row.get("rewards/margins")
+                .and_then(Value::as_f64)
+                .unwrap_or(f64::NAN),
+            acc.tokens as f64 / secs.max(1e-9)
         ));
         bar.inc(1);
         rows.push(row);
+
+        // Checkpoint: periodically, at the end, and when interrupted (then stop).
         let stop_now = flag.load(Ordering::Relaxed) || inputs.stop_after == Some(step);
         let periodic = cfg.checkpoint_every > 0 && step % cfg.checkpoint_every as u64 == 0;
-        if stop_now || periodic || step == total {
+        if stop_now || periodic || step == sched.total {
             checkpoint(
                 out,
                 step,
-                &vlm,
+                &p.vlm,
                 &opt,
                 cfg,
                 &inputs.model,
                 refused,
-                &mut cache,
+                &mut p.cache,
             )?;
         }
-        if stop_now && step < total {
+        if stop_now && step < sched.total {
             bar.abandon();
             return Err(TrainError::Interrupted { step });
         }
     }
     bar.finish_and_clear();
     epoch_seconds.push(epoch_start.elapsed().as_secs_f64());
-    cache.save()?;
+    p.cache.save()?;
+
+    // Finish: a run whose every step was refused trained nothing and fails; otherwise the
+    // adapter and the report.
+    if refused as u64 == step {
+        return Err(TrainError::AllRefused {
+            steps: step,
+            metrics: metrics_path,
+        });
+    }
     let adapter = out.join("adapter");
-    save_peft_adapter(&adapter, &vlm.model, &lora, &inputs.model.to_string_lossy())?;
+    let lora = cfg.lora();
+    save_peft_adapter(
+        &adapter,
+        &p.vlm.model,
+        &lora,
+        &inputs.model.to_string_lossy(),
+    )?;
     let summary = TrainSummary {
         steps: step,
         records: n,
-        skipped: set.skipped.len(),
+        skipped: p.skipped,
         refused_steps: refused,
         epoch_seconds,
         seconds: start.elapsed().as_secs_f64(),
@@ -502,8 +692,8 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<TrainSummary, Tr
         out,
         cfg,
         &summary,
-        set.without_negatives,
-        set.unreadable_negatives,
+        p.without_negatives,
+        p.unreadable_negatives,
     )?;
     Ok(summary)
 }

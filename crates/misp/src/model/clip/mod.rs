@@ -666,21 +666,12 @@ pub struct ClipModel {
 
 impl ClipModel {
     /// Loads `dir` (module docs for the files) with weights in `dtype` on `device`. Every
-    /// missing or mis-shaped tensor is reported in one [`ModelError::Tensors`].
+    /// missing, mis-shaped or unexpected tensor is reported in one [`ModelError::Tensors`].
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let config = ClipConfig::from_dir(dir)?;
-        let (files, named) = checkpoint::checkpoint_files(dir)?;
-        let st = checkpoint::CheckedSafetensors::open(&files)?;
-        let problems = st.problems();
-        let model = Self::new(st.into_var_builder(dtype, device), config)?;
-        let problems = problems.take();
-        if !problems.is_empty() {
-            return Err(ModelError::Tensors {
-                path: named,
-                problems,
-            });
-        }
-        Ok(model)
+        checkpoint::load_checked(dir, dtype, device, checkpoint::same_keys, |vb| {
+            Self::new(vb, config)
+        })
     }
 
     /// Builds the model from any `VarBuilder` laid out as transformers' `CLIPModel`.

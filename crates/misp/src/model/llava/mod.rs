@@ -69,7 +69,7 @@ impl LlavaConfig {
             .validate()
             .map_err(|m| format!("text_config: {m}"))?;
         let v = &self.vision_config;
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(format!(
                 "vision_config: hidden_size {} is not a multiple of num_attention_heads {}",
                 v.hidden_size, v.num_attention_heads
@@ -226,25 +226,15 @@ impl Llava {
     }
 
     /// Loads `dir` (config.json + safetensors in either key layout) with weights in `dtype`;
-    /// every missing or mis-shaped tensor (named as in the checkpoint) is listed in one
-    /// [`ModelError::Tensors`].
+    /// every missing, mis-shaped or unexpected tensor (named as in the checkpoint) is listed in
+    /// one [`ModelError::Tensors`].
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let config = LlavaConfig::from_dir(dir)?;
-        let (files, named) = checkpoint::checkpoint_files(dir)?;
-        let st = checkpoint::CheckedSafetensors::open(&files)?;
-        let problems = st.problems();
-        let vb = st.into_var_builder(dtype, device);
-        let layout = KeyLayout::detect(|k| vb.contains_tensor(k));
-        let vb = vb.rename_f(move |k| checkpoint_key(k, layout));
-        let model = Self::load(vb, config)?;
-        let problems = problems.take();
-        if !problems.is_empty() {
-            return Err(ModelError::Tensors {
-                path: named,
-                problems,
-            });
-        }
-        Ok(model)
+        let detect = |has: &dyn Fn(&str) -> bool| -> Box<dyn Fn(&str) -> String + Send + Sync> {
+            let layout = KeyLayout::detect(has);
+            Box::new(move |k: &str| checkpoint_key(k, layout))
+        };
+        checkpoint::load_checked(dir, dtype, device, detect, |vb| Ok(Self::load(vb, config)?))
     }
 
     pub fn config(&self) -> &LlavaConfig {
