@@ -61,6 +61,8 @@ pub struct BenchModelArgs {
     /// Also print the figures as one JSON line (what the comparison script reads).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    runtime: crate::runtime::RuntimeArgs,
 }
 
 /// A memory field of /proc/self/status (`VmRSS:`, `VmHWM:`) in MiB (Linux); `None` elsewhere.
@@ -108,6 +110,7 @@ fn random_pixels(rng: &mut impl Rng, n: usize, size: usize) -> anyhow::Result<Te
     let v: Vec<f32> = (0..n * 3 * size * size)
         .map(|_| rng.random_range(-1.5f32..1.5))
         .collect();
+    // Host pixels; the model moves them to its device.
     Ok(Tensor::from_vec(v, (n, 3, size, size), &Device::Cpu)?)
 }
 
@@ -115,9 +118,10 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
     let dtype = match a.dtype.as_str() {
         "f32" => DType::F32,
         "bf16" => DType::BF16,
-        other => anyhow::bail!("--dtype {other:?}: expected f32 or bf16"),
+        "f16" => DType::F16,
+        other => anyhow::bail!("--dtype {other:?}: expected f32, bf16 or f16"),
     };
-    let dev = Device::Cpu;
+    let dev = a.runtime.apply()?;
     let mut model = Llava::load_dir(&a.model, dtype, &dev)
         .with_context(|| format!("loading {}", a.model.display()))?;
     let lora = LoraConfig {

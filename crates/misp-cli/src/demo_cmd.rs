@@ -33,6 +33,9 @@ pub struct DemoArgs {
     /// Evaluate on the validation split instead of test (for tuning the demo's settings).
     #[arg(long)]
     validation: bool,
+    /// Passed on to every step that runs a model (embed, train, eval).
+    #[command(flatten)]
+    runtime: crate::runtime::RuntimeArgs,
 }
 
 /// Runs `misp ARGS...`, echoing the command; fails naming it.
@@ -114,6 +117,9 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         }
     }
     let plan = DemoPlan::new(a.quick, a.seeds.clone(), a.validation);
+    // Checked here, so that a device that cannot be had fails before any work.
+    a.runtime.apply()?;
+    let model_flags = a.runtime.to_flags();
     let out = &a.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     check_models_stamp(out, &clip, &llava)?;
@@ -136,28 +142,38 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let t = Instant::now();
     let pool = out.join("embed/pool");
     let records = out.join("embed/records");
-    misp(&[
-        "embed".into(),
-        "pool".into(),
-        "--clip".into(),
-        s(&clip),
-        "--images".into(),
-        s(&world.join("pool.txt")),
-        "--out".into(),
-        s(&pool),
-        "--quiet".into(),
-    ])?;
-    misp(&[
-        "embed".into(),
-        "records".into(),
-        "--clip".into(),
-        s(&clip),
-        "--data".into(),
-        s(&world.join("records.jsonl")),
-        "--out".into(),
-        s(&records),
-        "--quiet".into(),
-    ])?;
+    misp(
+        &[
+            "embed".into(),
+            "pool".into(),
+            "--clip".into(),
+            s(&clip),
+            "--images".into(),
+            s(&world.join("pool.txt")),
+            "--out".into(),
+            s(&pool),
+            "--quiet".into(),
+        ]
+        .into_iter()
+        .chain(model_flags.clone())
+        .collect::<Vec<_>>(),
+    )?;
+    misp(
+        &[
+            "embed".into(),
+            "records".into(),
+            "--clip".into(),
+            s(&clip),
+            "--data".into(),
+            s(&world.join("records.jsonl")),
+            "--out".into(),
+            s(&records),
+            "--quiet".into(),
+        ]
+        .into_iter()
+        .chain(model_flags.clone())
+        .collect::<Vec<_>>(),
+    )?;
     timed("embed", t);
 
     // 3. SAE and mining.
@@ -243,6 +259,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
                 for set in plan.train_sets(seed) {
                     args.extend(["--set".into(), set]);
                 }
+                args.extend(model_flags.clone());
                 misp(&args)?;
             }
             runs.push(RunEval::trained(variant, seed, &run_dir));
@@ -277,6 +294,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             if let Some(adapter) = &run.adapter {
                 args.extend(["--adapter".into(), s(adapter)]);
             }
+            args.extend(model_flags.clone());
             misp(&args)?;
         }
         let chair_out = eval_dir.join("chair");
@@ -307,6 +325,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             if let Some(adapter) = &run.adapter {
                 args.extend(["--adapter".into(), s(adapter)]);
             }
+            args.extend(model_flags.clone());
             misp(&args)?;
         }
     }

@@ -43,6 +43,8 @@ pub struct Common {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    runtime: crate::runtime::RuntimeArgs,
 }
 
 #[derive(Args)]
@@ -97,7 +99,8 @@ pub fn run(cmd: EmbedCommand) -> anyhow::Result<()> {
         EmbedCommand::Pool(a) => (&a.common, false),
         EmbedCommand::Records(a) => (&a.common, true),
     };
-    let embedder = Embedder::load(&c.clip, with_text)?;
+    let device = c.runtime.apply()?;
+    let embedder = Embedder::load(&c.clip, with_text, &device)?;
     let (root, cfg) = (c.image_root.as_deref(), c.config());
     let report = match &cmd {
         EmbedCommand::Pool(a) => embed_pool(&embedder, &a.images, root, &c.out, &cfg, !c.quiet)?,

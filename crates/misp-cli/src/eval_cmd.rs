@@ -223,7 +223,8 @@ fn write_config(
 }
 
 fn run_pope(args: PopeArgs) -> anyhow::Result<()> {
-    // Questions first: a bad file should fail before the model loads.
+    args.model.runtime.apply()?; // a device that cannot be had fails before anything is read
+                                 // Questions first: a bad file should fail before the model loads.
     let questions = pope::read_question_files(&args.questions, args.split.as_deref())?;
     write_config(
         &args.out,
@@ -262,6 +263,7 @@ fn run_pope(args: PopeArgs) -> anyhow::Result<()> {
 }
 
 fn run_chair(args: ChairArgs) -> anyhow::Result<()> {
+    args.model.runtime.apply()?;
     let table = chair_table(args.synonyms.as_deref())?;
     let gt = chair::GroundTruth::from_coco_instances(&args.annotations, &table)?;
     write_config(

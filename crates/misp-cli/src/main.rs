@@ -12,6 +12,7 @@ mod eval_cmd;
 mod malloc;
 mod mine_cmd;
 mod pretrain_cmd;
+mod runtime;
 mod sae_cmd;
 mod score_cmd;
 mod train_cmd;

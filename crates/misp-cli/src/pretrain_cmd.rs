@@ -41,6 +41,8 @@ pub struct PretrainArgs {
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    runtime: crate::runtime::RuntimeArgs,
 }
 
 impl PretrainArgs {
@@ -74,13 +76,15 @@ impl PretrainArgs {
 pub fn run(args: &PretrainArgs) -> anyhow::Result<()> {
     let cfg = args.config()?;
     let start = Instant::now();
-    let report = pretrain::run(&args.world, &args.out, &cfg, !args.quiet).with_context(|| {
-        format!(
-            "pretraining from world {} into {}",
-            args.world.display(),
-            args.out.display()
-        )
-    })?;
+    let device = args.runtime.apply()?;
+    let report =
+        pretrain::run(&args.world, &args.out, &cfg, &device, !args.quiet).with_context(|| {
+            format!(
+                "pretraining from world {} into {}",
+                args.world.display(),
+                args.out.display()
+            )
+        })?;
     let mb = |b: u64| b as f64 / 1e6;
     println!(
         "CLIP  {} ({} params, {:.2} MB, {:.0} s, final loss {:.3})",

@@ -13,6 +13,7 @@ use serde_json::json;
 pub enum Dtype {
     F32,
     Bf16,
+    F16,
 }
 
 impl Dtype {
@@ -20,6 +21,7 @@ impl Dtype {
         match self {
             Dtype::F32 => candle_core::DType::F32,
             Dtype::Bf16 => candle_core::DType::BF16,
+            Dtype::F16 => candle_core::DType::F16,
         }
     }
 }
@@ -53,16 +55,19 @@ pub(crate) struct ModelArgs {
     /// `--images` only.
     #[arg(long)]
     pub(crate) image_root: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) runtime: crate::runtime::RuntimeArgs,
 }
 
 impl ModelArgs {
-    /// The checkpoint (+ adapter) with these options.
+    /// The checkpoint (+ adapter) with these options, on `--device`.
     pub(crate) fn load(&self) -> anyhow::Result<Vlm> {
+        let device = self.runtime.apply()?;
         let opts = VlmOptions {
             dtype: self.dtype.candle(),
             pad_to_square: self.pad_to_square,
             template: Some(self.template.clone()),
-            ..VlmOptions::default()
+            device,
         };
         Vlm::load(&self.model, self.adapter.as_deref(), &opts).with_context(|| {
             match &self.adapter {
@@ -87,6 +92,8 @@ impl ModelArgs {
             "template": self.template,
             "batch_size": self.batch_size,
             "image_root": self.image_root,
+            "device": self.runtime.device,
+            "kernels": self.runtime.kernels.map(|k| format!("{k:?}").to_lowercase()),
         })
     }
 }
@@ -168,6 +175,7 @@ fn image_root(a: &ModelArgs) -> anyhow::Result<Option<misp::data::paths::Dataset
 
 pub fn score(args: ScoreArgs) -> anyhow::Result<()> {
     let (a, io) = (&args.model, &args.io);
+    a.runtime.apply()?; // a device that cannot be had fails before anything is read
     let rows = infer::read_rows(&io.data, true, image_root(a)?.as_ref())?;
     let vlm = a.load()?;
     let out = infer::score(&vlm, &rows, a.batch_size, !io.quiet)?;
@@ -199,6 +207,7 @@ pub fn score(args: ScoreArgs) -> anyhow::Result<()> {
 
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let (a, io) = (&args.model, &args.io);
+    a.runtime.apply()?; // a device that cannot be had fails before anything is read
     let rows = infer::read_rows(&io.data, false, image_root(a)?.as_ref())?;
     let vlm = a.load()?;
     let out = infer::generate(&vlm, &rows, a.batch_size, args.max_new_tokens, !io.quiet)?;

@@ -47,11 +47,15 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    runtime: crate::runtime::RuntimeArgs,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let cfg = TrainConfig::load(args.config.as_deref(), &args.sets)?;
+    let device = args.runtime.apply()?;
     let inputs = TrainInputs {
+        device,
         model: args.model,
         data: args.data,
         negatives: args.negatives,

@@ -28,6 +28,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod demo;
+pub mod device;
 pub mod embed;
 pub mod embeddings;
 pub mod eval;

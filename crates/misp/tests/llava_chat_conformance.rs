@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use misp::kernels::{Kernels, ThreadKernels};
 use misp::model::llava::token_logprobs;
 use misp::model::vlm::{PreparedPrompt, Vlm, VlmOptions};
 use serde_json::Value;
@@ -40,6 +41,17 @@ fn load() -> Vlm {
 
 #[test]
 fn prompt_and_response_ids_and_logprobs_match_transformers() {
+    prompt_and_response_ids_and_logprobs_match_transformers_with(Kernels::Fused);
+}
+
+/// The same on candle's ordinary ops (`--kernels generic`): the op graph a GPU runs.
+#[test]
+fn prompt_and_response_ids_and_logprobs_match_transformers_on_the_generic_path() {
+    prompt_and_response_ids_and_logprobs_match_transformers_with(Kernels::Generic);
+}
+
+fn prompt_and_response_ids_and_logprobs_match_transformers_with(kernels: Kernels) {
+    let _kernels = ThreadKernels::set(kernels);
     let vlm = load();
     let want = expected();
     let cases = want["score"].as_array().unwrap();
@@ -119,6 +131,17 @@ fn prompt_and_response_ids_and_logprobs_match_transformers() {
 
 #[test]
 fn batched_greedy_generation_matches_transformers() {
+    batched_greedy_generation_matches_transformers_with(Kernels::Fused);
+}
+
+/// The same on candle's ordinary ops (`--kernels generic`): the op graph a GPU runs.
+#[test]
+fn batched_greedy_generation_matches_transformers_on_the_generic_path() {
+    batched_greedy_generation_matches_transformers_with(Kernels::Generic);
+}
+
+fn batched_greedy_generation_matches_transformers_with(kernels: Kernels) {
+    let _kernels = ThreadKernels::set(kernels);
     let vlm = load();
     let want = expected();
     let cases = want["generate"].as_array().unwrap();

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use misp::checkpoint::TensorProblem;
+use misp::kernels::{Kernels, ThreadKernels};
 use misp::model::llava::{token_logprobs, Llava};
 use misp::model::ModelError;
 use serde::Deserialize;
@@ -99,6 +100,17 @@ fn worst_logprob_diff(model: &Llava, e: &Expected) -> f32 {
 
 #[test]
 fn legacy_layout_matches_transformers() {
+    legacy_layout_matches_transformers_with(Kernels::Fused);
+}
+
+/// The same on candle's ordinary ops (`--kernels generic`): the op graph a GPU runs.
+#[test]
+fn legacy_layout_matches_transformers_on_the_generic_path() {
+    legacy_layout_matches_transformers_with(Kernels::Generic);
+}
+
+fn legacy_layout_matches_transformers_with(kernels: Kernels) {
+    let _kernels = ThreadKernels::set(kernels);
     let e = expected();
     assert!(e
         .keys
@@ -128,8 +140,19 @@ fn legacy_layout_matches_transformers() {
 
 #[test]
 fn nested_layout_matches_transformers() {
+    nested_layout_matches_transformers_with(Kernels::Fused);
+}
+
+/// The same on candle's ordinary ops (`--kernels generic`): the op graph a GPU runs.
+#[test]
+fn nested_layout_matches_transformers_on_the_generic_path() {
+    nested_layout_matches_transformers_with(Kernels::Generic);
+}
+
+fn nested_layout_matches_transformers_with(kernels: Kernels) {
+    let _kernels = ThreadKernels::set(kernels);
     let e = expected();
-    let dir = renamed_copy("nested", nested);
+    let dir = renamed_copy(&format!("nested-{kernels:?}"), nested);
     let model = Llava::load_dir(&dir, DType::F32, &Device::Cpu);
     std::fs::remove_dir_all(&dir).ok();
     let worst = worst_logprob_diff(&model.unwrap(), &e);

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
+use misp::kernels::{Kernels, ThreadKernels};
 use misp::model::llava::{Llava, LlavaConfig};
 use misp::model::lora::{init_rng, LoraConfig};
 use misp::model::vlm::{PreparedPrompt, PreparedScore, Vlm, VlmOptions};
@@ -100,6 +101,17 @@ fn batch_logp(vlm: &Vlm, items: &[PreparedScore]) -> Tensor {
 
 #[test]
 fn every_lora_variable_gets_a_nonzero_gradient_from_a_scored_batch() {
+    every_lora_variable_gets_a_nonzero_gradient_from_a_scored_batch_with(Kernels::Fused);
+}
+
+/// The same on candle's ordinary ops (`--kernels generic`): the op graph a GPU runs.
+#[test]
+fn every_lora_variable_gets_a_nonzero_gradient_from_a_scored_batch_on_the_generic_path() {
+    every_lora_variable_gets_a_nonzero_gradient_from_a_scored_batch_with(Kernels::Generic);
+}
+
+fn every_lora_variable_gets_a_nonzero_gradient_from_a_scored_batch_with(kernels: Kernels) {
+    let _kernels = ThreadKernels::set(kernels);
     let mut vlm = load_vlm(DType::F32);
     let lm = vlm.model.language_model_mut();
     lm.attach_lora(&LoraConfig::default(), &mut init_rng(1))
@@ -236,6 +248,17 @@ fn worst_fd_error(model: &Llava, vars: &[Var], coords: &[(usize, usize)]) -> f64
 
 #[test]
 fn lora_gradients_match_finite_differences_through_image_tokens_in_f64() {
+    lora_gradients_match_finite_differences_through_image_tokens_in_f64_with(Kernels::Fused);
+}
+
+/// The same on candle's ordinary ops (`--kernels generic`): the op graph a GPU runs.
+#[test]
+fn lora_gradients_match_finite_differences_through_image_tokens_in_f64_on_the_generic_path() {
+    lora_gradients_match_finite_differences_through_image_tokens_in_f64_with(Kernels::Generic);
+}
+
+fn lora_gradients_match_finite_differences_through_image_tokens_in_f64_with(kernels: Kernels) {
+    let _kernels = ThreadKernels::set(kernels);
     let (mut model, _) = f64_llava(&[]);
     let lm = model.language_model_mut();
     lm.attach_lora(&lora_cfg(), &mut init_rng(5)).unwrap();

@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use misp::kernels::{Kernels, ThreadKernels};
 use misp::model::adapter::{load_peft_adapter, save_peft_adapter, WEIGHTS_FILE};
 use misp::model::llava::{token_logprobs, Llava};
 use misp::model::lora::{init_rng, LoraConfig};
@@ -176,6 +177,17 @@ fn assert_matches(tag: &str, adapted: &Llava, recorded: &Recorded) {
 
 #[test]
 fn misp_loads_peft_saved_and_matches_peft() {
+    misp_loads_peft_saved_and_matches_peft_with(Kernels::Fused);
+}
+
+/// The same on candle's ordinary ops (`--kernels generic`): the op graph a GPU runs.
+#[test]
+fn misp_loads_peft_saved_and_matches_peft_on_the_generic_path() {
+    misp_loads_peft_saved_and_matches_peft_with(Kernels::Generic);
+}
+
+fn misp_loads_peft_saved_and_matches_peft_with(kernels: Kernels) {
+    let _kernels = ThreadKernels::set(kernels);
     let e = expected();
     let mut m = tiny();
     let cfg = load_peft_adapter(&fixtures().join("peft/peft_saved"), &mut m).unwrap();
@@ -188,6 +200,17 @@ fn misp_loads_peft_saved_and_matches_peft() {
 
 #[test]
 fn misp_saved_is_reproducible_and_peft_agrees() {
+    misp_saved_is_reproducible_and_peft_agrees_with(Kernels::Fused);
+}
+
+/// The same on candle's ordinary ops (`--kernels generic`): the op graph a GPU runs.
+#[test]
+fn misp_saved_is_reproducible_and_peft_agrees_on_the_generic_path() {
+    misp_saved_is_reproducible_and_peft_agrees_with(Kernels::Generic);
+}
+
+fn misp_saved_is_reproducible_and_peft_agrees_with(kernels: Kernels) {
+    let _kernels = ThreadKernels::set(kernels);
     let e = expected();
     let committed = fixtures().join("peft/misp_saved");
     let dir = std::env::temp_dir().join(format!("misp-peft-{}", std::process::id()));

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use misp::kernels::{Kernels, ThreadKernels};
 use misp::train::{train, TrainConfig, TrainInputs};
 use serde_json::{json, Value};
 
@@ -107,6 +108,7 @@ fn tiny_cfg(extra: &[&str]) -> TrainConfig {
 
 fn inputs(dir: &Path, data: &Path, neg: &Path, pool: &Path, out: &str) -> TrainInputs {
     TrainInputs {
+        device: Device::Cpu,
         model: root().join("fixtures/llava_chat/tiny"),
         data: data.to_path_buf(),
         negatives: Some(neg.to_path_buf()),
@@ -217,7 +219,18 @@ fn a_few_steps_learn_and_touch_only_lora_tensors() {
 
 #[test]
 fn resume_after_a_kill_equals_the_uninterrupted_run() {
-    let dir = tmp("resume");
+    resume_after_a_kill_equals_the_uninterrupted_run_with(Kernels::Fused);
+}
+
+/// The same on candle's ordinary ops (`--kernels generic`): the op graph a GPU runs.
+#[test]
+fn resume_after_a_kill_equals_the_uninterrupted_run_on_the_generic_path() {
+    resume_after_a_kill_equals_the_uninterrupted_run_with(Kernels::Generic);
+}
+
+fn resume_after_a_kill_equals_the_uninterrupted_run_with(kernels: Kernels) {
+    let _kernels = ThreadKernels::set(kernels);
+    let dir = tmp(&format!("resume-{kernels:?}"));
     let (data, neg, pool) = world(&dir, &["misp", "misp"]);
     let cfg = tiny_cfg(&["epochs=3", "checkpoint_every=1"]);
     train(&cfg, &inputs(&dir, &data, &neg, &pool, "whole")).unwrap();
@@ -259,7 +272,18 @@ fn resume_after_a_kill_equals_the_uninterrupted_run() {
 
 #[test]
 fn uniform_q_importance_sampling_equals_the_exact_gradient_in_a_full_step() {
-    let dir = tmp("is");
+    uniform_q_importance_sampling_equals_the_exact_gradient_in_a_full_step_with(Kernels::Fused);
+}
+
+/// The same on candle's ordinary ops (`--kernels generic`): the op graph a GPU runs.
+#[test]
+fn uniform_q_importance_sampling_equals_the_exact_gradient_in_a_full_step_on_the_generic_path() {
+    uniform_q_importance_sampling_equals_the_exact_gradient_in_a_full_step_with(Kernels::Generic);
+}
+
+fn uniform_q_importance_sampling_equals_the_exact_gradient_in_a_full_step_with(kernels: Kernels) {
+    let _kernels = ThreadKernels::set(kernels);
+    let dir = tmp(&format!("is-{kernels:?}"));
     let (data, neg, pool) = world(&dir, &["misp", "misp"]);
     let is = tiny_cfg(&[
         "importance_sampling=true",

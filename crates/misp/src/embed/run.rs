@@ -127,10 +127,11 @@ pub struct Embedder {
 }
 
 impl Embedder {
-    pub fn load(dir: &Path, with_text: bool) -> Result<Self, EmbedError> {
+    /// The checkpoint in `dir` on `device` (the text tower's tokenizer too with `with_text`).
+    pub fn load(dir: &Path, with_text: bool, device: &Device) -> Result<Self, EmbedError> {
         let ctx = || format!("CLIP checkpoint {}", dir.display());
-        let model = ClipModel::load(dir, DType::F32, &Device::Cpu)
-            .map_err(|e| input(ctx())(Box::new(e)))?;
+        let model =
+            ClipModel::load(dir, DType::F32, device).map_err(|e| input(ctx())(Box::new(e)))?;
         let tokenizer = if with_text {
             Some(ClipTokenizer::load(dir).map_err(|e| input(ctx())(Box::new(e)))?)
         } else {
@@ -154,6 +155,7 @@ impl Embedder {
     /// Embeddings of `n` preprocessed images given as one `[n, 3, S, S]` buffer.
     fn image_embeds(&self, pixels: Vec<f32>, n: usize) -> Result<Vec<f32>, BoxError> {
         let s = self.model.image_size();
+        // Pixels are made on the host; the model moves them to its device once per batch.
         let t = Tensor::from_vec(pixels, (n, 3, s, s), &Device::Cpu)?;
         Ok(self
             .model

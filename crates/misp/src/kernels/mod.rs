@@ -17,7 +17,8 @@
 //! - LLaMA's causal attention core from `q, k, v` to merged heads ([`attention`]), CLIP's
 //!   bidirectional attention at inference ([`encoder_attention`]);
 //! - LoRA's training step and its dropout masks ([`lora_step`]);
-//! - [`fusable`]: whether a tensor runs on a kernel here (CPU, `f32` / `f64`).
+//! - [`fusable`]: whether a tensor runs on a kernel here (CPU, `f32` / `f64`, [`Kernels::Fused`]
+//!   in force); [`set_kernels`] / [`with_kernels`] choose the generic composition instead.
 //!
 //! Inside: [`real`] (float types, vectorised `exp`, run-time AVX-512 / AVX2 dispatch),
 //! [`op`] (the custom-op skeleton and the parallel loops, written once), [`gemm`] (products on
@@ -38,4 +39,4 @@ pub(crate) use elementwise::rope_data;
 pub use elementwise::{layer_norm_no_grad, quick_gelu_no_grad, rms_norm, scaled_softmax, swiglu};
 pub use linear::{linear, Linear};
 pub(crate) use real::vectorised;
-pub use real::{exp_f32, fusable};
+pub use real::{exp_f32, fusable, kernels, set_kernels, with_kernels, Kernels, ThreadKernels};

@@ -4,9 +4,65 @@
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 
-/// Whether `x` runs on a fused kernel here (CPU, `f32` / `f64`).
+/// Which implementation the models' element-wise, attention and LoRA stretches run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// misp's CPU kernels where they apply (CPU, `f32` / `f64`), the composition elsewhere.
+    Fused,
+    /// candle's ordinary ops, composed so that gradients flow, on every device: what runs on a
+    /// GPU. Selectable on the CPU so that the GPU's op graph is checked by the CPU's tests.
+    Generic,
+}
+
+static PROCESS_KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+thread_local! {
+    static THREAD_KERNELS: std::cell::Cell<Option<Kernels>> = const { std::cell::Cell::new(None) };
+}
+
+/// Sets the kernels of the whole process (the command line's `--kernels`).
+pub fn set_kernels(k: Kernels) {
+    PROCESS_KERNELS.store(k == Kernels::Generic, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The kernels in force on this thread: its [`with_kernels`] override, else the process's.
+pub fn kernels() -> Kernels {
+    THREAD_KERNELS.with(|t| t.get()).unwrap_or(
+        if PROCESS_KERNELS.load(std::sync::atomic::Ordering::Relaxed) {
+            Kernels::Generic
+        } else {
+            Kernels::Fused
+        },
+    )
+}
+
+/// Runs `f` with `k` in force on this thread (the tests run both paths side by side). Models
+/// decide per call, on the calling thread, so the choice covers forward and backward.
+pub fn with_kernels<R>(k: Kernels, f: impl FnOnce() -> R) -> R {
+    let _guard = ThreadKernels::set(k);
+    f()
+}
+
+/// Puts kernels in force on this thread until dropped, then restores what was before.
+pub struct ThreadKernels(Option<Kernels>);
+
+impl ThreadKernels {
+    pub fn set(k: Kernels) -> Self {
+        Self(THREAD_KERNELS.with(|t| t.replace(Some(k))))
+    }
+}
+
+impl Drop for ThreadKernels {
+    fn drop(&mut self) {
+        THREAD_KERNELS.with(|t| t.set(self.0));
+    }
+}
+
+/// Whether `x` runs on a fused kernel here (fused kernels in force, CPU, `f32` / `f64`).
 pub fn fusable(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+    kernels() == Kernels::Fused
+        && x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
 /// The contiguous data of a CPU storage as `T`, or an error naming `op`.

@@ -154,7 +154,10 @@ pub fn train_clip(
             pairs.len()
         )));
     }
-    let device = Device::Cpu;
+    // Batches go where the parameters are.
+    let device = params
+        .first()
+        .map_or(Device::Cpu, |(_, v)| v.device().clone());
     let vars: Vec<_> = params
         .iter()
         .chain(dense.map(|d| d.heads.iter()).into_iter().flatten())

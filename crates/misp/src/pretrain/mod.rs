@@ -443,9 +443,10 @@ pub fn run(
     world: &Path,
     out: &Path,
     cfg: &PretrainConfig,
+    device: &Device,
     progress: bool,
 ) -> Result<PretrainReport, PretrainError> {
-    let device = Device::Cpu;
+    let device = device.clone();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let image_size = world_image_size(world)?;
     if cfg.sizes.patch_size == 0 || image_size % cfg.sizes.patch_size != 0 {

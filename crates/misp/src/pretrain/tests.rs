@@ -605,7 +605,7 @@ fn run_writes_both_folders_and_its_record() {
     let out = temp("run");
     let mut cfg = tiny_config();
     cfg.skip_eval = false;
-    let report = run(tiny_world(), &out, &cfg, false).unwrap();
+    let report = run(tiny_world(), &out, &cfg, &Device::Cpu, false).unwrap();
     for f in [
         "config.json",
         "model.safetensors",

@@ -76,7 +76,8 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Checkpoints kept (older ones are removed).
     pub keep_checkpoints: usize,
-    /// Weights' dtype: `f32` or `bf16`.
+    /// Weights' dtype: `f32`, `bf16` (what a 7B run uses) or `f16`. LoRA and its optimiser
+    /// state stay `f32`.
     pub dtype: String,
     pub pad_to_square: bool,
     /// Train on at most this many records (0: all), for quick runs.
@@ -262,8 +263,8 @@ impl TrainConfig {
                 "must be >= 1 (the last checkpoint is what --resume reads)",
             );
         }
-        if !matches!(self.dtype.as_str(), "f32" | "bf16") {
-            return bad("dtype", "must be f32 or bf16");
+        if !matches!(self.dtype.as_str(), "f32" | "bf16" | "f16") {
+            return bad("dtype", "must be f32, bf16 or f16");
         }
         if self.negatives != NegativeSource::None && self.image_weight > 0.0 && self.k == 0 {
             return bad("k", "must be >= 1 when the image term is on");
@@ -281,6 +282,15 @@ impl TrainConfig {
             );
         }
         Ok(())
+    }
+
+    /// The base weights' dtype.
+    pub fn weights_dtype(&self) -> candle_core::DType {
+        match self.dtype.as_str() {
+            "bf16" => candle_core::DType::BF16,
+            "f16" => candle_core::DType::F16,
+            _ => candle_core::DType::F32,
+        }
     }
 
     /// Whether the run uses an image term at all.

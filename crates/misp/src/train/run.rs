@@ -42,6 +42,8 @@ use crate::optim::{
 /// Paths and switches of one run (what is not a hyper-parameter).
 #[derive(Debug, Clone)]
 pub struct TrainInputs {
+    /// Where the model runs (the optimiser state lives there too).
+    pub device: candle_core::Device,
     pub model: PathBuf,
     pub data: PathBuf,
     pub negatives: Option<PathBuf>,
@@ -375,15 +377,11 @@ struct Prepared {
 /// reference value depends on.
 fn prepare(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<Prepared, TrainError> {
     let out = &inputs.out;
-    let dtype = if cfg.dtype == "bf16" {
-        DType::BF16
-    } else {
-        DType::F32
-    };
     let opts = VlmOptions {
-        dtype,
+        dtype: cfg.weights_dtype(),
         pad_to_square: cfg.pad_to_square,
-        ..VlmOptions::default()
+        template: None,
+        device: inputs.device.clone(),
     };
     let mut vlm = Vlm::load(&inputs.model, None, &opts)?;
     vlm.model
@@ -422,6 +420,10 @@ fn prepare(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<Prepared, TrainErr
     hash_model(&inputs.model, &mut h)?;
     h.str(&cfg.dtype);
     h.str(&format!("{}", cfg.pad_to_square));
+    // Reference values differ in their last bits between devices and kernels: a cache made on
+    // one is not reused on another.
+    h.str(&crate::device::name(&inputs.device));
+    h.str(&format!("{:?}", crate::kernels::kernels()));
     h.str(vlm.processor.template());
     hash_items(&set.items, &mut h);
     let cache = RefCache::open(&out.join("reference"), h.finish())?;

@@ -625,7 +625,7 @@ fn text_mask(attention_mask: &Tensor) -> candle_core::Result<Tensor> {
             }
         }
     }
-    Tensor::from_vec(m, (b, 1, t, t), &Device::Cpu)
+    Tensor::from_vec(m, (b, 1, t, t), attention_mask.device())
 }
 
 /// The text pooling position of each row, as transformers: with `eos_token_id == 2` (configs
@@ -778,9 +778,8 @@ impl ClipModel {
         }
         let pool_at = text_pool_positions(&ids_host, self.text_model.eos_token_id);
         let ids = tokens.ids.to_dtype(DType::U32)?.to_device(&self.device)?;
-        let pooled = self
-            .text_model
-            .pooled(&ids, &tokens.attention_mask, &pool_at)?;
+        let mask = tokens.attention_mask.to_device(&self.device)?;
+        let pooled = self.text_model.pooled(&ids, &mask, &pool_at)?;
         Ok(l2_normalise(&self.text_projection.forward(&pooled)?)?)
     }
 }

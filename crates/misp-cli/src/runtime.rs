@@ -1,0 +1,67 @@
+//! `--device` and `--kernels`: where a command's models run and on which implementation, shared
+//! by every command that runs a model (embed, score, generate, eval, train, world pretrain,
+//! bench model) and passed on by `demo`.
+
+use anyhow::Context;
+use candle_core::Device;
+use clap::{Args, ValueEnum};
+use misp::kernels::{set_kernels, Kernels};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KernelsArg {
+    /// misp's CPU kernels with their written-out backward passes (CPU only).
+    Fused,
+    /// candle's ordinary ops, composed: the path a GPU runs, also on the CPU.
+    Generic,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RuntimeArgs {
+    /// Where the model runs: cpu, cuda or cuda:N [default: $MISP_DEVICE, else cpu]. CUDA needs
+    /// a binary built with `--features cuda`.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Kernels of the model's element-wise, attention and LoRA stretches [default: fused on
+    /// the CPU, generic on a GPU].
+    #[arg(long, value_enum)]
+    pub kernels: Option<KernelsArg>,
+}
+
+impl RuntimeArgs {
+    /// Resolves the device and puts the kernels in force for this process. `--kernels fused`
+    /// on a GPU falls back to the generic path, said once.
+    pub fn apply(&self) -> anyhow::Result<Device> {
+        let device =
+            misp::device::resolve(self.device.as_deref()).context("choosing the device")?;
+        let kernels = match (self.kernels, device.is_cpu()) {
+            (Some(KernelsArg::Generic), _) => Kernels::Generic,
+            (Some(KernelsArg::Fused), false) => {
+                eprintln!(
+                    "note: --kernels fused runs on the CPU only; {} runs the generic path",
+                    misp::device::name(&device)
+                );
+                Kernels::Generic
+            }
+            (_, true) => Kernels::Fused,
+            (None, false) => Kernels::Generic,
+        };
+        set_kernels(kernels);
+        Ok(device)
+    }
+
+    /// The flags as given, to pass on to a child `misp` (the demo).
+    pub fn to_flags(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(d) = &self.device {
+            out.extend(["--device".to_string(), d.clone()]);
+        }
+        if let Some(k) = self.kernels {
+            let name = match k {
+                KernelsArg::Fused => "fused",
+                KernelsArg::Generic => "generic",
+            };
+            out.extend(["--kernels".to_string(), name.to_string()]);
+        }
+        out
+    }
+}
