@@ -54,6 +54,10 @@ pub struct MineArgs {
     /// Handle only the i-th of n contiguous record ranges (0-based), e.g. 0/4.
     #[arg(long, default_value = "0/1")]
     shard: Shard,
+    /// Mine with an SAE whose saved FVU is 0.9 or more (it did not learn), or that has no
+    /// training summary (made outside `misp sae train`).
+    #[arg(long)]
+    allow_untrained_sae: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -78,6 +82,7 @@ pub fn run(a: MineArgs) -> anyhow::Result<()> {
         seed: a.seed,
         candidates: a.candidates.to_string(),
         shard: a.shard,
+        allow_untrained_sae: a.allow_untrained_sae,
     };
     let sae_ref = sae.as_ref().zip(a.sae.as_deref());
     let report = mine::mine(&cfg, &pool, &records, sae_ref, &a.out, !a.quiet)?;

@@ -30,15 +30,29 @@ pub struct TrainArgs {
     /// Candidate set per record: knn:M, random:M or all.
     #[arg(long, default_value = "knn:256")]
     candidates: CandidateSpec,
-    /// Epochs in total (a re-run resumes after the last finished one).
+    /// Most epochs (a re-run resumes after the last finished one); training stops earlier when
+    /// the held-out FVU stops improving (--patience).
     #[arg(long, default_value_t = SaeTrainConfig::default().epochs)]
     epochs: usize,
     /// Records per Adam step (each brings its whole candidate set).
     #[arg(long, default_value_t = SaeTrainConfig::default().batch_records)]
     batch_records: usize,
-    /// Adam learning rate.
-    #[arg(long, default_value_t = SaeTrainConfig::default().lr)]
-    lr: f64,
+    /// Adam learning rate [default: 0.64 / d, the initial weight scale 1/d times 0.64].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Share of the records held out to measure the FVU on and to stop by (0: none, no
+    /// early stop).
+    #[arg(long, default_value_t = SaeTrainConfig::default().holdout)]
+    holdout: f64,
+    /// Epochs without a relative held-out FVU improvement of --min-delta before stopping (0:
+    /// never stop early).
+    #[arg(long, default_value_t = SaeTrainConfig::default().patience)]
+    patience: usize,
+    #[arg(long, default_value_t = SaeTrainConfig::default().min_delta)]
+    min_delta: f64,
+    /// Adam steps over which the rate rises linearly to --lr.
+    #[arg(long, default_value_t = SaeTrainConfig::default().warmup_steps)]
+    warmup_steps: usize,
     /// Number of latents H.
     #[arg(long, default_value_t = SaeTrainConfig::default().hidden)]
     hidden: usize,
@@ -69,12 +83,17 @@ pub fn run(cmd: SaeCommand) -> anyhow::Result<()> {
         hidden: a.hidden,
         gamma: a.gamma,
         rho: a.rho,
+        holdout: a.holdout,
+        patience: a.patience,
+        min_delta: a.min_delta,
+        warmup_steps: a.warmup_steps,
         ..Default::default()
     };
     let resolved = serde_json::json!({
         "misp_version": env!("CARGO_PKG_VERSION"),
         "pool": a.pool, "records": a.records, "candidates": a.candidates.to_string(),
         "train": cfg,
+        "lr": cfg.lr_for(pool.meta.dim),
         "skipped_records": records.invalid_rows.iter().map(|r| &r.id).collect::<Vec<_>>(),
         "pool_invalid_rows": pool.invalid_rows.len(),
     });
@@ -92,8 +111,14 @@ pub fn run(cmd: SaeCommand) -> anyhow::Result<()> {
         pool.meta.normalized,
     );
     let sae = sae::train(&cfg, &data, base, &a.out, !a.quiet)?;
+    let how = sae.training.as_ref().map_or(String::new(), |t| {
+        format!(
+            "; {} FVU {:.3} at epoch {} of {} ({}, {} held-out records)",
+            t.fvu_split, t.fvu, t.epoch, t.epochs_run, t.stopped, t.heldout_records
+        )
+    });
     eprintln!(
-        "trained SAE (d = {}, H = {}, input scale {:.4e}) on {} records x {} candidates: {}",
+        "trained SAE (d = {}, H = {}, input scale {:.4e}) on {} records x {} candidates{how}: {}",
         sae.config.d,
         sae.config.hidden,
         sae.config.input_scale,

@@ -151,6 +151,9 @@ fn sae_train_then_mine_from_the_command_line() {
             &sae,
             "--candidates",
             "knn:12",
+            // Random synthetic embeddings: there is little for an SAE to learn here; this test
+            // is about the chain (the refusal of an untrained SAE is checked below).
+            "--allow-untrained-sae",
             "--quiet",
         ];
         args.extend_from_slice(extra);
@@ -170,6 +173,57 @@ fn sae_train_then_mine_from_the_command_line() {
     let out = mine(&["--out", &neg]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("0 records written, 9 already there"));
     assert_eq!(std::fs::read_to_string(&neg).unwrap(), text);
+
+    // An SAE that never trained (no epochs, no summary) is refused unless allowed.
+    let out = misp(&[
+        "sae",
+        "train",
+        "--pool",
+        &pool,
+        "--records",
+        &rec,
+        "--out",
+        &p("sae0"),
+        "--candidates",
+        "knn:12",
+        "--epochs",
+        "0",
+        "--hidden",
+        "5",
+        "--quiet",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let strict = |extra: &[&str]| {
+        let sae0 = p("sae0");
+        let out0 = p("neg0.jsonl");
+        let mut args = vec![
+            "mine",
+            "--pool",
+            &pool,
+            "--records",
+            &rec,
+            "--sae",
+            &sae0,
+            "--candidates",
+            "knn:12",
+            "--out",
+            &out0,
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        misp(&args)
+    };
+    let out = strict(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--allow-untrained-sae"),
+        "{err}"
+    );
+    assert!(strict(&["--allow-untrained-sae"]).status.success());
 
     // Bad input: an unknown strategy and a K above the candidate set are one-line errors.
     let out = mine(&["--out", &p("x.jsonl"), "--strategy", "hard"]);

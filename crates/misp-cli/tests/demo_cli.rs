@@ -42,6 +42,21 @@ fn quick_demo_writes_a_complete_report() {
     ] {
         assert!(report.contains(needle), "{needle}");
     }
+    // The sampler learned, on the world's own embeddings: a held-out FVU well under the
+    // variance, stated in the report, and latents that fire.
+    let sae: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sae/config.json")).unwrap())
+            .unwrap();
+    let fvu = sae["training"]["fvu"].as_f64().unwrap();
+    assert_eq!(sae["training"]["fvu_split"], "heldout");
+    assert!(fvu <= 0.5, "the demo's SAE reaches held-out FVU {fvu}");
+    assert!(
+        report.contains(&format!("FVU **{fvu:.3}**")),
+        "the report states it"
+    );
+    let last_epoch = std::fs::read_to_string(out.join("sae/metrics.jsonl")).unwrap();
+    let last: Value = serde_json::from_str(last_epoch.lines().last().unwrap()).unwrap();
+    assert!(last["dead_fraction"].as_f64().unwrap() < 0.5, "{last}");
     for png in ["results.png", "training_loss.png", "tsne_negatives.png"] {
         assert!(out.join(png).is_file(), "{png}");
     }

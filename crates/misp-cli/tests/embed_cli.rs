@@ -248,6 +248,8 @@ fn records_then_sae_then_mine() {
         "knn:4",
         "--k",
         "2",
+        // Five records and one epoch: the chain is under test, not what the SAE learns.
+        "--allow-untrained-sae",
         "--quiet",
     ]));
     assert_eq!(std::fs::read_to_string(&neg).unwrap().lines().count(), 5);

@@ -74,6 +74,7 @@ pub struct DemoPlan {
     pub seeds: Vec<u64>,
     pub k: usize,
     pub candidates: String,
+    /// Most SAE epochs (it stops earlier on a held-out plateau).
     pub sae_epochs: usize,
     /// POPE questions per split (half yes, half no).
     pub pope_per_split: usize,
@@ -108,7 +109,7 @@ impl DemoPlan {
             seeds: seeds.unwrap_or_else(|| if quick { vec![0] } else { vec![0, 1, 2] }),
             k: 3,
             candidates: "knn:64".into(),
-            sae_epochs: if quick { 1 } else { 3 },
+            sae_epochs: if quick { 20 } else { 100 },
             pope_per_split: if quick { 100 } else { 300 },
             chair_images: if quick { 40 } else { 150 },
             train,
@@ -574,6 +575,8 @@ pub fn write_report(
             );
         }
     }
+    let _ = writeln!(md, "## The sampler\n");
+    let _ = writeln!(md, "{}\n", sae_sentence(&out.join("sae")));
     let _ = writeln!(md, "## The paper's ordering\n");
     let score = |v: &str| {
         let f1 = get(&results, v, "pope/adversarial", "f1")?;
@@ -622,6 +625,35 @@ pub fn write_report(
     let path = out.join("report.md");
     write_atomic(&path, md.as_bytes())?;
     Ok(path)
+}
+
+/// What the demo's SAE learned, from its folder: the held-out FVU of the saved weights, when
+/// training stopped, and how its latents fire.
+fn sae_sentence(sae_dir: &Path) -> String {
+    let Some(cfg) = read_json(&sae_dir.join("config.json")) else {
+        return "The SAE folder has no readable config.json.".into();
+    };
+    let t = &cfg["training"];
+    let last = std::fs::read_to_string(sae_dir.join("metrics.jsonl"))
+        .ok()
+        .and_then(|text| text.lines().last().map(str::to_owned))
+        .and_then(|l| serde_json::from_str::<Value>(&l).ok())
+        .unwrap_or(Value::Null);
+    match (t["fvu"].as_f64(), t["epoch"].as_u64()) {
+        (Some(fvu), Some(epoch)) => format!(
+            "The SAE (H = {}, rho = {}) reconstructs its {} held-out pairs ({} records) with FVU **{fvu:.3}** (the weights of epoch {epoch}; {} epochs run, stop: {}). In its last epoch a pair fired {:.1} latents on average (firing: z > {}), {:.0}% of latents never fired. `misp mine` refuses an SAE whose FVU is 0.9 or more.",
+            cfg["hidden"],
+            cfg["rho"],
+            t["heldout_pairs"],
+            t["heldout_records"],
+            t["epochs_run"],
+            t["stopped"].as_str().unwrap_or("?"),
+            last["mean_l0"].as_f64().unwrap_or(f64::NAN),
+            last["firing_threshold"],
+            100.0 * last["dead_fraction"].as_f64().unwrap_or(f64::NAN),
+        ),
+        _ => "The SAE has no training summary in its config.json.".into(),
+    }
 }
 
 /// The results table of `out/results.json` as markdown, for the terminal.

@@ -91,7 +91,7 @@ fn world(name: &str) -> World {
     let cfg = SaeTrainConfig {
         epochs: 2,
         batch_records: 4,
-        lr: 1e-2,
+        lr: Some(1e-2),
         hidden: 6,
         ..Default::default()
     };
@@ -127,10 +127,13 @@ impl World {
     }
 }
 
+/// The mining mechanics tests run on random embeddings, on which no SAE learns much: they
+/// allow that (the refusal has its own test).
 fn cfg(strategy: &str) -> MineConfig {
     MineConfig {
         strategy: strategy.into(),
         candidates: "knn:16".into(),
+        allow_untrained_sae: true,
         ..Default::default()
     }
 }
@@ -378,4 +381,50 @@ fn non_finite_records_are_skipped_and_counted() {
     assert_eq!(report.written, 16);
     assert_eq!(report.skipped.len(), 1);
     assert_eq!(report.skipped[0].id, "rec3");
+}
+
+#[test]
+fn an_sae_that_did_not_learn_is_refused_unless_allowed() {
+    let w = world("untrained");
+    let out = w.dir.join("neg.jsonl");
+    // No training summary: made outside `misp sae train`.
+    let fresh_dir = w.dir.join("fresh-sae");
+    let fresh = Sae::init(SaeConfig::for_embeddings(D, "synthetic", true), 3).unwrap();
+    fresh.save(&fresh_dir).unwrap();
+    let fresh = Sae::load(&fresh_dir).unwrap();
+    let strict = MineConfig {
+        allow_untrained_sae: false,
+        ..cfg("misp")
+    };
+    let run = |sae: &Sae, dir: &Path, c: &MineConfig| {
+        mine::mine(c, &w.pool, &w.records, Some((sae, dir)), &out, false)
+    };
+    let e = run(&fresh, &fresh_dir, &strict).unwrap_err().to_string();
+    assert!(
+        e.contains("no training summary") && e.contains("--allow-untrained-sae"),
+        "{e}"
+    );
+    // A summary whose FVU says it did not learn.
+    let mut weak = Sae::load(&w.sae_dir).unwrap();
+    let mut t = weak.training.clone().expect("trained by sae::train");
+    t.fvu = 0.95;
+    weak.training = Some(t);
+    let e = run(&weak, &w.sae_dir, &strict).unwrap_err().to_string();
+    assert!(e.contains("FVU 0.950 >= 0.9"), "{e}");
+    assert!(!out.exists() || std::fs::read(&out).unwrap().is_empty());
+    // Allowed on request; strategies without an SAE part never ask.
+    run(&weak, &w.sae_dir, &cfg("misp")).unwrap();
+    let random = MineConfig {
+        allow_untrained_sae: false,
+        ..cfg("random")
+    };
+    mine::mine(
+        &random,
+        &w.pool,
+        &w.records,
+        Some((&weak, &w.sae_dir)),
+        &w.dir.join("r.jsonl"),
+        false,
+    )
+    .unwrap();
 }

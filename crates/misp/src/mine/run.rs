@@ -22,6 +22,11 @@ use crate::sae::Sae;
 /// Records whose cosines are computed in one GEMM.
 const COSINE_BATCH: usize = 64;
 
+/// An SAE whose saved FVU is at or above this has not learned: its codes barely depend on the
+/// input, and Eq. 12 would rank candidates by their distance from the mean pair rather than by
+/// a sparse code. `misp mine` refuses it unless told otherwise.
+pub const MAX_SAE_FVU: f64 = 0.9;
+
 #[derive(Debug, thiserror::Error)]
 pub enum MineError {
     #[error("{0}")]
@@ -80,6 +85,9 @@ pub struct MineConfig {
     pub seed: u64,
     pub candidates: String,
     pub shard: Shard,
+    /// Mine with an SAE whose FVU is at least [`MAX_SAE_FVU`], or that has no training summary.
+    #[serde(default)]
+    pub allow_untrained_sae: bool,
 }
 
 impl Default for MineConfig {
@@ -93,6 +101,7 @@ impl Default for MineConfig {
             seed: 0,
             candidates: CandidateSpec::default().to_string(),
             shard: Shard::default(),
+            allow_untrained_sae: false,
         }
     }
 }
@@ -219,6 +228,30 @@ fn check(
             ))
         })?;
         let path = sae_dir.map_or_else(|| PathBuf::from("SAE"), |d| d.join("config.json"));
+        if !cfg.allow_untrained_sae {
+            let refuse = |why: String| {
+                MineError::Inconsistent {
+                path: path.clone(),
+                message: format!(
+                    "{why}; train it until it learns (`misp sae train`, whose defaults stop on a held-out plateau) or pass --allow-untrained-sae"
+                ),
+            }
+            };
+            match &sae.training {
+                None => {
+                    return Err(refuse(
+                        "the SAE has no training summary (not trained by `misp sae train`), so whether it learned is unknown".into(),
+                    ))
+                }
+                Some(t) if t.fvu.is_nan() || t.fvu >= MAX_SAE_FVU => {
+                    return Err(refuse(format!(
+                        "the SAE reconstructs its {} pairs with FVU {:.3} >= {MAX_SAE_FVU}: it did not learn, and Eq. 12 would rank candidates by their distance from the mean",
+                        t.fvu_split, t.fvu
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
         let meta = &pool.meta;
         let mismatch = |field: &str, sae_v: String, emb_v: String| MineError::Inconsistent {
             path: path.clone(),

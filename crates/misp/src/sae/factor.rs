@@ -31,9 +31,16 @@ use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor
 use super::data::TrainingSet;
 use super::{CandidateCodes, Result, Sae, SaeError};
 
-/// A latent "fires" on a pair when `z > 0.5` (sigmoid latents are never exactly 0, so L0 needs
-/// a threshold). Used by mean L0, the dead fraction and the firing histogram.
-pub const FIRING_THRESHOLD: f64 = 0.5;
+/// A latent "fires" on a pair when `z` exceeds twice its target mean activation `rho` (capped
+/// at 0.5). Sigmoid latents are never exactly 0, so L0 needs a threshold; the KL term of Eq. 11
+/// holds every latent's *mean* at `rho`, and a trained SAE spreads each latent around it (on
+/// the ShapesWorld embeddings: per-latent std ~0.03 around 0.05, none ever near 0.5), so the
+/// usual 0.5 is never reached and says nothing. At `2 rho` an untrained latent, which sits at
+/// `rho` for every input, never fires (dead), and a trained one fires on the pairs it codes
+/// for. Used by mean L0, the dead fraction and the firing histogram.
+pub fn firing_threshold(rho: f64) -> f64 {
+    (2.0 * rho).min(0.5)
+}
 
 /// `rho_hat` is clamped into `[RHO_HAT_MIN, 1 - RHO_HAT_MIN]` inside the KL term so that a
 /// latent that is dead (or saturated) over a whole batch gives a large but finite loss. The
@@ -435,7 +442,7 @@ pub(crate) struct BatchStats {
     pub kl: f64,
     /// `sum_i z_ij`, per latent.
     pub z_sum: Vec<f64>,
-    /// Pairs with `z_ij > FIRING_THRESHOLD`, per latent.
+    /// Pairs with `z_ij >` [`firing_threshold`], per latent.
     pub fired: Vec<u64>,
 }
 
@@ -460,6 +467,27 @@ pub(crate) fn kl_bernoulli(rho: f64, q: f64) -> f64 {
 fn kl_bernoulli_grad(rho: f64, q: f64) -> f64 {
     let q = q.clamp(RHO_HAT_MIN, 1.0 - RHO_HAT_MIN);
     -rho / q + (1.0 - rho) / (1.0 - q)
+}
+
+/// `sum_i ||x_i - x_hat_i||^2` over the pairs of `batch`, forward only: the held-out
+/// reconstruction of the trainer's stopping rule.
+pub(crate) fn reconstruction(params: &Params, gram: &DecoderGram, batch: &Batch) -> Result<f64> {
+    let proj = prompt_projections(params, &batch.prompts)?;
+    let encoder_bias = host_f64(&params.encoder_bias)?;
+    let mut recon = 0.0;
+    for r in 0..batch.records() {
+        let (lo, hi) = (batch.offsets[r], batch.offsets[r + 1]);
+        let codes = forward_rows(
+            &batch.u.narrow(0, lo, hi - lo)?,
+            &batch.unorm2[lo..hi],
+            batch.tnorm2[r],
+            &proj.get(r)?.t()?,
+            &encoder_bias,
+            gram,
+        )?;
+        recon += codes.recon.iter().sum::<f64>();
+    }
+    Ok(recon)
 }
 
 /// Eq. 11 on `batch` and its gradient (module docs for the formulas).
@@ -496,12 +524,13 @@ pub(crate) fn loss_and_grads(
     let mut recon_sum = 0.0;
     let mut z_sum = vec![0.0; h];
     let mut fired = vec![0u64; h];
+    let threshold = firing_threshold(rho);
     for c in &codes {
         recon_sum += c.recon.iter().sum::<f64>();
         for z_row in c.z.chunks_exact(h) {
             for j in 0..h {
                 z_sum[j] += z_row[j];
-                fired[j] += u64::from(z_row[j] > FIRING_THRESHOLD);
+                fired[j] += u64::from(z_row[j] > threshold);
             }
         }
     }

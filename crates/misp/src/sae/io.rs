@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::factor::{host_f64, Params};
+use super::train::TrainingSummary;
 use super::{Result, SaeConfig, SaeError};
 
 /// Version of the checkpoint layout written here; [`load`] refuses any other.
@@ -29,9 +30,32 @@ struct ConfigFile {
     activation: String,
     #[serde(flatten)]
     config: SaeConfig,
+    /// How training went (`misp sae train`'s own checkpoints; absent for others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    training: Option<TrainingSummary>,
 }
 
-pub(crate) fn save(dir: &Path, config: &SaeConfig, params: &Params) -> Result<()> {
+/// Rewrites `config.json` alone, with `training` (the weights are unchanged).
+pub(crate) fn save_summary(
+    dir: &Path,
+    config: &SaeConfig,
+    training: &TrainingSummary,
+) -> Result<()> {
+    let file = ConfigFile {
+        format: FORMAT_VERSION,
+        activation: "sigmoid".into(),
+        config: config.clone(),
+        training: Some(training.clone()),
+    };
+    write_json(&dir.join(CONFIG_FILE), &file)
+}
+
+pub(crate) fn save(
+    dir: &Path,
+    config: &SaeConfig,
+    params: &Params,
+    training: Option<&TrainingSummary>,
+) -> Result<()> {
     let (h, d) = params.dims();
     fs::create_dir_all(dir).map_err(|source| SaeError::Io {
         path: dir.to_path_buf(),
@@ -52,11 +76,12 @@ pub(crate) fn save(dir: &Path, config: &SaeConfig, params: &Params) -> Result<()
         format: FORMAT_VERSION,
         activation: "sigmoid".into(),
         config: config.clone(),
+        training: training.cloned(),
     };
     write_json(&dir.join(CONFIG_FILE), &file)
 }
 
-pub(crate) fn load(dir: &Path) -> Result<(SaeConfig, Params)> {
+pub(crate) fn load(dir: &Path) -> Result<(SaeConfig, Params, Option<TrainingSummary>)> {
     let config_path = dir.join(CONFIG_FILE);
     let file: ConfigFile = read_json(&config_path)?;
     if file.format != FORMAT_VERSION {
@@ -73,7 +98,7 @@ pub(crate) fn load(dir: &Path) -> Result<(SaeConfig, Params)> {
             problem: format!("is {:?}; only \"sigmoid\" is supported", file.activation),
         });
     }
-    let config = file.config;
+    let (config, training) = (file.config, file.training);
     if let Err(SaeError::Config { field, problem }) = config.validate() {
         return Err(SaeError::BadConfigFile {
             path: config_path,
@@ -94,7 +119,7 @@ pub(crate) fn load(dir: &Path) -> Result<(SaeConfig, Params)> {
         decoder: decoder.t()?.contiguous()?.reshape((h, d, d))?,
         decoder_bias: decoder_bias.reshape((d, d))?,
     };
-    Ok((config, params))
+    Ok((config, params, training))
 }
 
 /// A safetensors file opened for checked reads: every tensor is looked up by name, its shape

@@ -43,8 +43,10 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 pub use data::TrainingSet;
-pub use factor::{BatchLoss, Gradients, FIRING_THRESHOLD};
-pub use train::{bench_epoch, train, EpochMetrics, SaeTrainConfig, HISTOGRAM_EDGES};
+pub use factor::{firing_threshold, BatchLoss, Gradients};
+pub use train::{
+    bench_epoch, train, EpochMetrics, SaeTrainConfig, TrainingSummary, HISTOGRAM_EDGES, LR_TIMES_D,
+};
 
 use factor::{DecoderGram, Params};
 
@@ -202,6 +204,9 @@ impl SaeConfig {
 /// A sparse autoencoder with sigmoid latents (Eq. 11), held in factorised form.
 pub struct Sae {
     pub config: SaeConfig,
+    /// How `misp sae train` left it (held-out FVU, epoch, stopping reason); `None` for an SAE
+    /// made otherwise.
+    pub training: Option<TrainingSummary>,
     params: Params,
     /// `G`, `g` and `||b_d||^2`, fixed for a given decoder: computed once at construction.
     gram: DecoderGram,
@@ -261,6 +266,7 @@ impl Sae {
         let gram = DecoderGram::new(&params)?;
         Ok(Sae {
             config,
+            training: None,
             params,
             gram,
         })
@@ -287,8 +293,10 @@ impl Sae {
     /// Checks the format version, the config and every tensor's shape, and names the file and
     /// tensor on error. Tensors of any float dtype on disk are loaded as `f32`.
     pub fn load(dir: &Path) -> Result<Sae> {
-        let (config, params) = io::load(dir)?;
-        Sae::from_params(config, params)
+        let (config, params, training) = io::load(dir)?;
+        let mut sae = Sae::from_params(config, params)?;
+        sae.training = training;
+        Ok(sae)
     }
 
     /// Writes `model.safetensors` (`torch.nn.Linear` layout: `encoder.weight [H, d*d]`,
@@ -296,7 +304,7 @@ impl Sae {
     /// into `dir` (created if missing). Each file is written to a temporary name and renamed,
     /// so a reader never sees a half-written file.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        io::save(dir, &self.config, &self.params)
+        io::save(dir, &self.config, &self.params, self.training.as_ref())
     }
 
     /// Factorised codes of the candidates of one record: positive image `p` `[d]`, prompt `t`

@@ -87,6 +87,47 @@ impl Data {
         }
     }
 
+    /// Pool rows, prompts and positives near a few directions (as CLIP embeddings of a world
+    /// with a few kinds of scene are): pairs an SAE can learn, unlike [`Data::random`]'s.
+    fn clustered(seed: u64, d: usize, pool_rows: usize, records: usize, per: usize) -> Self {
+        let mut rng = Rng::new(seed);
+        let centres = rng.unit_rows(4, d);
+        let near = |rows: usize, rng: &mut Rng| -> Vec<f32> {
+            let mut out = Vec::with_capacity(rows * d);
+            for _ in 0..rows {
+                let c = (rng.uniform() * 4.0) as usize % 4;
+                let v: Vec<f64> = (0..d)
+                    .map(|a| f64::from(centres[c * d + a]) + 0.15 * rng.normal())
+                    .collect();
+                let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+                out.extend(v.iter().map(|x| (x / n) as f32));
+            }
+            out
+        };
+        let pool = near(pool_rows, &mut rng);
+        let prompts = near(records, &mut rng);
+        let positives = near(records, &mut rng);
+        let candidates = (0..records)
+            .map(|_| {
+                let mut rows: Vec<u32> = Vec::new();
+                while rows.len() < per {
+                    let i = (rng.uniform() * pool_rows as f64) as u32;
+                    if !rows.contains(&i) {
+                        rows.push(i);
+                    }
+                }
+                rows
+            })
+            .collect();
+        Data {
+            pool,
+            prompts,
+            positives,
+            candidates,
+            d,
+        }
+    }
+
     fn set(&self) -> TrainingSet<'_> {
         TrainingSet {
             pool: &self.pool,
@@ -521,9 +562,13 @@ fn tiny_train_config(epochs: usize) -> SaeTrainConfig {
     SaeTrainConfig {
         epochs,
         batch_records: 4,
-        lr: 2e-2,
+        lr: Some(2e-2),
         seed: 17,
         hidden: 8,
+        // These tests check the optimiser's mechanics on every record; the held-out split, the
+        // stopping rule and the warmup have tests of their own.
+        holdout: 0.0,
+        warmup_steps: 0,
         ..SaeTrainConfig::default()
     }
 }
@@ -631,7 +676,7 @@ fn resumed_training_reaches_bit_identical_weights() {
 
     // Other settings in the same folder are refused, naming what differs.
     let other = SaeTrainConfig {
-        lr: 5e-3,
+        lr: Some(5e-3),
         ..tiny_train_config(3)
     };
     let err = train(&other, &data.set(), base, &resumed, false).unwrap_err();
@@ -641,4 +686,186 @@ fn resumed_training_reaches_bit_identical_weights() {
     );
     std::fs::remove_dir_all(&straight).unwrap();
     std::fs::remove_dir_all(&resumed).unwrap();
+}
+
+/// The defaults' stopping rule on a small learnable set: a quarter held out, patience 2.
+fn stopping_config(epochs: usize) -> SaeTrainConfig {
+    SaeTrainConfig {
+        epochs,
+        batch_records: 4,
+        seed: 5,
+        hidden: 8,
+        holdout: 0.25,
+        patience: 2,
+        // The warmup has a test of its own; here every step counts at full rate.
+        warmup_steps: 0,
+        ..SaeTrainConfig::default()
+    }
+}
+
+#[test]
+fn the_first_steps_are_warmed_up() {
+    // One Adam step moves every weight by about `lr` in its gradient's sign (bias-corrected
+    // moments of one gradient: m / sqrt(v) = sign(g)); with a warmup of W steps the first
+    // step's rate is lr / W.
+    let data = Data::clustered(37, 4, 30, 8, 5);
+    let base = SaeConfig::for_embeddings(4, "test/clip", true);
+    for (warmup, want) in [(0usize, 1.0f64), (4, 0.25)] {
+        let dir = temp_dir(&format!("warm-{warmup}"));
+        let cfg = SaeTrainConfig {
+            epochs: 1,
+            batch_records: 8,
+            lr: Some(1e-3),
+            hidden: 6,
+            holdout: 0.0,
+            warmup_steps: warmup,
+            ..SaeTrainConfig::default()
+        };
+        let trained = train(&cfg, &data.set(), base.clone(), &dir, false).unwrap();
+        let fresh = Sae::init(trained.config.clone(), cfg.seed).unwrap();
+        let moved: Vec<f32> = (trained.encoder() - fresh.encoder())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let max = moved.iter().cloned().fold(0f32, f32::max) as f64;
+        assert!(
+            (max / 1e-3 - want).abs() < 0.01,
+            "warmup {warmup}: step {max:e}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[test]
+fn held_out_fvu_picks_the_saved_epoch_and_stops_on_a_plateau() {
+    let data = Data::clustered(31, 6, 80, 40, 10);
+    let base = SaeConfig::for_embeddings(6, "test/clip", true);
+    let dir = temp_dir("stop");
+    let sae = train(
+        &stopping_config(200),
+        &data.set(),
+        base.clone(),
+        &dir,
+        false,
+    )
+    .unwrap();
+    let m = read_metrics(&dir);
+    let t = sae.training.clone().expect("a training summary");
+    assert_eq!((t.heldout_records, t.heldout_pairs), (10, 100));
+    assert!(m.iter().all(|e| e.heldout_pairs == 100));
+    let fvu: Vec<f64> = m.iter().map(|e| e.heldout_fvu.unwrap()).collect();
+    let (best_at, best) =
+        fvu.iter().enumerate().fold(
+            (0, f64::INFINITY),
+            |a, (i, &f)| if f < a.1 { (i, f) } else { a },
+        );
+    assert_eq!(
+        (t.epoch, t.fvu, t.fvu_split.as_str()),
+        (best_at + 1, best, "heldout")
+    );
+    // Stopped by the rule, well before the limit: the last two epochs did not beat the best
+    // before them by 1 %, the one before them did.
+    assert_eq!((t.stopped.as_str(), t.epochs_run), ("plateau", m.len()));
+    assert!(m.len() < 200, "{} epochs", m.len());
+    let n = m.len();
+    let best_before = |k: usize| fvu[..k].iter().cloned().fold(f64::INFINITY, f64::min);
+    for (k, f) in fvu.iter().enumerate().skip(n - 2) {
+        assert!(*f >= best_before(k) * 0.99, "epoch {} improved", k + 1);
+    }
+    assert!(n == 3 || fvu[n - 3] < best_before(n - 3) * 0.99);
+    // It learned: the held-out reconstruction is far below the variance, and latents fire.
+    assert!(best < 0.5, "held-out FVU {best}");
+    assert!(m[n - 1].dead_fraction < 0.5 && m[n - 1].mean_l0 > 0.0);
+    // The saved weights are the best epoch's: a run of exactly that many epochs saves them.
+    let dir2 = temp_dir("stop-short");
+    let short = train(
+        &stopping_config(best_at + 1),
+        &data.set(),
+        base,
+        &dir2,
+        false,
+    )
+    .unwrap();
+    assert_eq!(param_bits(&short), param_bits(&sae));
+    assert_eq!(short.training.unwrap().stopped, "max_epochs");
+    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(dir2).unwrap();
+}
+
+#[test]
+fn a_resumed_run_keeps_the_stopping_rule_state() {
+    let data = Data::clustered(32, 6, 80, 40, 10);
+    let base = SaeConfig::for_embeddings(6, "test/clip", true);
+    let (a, b) = (temp_dir("stop-a"), temp_dir("stop-b"));
+    let straight = train(&stopping_config(200), &data.set(), base.clone(), &a, false).unwrap();
+    for epochs in [2, 5, 200] {
+        train(
+            &stopping_config(epochs),
+            &data.set(),
+            base.clone(),
+            &b,
+            false,
+        )
+        .unwrap();
+    }
+    let resumed = Sae::load(&b).unwrap();
+    assert_eq!(param_bits(&straight), param_bits(&resumed));
+    assert_eq!(straight.training, resumed.training);
+    std::fs::remove_dir_all(a).unwrap();
+    std::fs::remove_dir_all(b).unwrap();
+}
+
+#[test]
+fn an_untrained_sae_reads_as_dead() {
+    // Every latent starts at rho for every input (b_e = logit rho, tiny encoder weights): no
+    // latent ever reaches the firing threshold 2 rho.
+    let data = Data::clustered(33, 6, 80, 20, 10);
+    let dir = temp_dir("dead");
+    let cfg = SaeTrainConfig {
+        epochs: 1,
+        lr: Some(1e-12),
+        ..stopping_config(1)
+    };
+    let base = SaeConfig::for_embeddings(6, "test/clip", true);
+    train(&cfg, &data.set(), base, &dir, false).unwrap();
+    let m = &read_metrics(&dir)[0];
+    assert_eq!((m.dead_fraction, m.mean_l0), (1.0, 0.0));
+    assert!((m.firing_threshold - 0.1).abs() < 1e-12);
+    assert!(m.heldout_fvu.unwrap() > 0.9, "{:?}", m.heldout_fvu);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_held_out_split_is_seeded_disjoint_and_leaves_both_sides() {
+    let data = Data::clustered(34, 4, 30, 23, 5);
+    let cfg = stopping_config(1);
+    let (train_r, held) = train::split(&data.set(), &cfg);
+    assert_eq!((train_r.len(), held.len()), (17, 6));
+    assert!(held.iter().all(|r| !train_r.contains(r)));
+    assert_eq!(
+        train::split(&data.set(), &cfg),
+        (train_r.clone(), held.clone())
+    );
+    let other = train::split(
+        &data.set(),
+        &SaeTrainConfig {
+            seed: 6,
+            ..cfg.clone()
+        },
+    );
+    assert_ne!(other.1, held, "another seed holds out other records");
+    // Two records: one each way; one record, or no holdout: all train.
+    let two = Data::clustered(35, 4, 30, 2, 5);
+    assert_eq!(train::split(&two.set(), &cfg).1.len(), 1);
+    let one = Data::clustered(36, 4, 30, 1, 5);
+    assert_eq!(train::split(&one.set(), &cfg), (vec![0], vec![]));
+    let none = SaeTrainConfig {
+        holdout: 0.0,
+        ..cfg
+    };
+    assert!(train::split(&data.set(), &none).1.is_empty());
 }
