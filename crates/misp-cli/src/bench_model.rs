@@ -65,19 +65,6 @@ pub struct BenchModelArgs {
     runtime: crate::runtime::RuntimeArgs,
 }
 
-/// A memory field of /proc/self/status (`VmRSS:`, `VmHWM:`) in MiB (Linux); `None` elsewhere.
-fn status_mib(field: &str) -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = text.lines().find(|l| l.starts_with(field))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-/// Resets the peak-RSS counter so the next `VmHWM` covers only what follows (Linux >= 4.0).
-fn reset_peak() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
 /// Seconds of the fastest of `repeat` runs of `f`, after one untimed warm-up run (first-touch
 /// allocations and thread-pool start-up are not what is being measured).
 fn time_min(repeat: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
@@ -168,15 +155,15 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
     // (every intermediate stays referenced by the loss until backward) and the peak of the
     // whole step, both above the resident set before it. This is what bench/README.md's 7B
     // activation estimate is checked against.
-    let before = status_mib("VmRSS:");
-    let load_peak = status_mib("VmHWM:");
-    let peak_reset = reset_peak();
+    let before = misp::rss::current_mib();
+    let load_peak = misp::rss::peak_mib();
+    let peak_reset = misp::rss::reset_peak();
     let (graph_mib, step_peak_mib) = {
         let (lp, _) = model.sequence_logprobs(&ids, &mask, &pixels, &labels)?;
         let loss = lp.sum_all()?;
-        let after_forward = status_mib("VmRSS:");
+        let after_forward = misp::rss::current_mib();
         let _grads = loss.backward()?;
-        let peak = status_mib("VmHWM:").filter(|_| peak_reset);
+        let peak = misp::rss::peak_mib().filter(|_| peak_reset);
         (
             before.zip(after_forward).map(|(b, a)| a - b),
             before.zip(peak).map(|(b, p)| p - b),
@@ -213,7 +200,7 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
     let train_tps = (b * t) as f64 / t_step;
     let gen_tps = (a.gen_batch * a.new_tokens) as f64 / t_gen;
     // The whole process's peak: loading's (read before the reset) or the runs' since.
-    let peak = match (load_peak, status_mib("VmHWM:")) {
+    let peak = match (load_peak, misp::rss::peak_mib()) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     };

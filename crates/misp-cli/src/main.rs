@@ -4,6 +4,7 @@
 //! This crate only parses arguments, resolves configs and calls the `misp` library; it holds no
 //! method code.
 
+mod bench_memory;
 mod bench_mine;
 mod bench_model;
 mod demo_cmd;
@@ -70,6 +71,8 @@ enum BenchCommand {
     Mine(bench_mine::BenchMineArgs),
     /// LoRA forward+backward and greedy generation tokens/s, peak RSS.
     Model(bench_model::BenchModelArgs),
+    /// Predicted peak memory of one training step for a LLaVA config.
+    Memory(bench_memory::BenchMemoryArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -85,6 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::World(cmd) => world_cmd::run(cmd),
         Command::Bench(BenchCommand::Mine(args)) => bench_mine::run(args),
         Command::Bench(BenchCommand::Model(args)) => bench_model::run(args),
+        Command::Bench(BenchCommand::Memory(args)) => bench_memory::run(args),
     }
 }
 

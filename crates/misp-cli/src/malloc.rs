@@ -8,7 +8,11 @@
 //! reused as they are. The price is that the heap keeps its high-water mark until exit, which
 //! the peak RSS already had to allow.
 
-/// Keeps large freed blocks in the heap for reuse (glibc only; a no-op elsewhere).
+/// Keeps large freed blocks in the heap for reuse (glibc only; a no-op elsewhere). With
+/// `MISP_RETURN_FREED_MEMORY` set, does the opposite: blocks from 64 KiB up are mapped and
+/// unmapped one by one (a fixed threshold, which also stops glibc from raising it), and the
+/// heap is trimmed, so that the resident size follows the bytes alive. Slower; it is how the
+/// memory model's predictions are checked against measured peaks (`misp bench memory`).
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -21,10 +25,15 @@ pub fn keep_freed_memory() {
         // glibc refuses a threshold above its maximum (32 MiB on 64-bit), so ask for exactly
         // that; blocks larger still are mmapped as before.
         const MMAP_THRESHOLD_MAX: i32 = 32 << 20;
+        let (mmap, trim) = if std::env::var_os("MISP_RETURN_FREED_MEMORY").is_some() {
+            (64 << 10, 128 << 10)
+        } else {
+            (MMAP_THRESHOLD_MAX, i32::MAX)
+        };
         // SAFETY: mallopt only changes allocator parameters; called before any threads start.
         unsafe {
-            mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX);
-            mallopt(M_TRIM_THRESHOLD, i32::MAX);
+            mallopt(M_MMAP_THRESHOLD, mmap);
+            mallopt(M_TRIM_THRESHOLD, trim);
         }
     }
 }

@@ -42,6 +42,7 @@ pub mod optim;
 pub mod pretrain;
 pub mod progress;
 pub mod report;
+pub mod rss;
 pub mod sae;
 pub mod train;
 pub mod world;

@@ -207,6 +207,19 @@ impl GradAccumulator {
         Ok(())
     }
 
+    /// Adds gradients already in variable order (one entry per variable, `None`: no gradient).
+    pub fn add_sums(&mut self, grads: Vec<Option<Tensor>>) -> candle_core::Result<()> {
+        for (sum, g) in self.sums.iter_mut().zip(grads) {
+            if let Some(g) = g {
+                *sum = Some(match sum.take() {
+                    None => g,
+                    Some(s) => (s + g)?,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The sums, leaving the accumulator empty.
     pub fn take(&mut self) -> Vec<Option<Tensor>> {
         let n = self.sums.len();

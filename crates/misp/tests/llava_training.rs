@@ -397,3 +397,160 @@ fn bf16_scores_near_f32_and_generates() {
     assert!(scores(&bf16_vlm, &items).iter().all(|s| s.is_finite()));
     bf16_vlm.generate_prepared(&prompts, 8).unwrap();
 }
+
+/// Gradients of `sum_s c_s log p_s` with respect to the adapters, computed in pieces as the
+/// trainer's memory settings do ([`misp::model::llama::DetachedForward`]): per group of
+/// sequences, without a graph first, then the head's gradient `chunk` rows at a time, then the
+/// layers' through one graph or recomputed one at a time (`checkpointing`).
+fn pieces_grads(
+    model: &Llava,
+    vars: &[Var],
+    coef: &[f64],
+    group: usize,
+    checkpointing: bool,
+    chunk: usize,
+) -> Vec<Vec<f64>> {
+    use misp::model::llava::Scored;
+    let (ids, mask, pixels, labels) = f64_batch(model);
+    let lm = model.language_model();
+    let b = ids.dim(0).unwrap();
+    let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
+    for first in (0..b).step_by(group) {
+        let n = group.min(b - first);
+        let ids_g = ids.narrow(0, first, n).unwrap();
+        let mask_g = mask.narrow(0, first, n).unwrap();
+        let embeds = model
+            .input_embeds(&ids_g, &pixels.narrow(0, first, n).unwrap())
+            .unwrap();
+        let fwd = lm
+            .forward_detached(&embeds, &mask_g, checkpointing)
+            .unwrap();
+        let scored = Scored::new(&ids_g, &labels.narrow(0, first, n).unwrap()).unwrap();
+        let c = Tensor::from_slice(&coef[first..first + n], n, &Device::Cpu).unwrap();
+        let grad_h = lm.head_backward(&fwd.hidden, &scored, &c, chunk).unwrap();
+        lm.backward_from(&fwd, &grad_h, |grads| {
+            for (sum, v) in sums.iter_mut().zip(vars) {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    *sum = Some(match sum.take() {
+                        None => g.clone(),
+                        Some(s) => (s + g)?,
+                    });
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+    sums.into_iter()
+        .map(|g| g.unwrap().flatten_all().unwrap().to_vec1().unwrap())
+        .collect()
+}
+
+#[test]
+fn gradients_in_pieces_equal_the_batched_step_in_f64() {
+    pieces_equal_batched_with(Kernels::Fused);
+}
+
+#[test]
+fn gradients_in_pieces_equal_the_batched_step_in_f64_on_the_generic_path() {
+    pieces_equal_batched_with(Kernels::Generic);
+}
+
+fn pieces_equal_batched_with(kernels: Kernels) {
+    let _kernels = ThreadKernels::set(kernels);
+    let (mut model, _) = f64_llava(&[]);
+    let lm = model.language_model_mut();
+    lm.attach_lora(&lora_cfg(), &mut init_rng(7)).unwrap();
+    let vars = lm.trainable_vars();
+    randomise_b(&vars, 8);
+    let coef = [0.7, -1.3];
+    // The batched step: one graph over both sequences, one backward.
+    let (ids, mask, pixels, labels) = f64_batch(&model);
+    let (lp, _) = model
+        .sequence_logprobs(&ids, &mask, &pixels, &labels)
+        .unwrap();
+    let c = Tensor::from_slice(&coef, 2, &Device::Cpu).unwrap();
+    let grads = (lp * c).unwrap().sum_all().unwrap().backward().unwrap();
+    let want: Vec<Vec<f64>> = vars
+        .iter()
+        .map(|v| {
+            grads
+                .get(v)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect();
+    let scale = want.iter().flatten().fold(0f64, |m, x| m.max(x.abs()));
+    assert!(scale > 0.0);
+    for (group, checkpointing, chunk) in [
+        (2, false, 0),
+        (1, false, 0),
+        (2, true, 0),
+        (1, true, 0),
+        (2, false, 3),
+        (1, true, 2),
+    ] {
+        let got = pieces_grads(&model, &vars, &coef, group, checkpointing, chunk);
+        let worst = got
+            .iter()
+            .flatten()
+            .zip(want.iter().flatten())
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst <= 1e-9 * scale,
+            "group {group}, checkpointing {checkpointing}, chunk {chunk}: worst {worst:e} of {scale:e}"
+        );
+    }
+}
+
+#[test]
+fn a_recomputed_layer_draws_the_dropout_masks_of_its_first_pass() {
+    // With dropout on, the pieces' gradient is still the gradient of the first pass's loss:
+    // recomputing a layer under the same seed must give the same output bit for bit.
+    let (mut model, _) = f64_llava(&[]);
+    let cfg = LoraConfig {
+        lora_dropout: 0.3,
+        ..lora_cfg()
+    };
+    let lm = model.language_model_mut();
+    lm.attach_lora(&cfg, &mut init_rng(9)).unwrap();
+    randomise_b(&lm.trainable_vars(), 10);
+    let switch = lm.lora_switch().clone();
+    switch.set_training(true);
+    let (ids, mask, pixels, _) = f64_batch(&model);
+    let embeds = model.input_embeds(&ids, &pixels).unwrap();
+    let lm = model.language_model();
+    switch.set_dropout_seed(42);
+    let a = lm.forward_detached(&embeds, &mask, true).unwrap().hidden;
+    switch.set_dropout_seed(42);
+    let b = lm.hidden_states(&embeds, &mask).unwrap();
+    assert_eq!(
+        (a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap(),
+        0.0
+    );
+    switch.set_dropout_seed(43);
+    let c = lm.hidden_states(&embeds, &mask).unwrap();
+    let moved = (c - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(
+        moved > 0.0,
+        "another seed draws other masks (dropout is on)"
+    );
+    switch.set_training(false);
+}

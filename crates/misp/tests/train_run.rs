@@ -553,3 +553,47 @@ fn absolute_image_paths_say_which_flag_admits_them() {
     rooted.image_root = Some(dir.clone());
     assert_eq!(train(&cfg, &rooted).unwrap().records, 6);
 }
+
+#[test]
+fn memory_settings_train_to_the_same_adapter() {
+    let dir = tmp("memory");
+    let (data, neg, pool) = world(&dir, &["misp", "misp"]);
+    let base = ["epochs=1", "lora_dropout=0.0"];
+    train(&tiny_cfg(&base), &inputs(&dir, &data, &neg, &pool, "plain")).unwrap();
+    let want = adapter(&dir.join("plain/adapter"));
+    for (name, extra) in [
+        ("ckpt", "gradient_checkpointing=true"),
+        ("group", "sequence_group=1"),
+        ("chunk", "logprob_chunk=2"),
+    ] {
+        let mut sets = base.to_vec();
+        sets.push(extra);
+        if name == "ckpt" {
+            sets.push("sequence_group=2");
+        }
+        train(&tiny_cfg(&sets), &inputs(&dir, &data, &neg, &pool, name)).unwrap();
+        let got = adapter(&dir.join(name).join("adapter"));
+        let diff = max_diff(&got, &want);
+        // f32 sums in another order: the same step to rounding.
+        assert!(diff < 1e-5, "{extra}: {diff}");
+    }
+    // With dropout on, a run in pieces resumes to the adapter of its uninterrupted twin.
+    let cfg = tiny_cfg(&[
+        "epochs=2",
+        "checkpoint_every=1",
+        "gradient_checkpointing=true",
+        "sequence_group=2",
+    ]);
+    train(&cfg, &inputs(&dir, &data, &neg, &pool, "whole")).unwrap();
+    let mut killed = inputs(&dir, &data, &neg, &pool, "split");
+    killed.stop_after = Some(2);
+    assert!(train(&cfg, &killed).is_err());
+    let mut resumed = inputs(&dir, &data, &neg, &pool, "split");
+    resumed.resume = true;
+    train(&cfg, &resumed).unwrap();
+    let (a, b) = (
+        adapter(&dir.join("whole/adapter")),
+        adapter(&dir.join("split/adapter")),
+    );
+    assert_eq!(max_diff(&a, &b), 0.0);
+}

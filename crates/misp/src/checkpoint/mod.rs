@@ -69,7 +69,14 @@ fn join(problems: &[TensorProblem]) -> String {
 pub(crate) fn read_config<T: serde::de::DeserializeOwned>(
     dir: &std::path::Path,
 ) -> Result<(T, std::path::PathBuf), ModelError> {
-    let path = dir.join("config.json");
+    read_config_file(&dir.join("config.json"))
+}
+
+/// [`read_config`] of a config file under any name (`llava-1.5-7b.config.json`).
+pub(crate) fn read_config_file<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+) -> Result<(T, std::path::PathBuf), ModelError> {
+    let path = path.to_path_buf();
     let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
         path: path.clone(),
         source,

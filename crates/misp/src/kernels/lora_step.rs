@@ -5,7 +5,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::gemm::{self, Mat};
@@ -23,8 +23,8 @@ use super::real::{cpu_slice, Real};
 pub(crate) fn lora_step(
     x: &Tensor,
     w: &Tensor,
-    a: &Var,
-    b: &Var,
+    a: &Tensor,
+    b: &Tensor,
     scaling: f64,
     dropout: Option<(f32, u64)>,
 ) -> candle_core::Result<Tensor> {
@@ -36,8 +36,7 @@ pub(crate) fn lora_step(
     };
     // The node takes `[.., in]` as is (no reshape nodes, whose backward would cost a
     // zero-filled buffer and an add each).
-    x.contiguous()?
-        .apply_op3(a.as_tensor(), b.as_tensor(), node)
+    x.contiguous()?.apply_op3(a, b, node)
 }
 
 /// Inverted dropout as `nn.Dropout`: zero with probability `p`, scale survivors by

@@ -70,6 +70,9 @@ struct SwitchState {
     /// run drew (candle's own dropout uses an unseedable thread RNG).
     dropout_seed: AtomicU64,
     dropout_draws: AtomicU64,
+    /// Whether forwards record a graph through the adapters (off for a forward whose backward
+    /// comes later, from kept inputs: `Llama::forward_detached`).
+    grad: AtomicBool,
 }
 
 /// Run-time state shared by every adapter of a model: enabled (policy) or disabled (reference
@@ -85,6 +88,7 @@ impl Default for LoraSwitch {
             training: AtomicBool::new(false),
             dropout_seed: AtomicU64::new(0),
             dropout_draws: AtomicU64::new(0),
+            grad: AtomicBool::new(true),
         }))
     }
 }
@@ -111,6 +115,30 @@ impl LoraSwitch {
     pub fn set_dropout_seed(&self, seed: u64) {
         self.0.dropout_seed.store(seed, Ordering::Relaxed);
         self.0.dropout_draws.store(0, Ordering::Relaxed);
+    }
+
+    /// Records (or not) a graph through the adapters in the forwards that follow.
+    pub fn set_grad(&self, on: bool) {
+        self.0.grad.store(on, Ordering::Relaxed);
+    }
+
+    pub fn grad(&self) -> bool {
+        self.0.grad.load(Ordering::Relaxed)
+    }
+
+    /// The seed set by [`Self::set_dropout_seed`].
+    pub fn dropout_seed(&self) -> u64 {
+        self.0.dropout_seed.load(Ordering::Relaxed)
+    }
+
+    /// Starts decoder layer `layer`'s masks: they are numbered from `layer << 32`, so a layer's
+    /// masks depend on the seed and the layer alone, not on what ran before it. A layer run
+    /// again (activation checkpointing's recompute, or a streamed step's second pass) under
+    /// the same seed draws the same masks.
+    pub fn begin_layer(&self, layer: usize) {
+        self.0
+            .dropout_draws
+            .store((layer as u64) << 32, Ordering::Relaxed);
     }
 
     /// The seed of the next dropout mask.
@@ -142,9 +170,17 @@ impl Lora {
     /// buffer plus an add; over seven projections per layer that bookkeeping cost more than the
     /// matmuls. The node ([`lora_step`]) runs the products on gemm directly and its backward is the chain
     /// rule written out.
-    fn train_forward(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    /// With `grad` off the adapter enters as constants (detached) and no graph is recorded; the
+    /// node still computes the same output with the same dropout masks.
+    fn train_forward(&self, x: &Tensor, w: &Tensor, grad: bool) -> candle_core::Result<Tensor> {
         let dropout = (self.dropout > 0.0).then(|| (self.dropout, self.switch.next_mask_seed()));
-        lora_step::lora_step(x, w, &self.a, &self.b, self.scaling, dropout)
+        let (a, b) = if grad {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        } else {
+            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
+        };
+        let x = if grad { x.clone() } else { x.detach() };
+        lora_step::lora_step(&x, w, &a, &b, self.scaling, dropout)
     }
 }
 
@@ -224,20 +260,27 @@ impl LoraLinear {
         let Some(l) = self.lora.as_ref().filter(|l| l.switch.enabled()) else {
             return linear(x, &self.weight);
         };
+        let grad = l.switch.grad();
         if l.switch.training()
             && fusable(x)
             && x.dtype() == l.a.dtype()
             && !self.weight.is_variable()
         {
             // The node computes `x W^T` itself.
-            return l.train_forward(x, &self.weight);
+            return l.train_forward(x, &self.weight, grad);
         }
         let base = linear(x, &self.weight)?;
         let mut h = x.to_dtype(l.a.dtype())?;
         if l.switch.training() && l.dropout > 0.0 {
             h = lora_step::dropout(&h, l.dropout, l.switch.next_mask_seed())?;
         }
-        let delta = linear(&linear(&h, l.a.as_tensor())?, l.b.as_tensor())?;
+        // Without gradients the adapter's values enter as constants: no graph is recorded.
+        let (a, b) = if grad {
+            (l.a.as_tensor().clone(), l.b.as_tensor().clone())
+        } else {
+            (l.a.as_tensor().detach(), l.b.as_tensor().detach())
+        };
+        let delta = linear(&linear(&h, &a)?, &b)?;
         base + (delta * l.scaling)?.to_dtype(x.dtype())?
     }
 

@@ -84,6 +84,13 @@ pub struct TrainConfig {
     pub max_records: usize,
     /// Stop after this many optimiser steps (0: run all epochs).
     pub max_steps: usize,
+    /// Memory (docs/design.md §4.7); none changes the gradient. Keep each decoder layer's
+    /// input only and recompute the layer in the backward.
+    pub gradient_checkpointing: bool,
+    /// Sequences per backward piece (0: a micro-batch's sequences in one batched graph).
+    pub sequence_group: usize,
+    /// Scored response rows per piece of the head's gradient (0: all at once).
+    pub logprob_chunk: usize,
 }
 
 impl Default for TrainConfig {
@@ -116,6 +123,9 @@ impl Default for TrainConfig {
             pad_to_square: false,
             max_records: 0,
             max_steps: 0,
+            gradient_checkpointing: false,
+            sequence_group: 0,
+            logprob_chunk: 0,
         }
     }
 }
@@ -313,6 +323,15 @@ impl TrainConfig {
             } else {
                 Estimator::Exact
             },
+        }
+    }
+
+    /// The memory settings of a micro-batch's gradient.
+    pub fn memory(&self) -> crate::train::step::MemoryOptions {
+        crate::train::step::MemoryOptions {
+            gradient_checkpointing: self.gradient_checkpointing,
+            sequence_group: self.sequence_group,
+            logprob_chunk: self.logprob_chunk,
         }
     }
 

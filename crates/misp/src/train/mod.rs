@@ -6,11 +6,13 @@
 //! | [`config`] | `RUN.toml` + `--set` overrides, validated, paper defaults |
 //! | [`data`] | records + negatives file + pool ids -> tokenised [`data::TrainItem`]s, pixels |
 //! | [`reference`] | `pi_ref` computed once (LoRA off) and cached on disk under a content hash |
-//! | [`step`] | one micro-batch: `K + 2` sequences per record in one forward, the objective |
+//! | [`step`] | one micro-batch: `K + 2` sequences per record, the objective, the gradient (batched or in pieces) |
+//! | [`memory`] | the predicted memory of one step, from a model config |
 //! | [`run`] | epochs, accumulation, AdamW, clipping, schedule, checkpoints, resume, metrics, report |
 
 pub mod config;
 pub mod data;
+pub mod memory;
 pub mod reference;
 pub mod report;
 pub mod run;

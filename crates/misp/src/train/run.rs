@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::{json, Map, Value};
@@ -492,16 +492,20 @@ fn accumulate(
         non_finite: Vec::new(),
     };
     switch.set_training(true);
+    let memory = cfg.memory();
     for (m, micro) in batch.chunks(cfg.micro_batch_size).enumerate() {
         switch.set_dropout_seed(splitmix64(cfg.seed ^ splitmix64(step * 4096 + m as u64)));
-        let o = micro_step(vlm, micro, k, &objective, pixels, cache)?;
+        // Each micro-batch's loss is its records' share of the batch mean.
+        let scale = 1.0 / batch.len() as f64;
+        let o = micro_step(
+            vlm, micro, k, &objective, pixels, cache, &memory, scale, vars,
+        )?;
         out.tokens += o.tokens;
-        let loss = (o.objective.per_record.sum_all()? / batch.len() as f64)?;
-        if !loss.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+        let Some(grads) = o.grads else {
             out.non_finite.extend(micro.iter().map(|r| r.id.clone()));
             continue;
-        }
-        acc.add(vars, &loss.backward()?)?;
+        };
+        acc.add_sums(grads)?;
         out.parts.push((micro.len(), o.objective.metrics()?));
     }
     switch.set_training(false);
@@ -517,6 +521,7 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<TrainSummary, Tr
     cfg.validate()?;
     prepare_out(cfg, inputs)?;
     let out = &inputs.out;
+    let rss_before_load = crate::rss::current_mib();
     let mut p = prepare(cfg, inputs)?;
     let n = p.items.len();
     let sched = Schedule::new(n, cfg);
@@ -572,6 +577,8 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<TrainSummary, Tr
 
         // Forward and backward per micro-batch, then clipping.
         let t0 = Instant::now();
+        let peak_reset = crate::rss::reset_peak();
+        let rss_at_start = crate::rss::current_mib();
         let mut acc = accumulate(&p.vlm, &mut p.cache, &batch, step, cfg, &pixels, &vars)?;
         let norm = if cfg.max_grad_norm > 0.0 {
             clip_grad_norm(&mut acc.grads, cfg.max_grad_norm)?
@@ -623,11 +630,23 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<TrainSummary, Tr
             },
         );
         row.insert("lr".into(), json!(lr));
+        row.insert("step_seconds".into(), json!(secs));
         row.insert(
             "tokens_per_s".into(),
             json!(acc.tokens as f64 / secs.max(1e-9)),
         );
         row.insert("records".into(), json!(batch.len()));
+        // The process's peak resident memory during this step (Linux), and what it held before
+        // the model was loaded: the memory model's check (`misp bench memory`).
+        if let (true, Some(peak)) = (peak_reset, crate::rss::peak_mib()) {
+            row.insert("memory/step_peak_rss_mib".into(), json!(peak));
+        }
+        if let Some(at) = rss_at_start {
+            row.insert("memory/rss_at_step_start_mib".into(), json!(at));
+        }
+        if let Some(base) = rss_before_load {
+            row.insert("memory/rss_before_load_mib".into(), json!(base));
+        }
         append_line(&metrics_path, &row)?;
         bar.set_message(format!(
             "loss {:.4} margin {:.3} {:.0} tok/s",

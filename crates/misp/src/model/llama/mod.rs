@@ -23,6 +23,9 @@
 
 use std::path::Path;
 
+mod backward;
+pub use backward::DetachedForward;
+
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarBuilder;
 use rand::Rng;
@@ -502,16 +505,87 @@ impl Llama {
         inputs_embeds: &Tensor,
         attention_mask: &Tensor,
     ) -> candle_core::Result<Tensor> {
+        self.head(&self.hidden_states(inputs_embeds, attention_mask)?)
+    }
+
+    /// The decoder layers alone: `inputs_embeds [B, T, D]` -> hidden states `[B, T, D]` before
+    /// the final norm.
+    pub fn hidden_states(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let ctx = self.context(inputs_embeds, attention_mask)?;
+        let mut x = inputs_embeds.to_dtype(self.dtype())?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            self.switch.begin_layer(i);
+            x = layer.forward(&x, &ctx, None)?;
+        }
+        Ok(x)
+    }
+
+    /// RoPE tables and the attention bias of a cache-free forward.
+    fn context(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+    ) -> candle_core::Result<Context> {
         let (b, t, _) = inputs_embeds.dims3()?;
         let dev = inputs_embeds.device();
         let (cos, sin) = rope_tables(t, self.config.head_dim(), self.config.rope_theta(), dev)?;
         let bias = attention_bias(attention_mask, b, t, 0)?;
-        let ctx = Context { cos, sin, bias };
-        let mut x = inputs_embeds.to_dtype(self.dtype())?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &ctx, None)?;
+        Ok(Context { cos, sin, bias })
+    }
+
+    /// Summed log-probs `[B]` of the labels `scored` names, from hidden states `h [B, T, D]`:
+    /// the final norm, `lm_head` and log-softmax run on the rows that predict a label only (a
+    /// LLaVA prompt is mostly image tokens: its scored rows are a few percent of `T`), in
+    /// pieces of `chunk` rows (0: one piece). f32 (f64 for an f64 model).
+    pub fn scored_logprobs(
+        &self,
+        h: &Tensor,
+        scored: &Scored,
+        chunk: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = h.dims3()?;
+        if scored.batch != b || scored.width != t {
+            candle_core::bail!(
+                "scored positions of a [{}, {}] batch, hidden states {:?}",
+                scored.batch,
+                scored.width,
+                h.dims()
+            );
         }
-        self.head(&x)
+        let n = scored.rows.len();
+        let step = if chunk == 0 { n.max(1) } else { chunk };
+        let mut sums = Tensor::zeros(b, float_dtype(self.dtype()), h.device())?;
+        for lo in (0..n).step_by(step) {
+            sums = (sums + self.scored_piece(h, scored, lo, hi_of(lo, step, n))?)?;
+        }
+        Ok(sums)
+    }
+
+    /// The per-sequence sums `[B]` of scored rows `lo..hi` alone.
+    fn scored_piece(
+        &self,
+        h: &Tensor,
+        scored: &Scored,
+        lo: usize,
+        hi: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, d) = h.dims3()?;
+        let part = scored.piece(lo, hi, h.device())?;
+        let x = h.reshape((b * t, d))?.index_select(&part.rows, 0)?;
+        let logits = self.head(&x.unsqueeze(0)?)?.squeeze(0)?;
+        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?
+            .gather(&part.labels.unsqueeze(1)?, 1)?
+            .squeeze(1)?;
+        // Per-sequence sums as a product with the rows' one-hot owners (differentiable, and
+        // small: `[B, rows]`).
+        part.owners
+            .to_dtype(lp.dtype())?
+            .matmul(&lp.unsqueeze(1)?)?
+            .squeeze(1)
     }
 
     /// Final norm and `lm_head`: hidden states -> f32 (f64) logits.
@@ -688,6 +762,91 @@ fn float_dtype(d: DType) -> DType {
         DType::F64
     } else {
         DType::F32
+    }
+}
+
+fn hi_of(lo: usize, step: usize, n: usize) -> usize {
+    (lo + step).min(n)
+}
+
+/// Which label tokens of a right-padded batch count, and which hidden-state rows predict them:
+/// label `t` of row `b` (where `label_mask[b, t]` is 1, `t >= 1`) is predicted by the hidden
+/// state at `(b, t - 1)`.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    batch: usize,
+    width: usize,
+    /// `b * T + t - 1` of each counted label, row-major.
+    rows: Vec<u32>,
+    labels: Vec<u32>,
+    owners: Vec<usize>,
+    /// Counted labels per sequence.
+    pub counts: Vec<usize>,
+}
+
+/// `rows lo..hi` of a [`Scored`] as tensors.
+struct ScoredPiece {
+    rows: Tensor,
+    labels: Tensor,
+    /// `[B, hi - lo]`: 1 where the row belongs to the sequence.
+    owners: Tensor,
+}
+
+impl Scored {
+    /// From `ids [B, T]` (u32) and `label_mask [B, T]` (any numeric dtype), read to the host
+    /// once per batch.
+    pub fn new(ids: &Tensor, label_mask: &Tensor) -> candle_core::Result<Self> {
+        let (batch, width) = ids.dims2()?;
+        if label_mask.dims() != [batch, width] {
+            candle_core::bail!(
+                "label mask {:?} for ids {:?}",
+                label_mask.dims(),
+                ids.dims()
+            );
+        }
+        let ids: Vec<Vec<u32>> = ids.to_dtype(DType::U32)?.to_vec2()?;
+        let mask: Vec<Vec<f32>> = label_mask.to_dtype(DType::F32)?.to_vec2()?;
+        let mut out = Self {
+            batch,
+            width,
+            rows: Vec::new(),
+            labels: Vec::new(),
+            owners: Vec::new(),
+            counts: vec![0; batch],
+        };
+        for (b, (ids, mask)) in ids.iter().zip(&mask).enumerate() {
+            for t in 1..width {
+                if mask[t] != 0.0 {
+                    out.rows.push((b * width + t - 1) as u32);
+                    out.labels.push(ids[t]);
+                    out.owners.push(b);
+                    out.counts[b] += 1;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Counted labels in all.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn piece(&self, lo: usize, hi: usize, dev: &Device) -> candle_core::Result<ScoredPiece> {
+        let n = hi - lo;
+        let mut owners = vec![0f32; self.batch * n];
+        for (k, &b) in self.owners[lo..hi].iter().enumerate() {
+            owners[b * n + k] = 1.0;
+        }
+        Ok(ScoredPiece {
+            rows: Tensor::from_slice(&self.rows[lo..hi], n, dev)?,
+            labels: Tensor::from_slice(&self.labels[lo..hi], n, dev)?,
+            owners: Tensor::from_vec(owners, (self.batch, n), dev)?,
+        })
     }
 }
 

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use crate::checkpoint;
 pub use crate::checkpoint::ModelError;
 use crate::model::clip::{ClipVisionConfig, ClipVisionTower};
-pub use crate::model::llama::{sequence_logprobs, token_logprobs};
+pub use crate::model::llama::{sequence_logprobs, token_logprobs, Scored};
 use crate::model::llama::{Llama, LlamaConfig};
 
 /// `config.json` of a `LlavaForConditionalGeneration`.
@@ -57,7 +57,12 @@ fn default_true() -> bool {
 impl LlavaConfig {
     /// Reads and checks `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
-        let (cfg, path): (Self, _) = checkpoint::read_config(dir)?;
+        Self::from_file(&dir.join("config.json"))
+    }
+
+    /// A LLaVA `config.json` under any name (a model config without weights).
+    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
+        let (cfg, path): (Self, _) = checkpoint::read_config_file(path)?;
         if let Err(message) = cfg.validate() {
             return Err(ModelError::Config { path, message });
         }
@@ -352,7 +357,13 @@ impl Llava {
         pixels: &Tensor,
         label_mask: &Tensor,
     ) -> Result<(Tensor, Tensor), ModelError> {
-        let logits = self.forward(input_ids, attention_mask, pixels)?;
-        Ok(sequence_logprobs(&logits, input_ids, label_mask)?)
+        let embeds = self.input_embeds(input_ids, pixels)?;
+        let h = self.language_model.hidden_states(&embeds, attention_mask)?;
+        let scored = Scored::new(input_ids, label_mask)?;
+        let sums = self.language_model.scored_logprobs(&h, &scored, 0)?;
+        let counts: Vec<f32> = scored.counts.iter().map(|&c| c as f32).collect();
+        let counts =
+            Tensor::from_vec(counts, scored.counts.len(), sums.device())?.to_dtype(sums.dtype())?;
+        Ok((sums, counts))
     }
 }
