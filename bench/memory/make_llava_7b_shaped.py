@@ -46,6 +46,9 @@ with open(args.config) as f:
 if args.layers is not None:
     raw["text_config"]["num_hidden_layers"] = args.layers
 cfg = LlavaConfig.from_dict(raw)
+# bf16 from the start: to_empty() keeps the meta tensors' dtype, and an f32 32-layer model
+# would need 28 GB.
+torch.set_default_dtype(torch.bfloat16)
 with torch.device("meta"):
     model = LlavaForConditionalGeneration(cfg)
 model = model.to_empty(device="cpu").to(torch.bfloat16)
