@@ -2,7 +2,7 @@
 //! runs a model, resolved here into a candle [`Device`] once, at the command's start.
 //!
 //! The CPU is the default and always there. A CUDA device needs a binary built with
-//! `--features cuda` (README, "GPUs"); without it, or without a GPU, the request is one error
+//! `--features cuda` (README, "GPUs, devices and memory"); without it, or without a GPU, the request is one error
 //! that says which, before anything is read or written.
 
 use candle_core::Device;
@@ -15,7 +15,7 @@ pub const ENV: &str = "MISP_DEVICE";
 pub enum DeviceError {
     #[error("device {spec:?}: expected cpu, cuda or cuda:N")]
     Spec { spec: String },
-    #[error("device {spec:?}: this misp was built without CUDA; build it with `cargo build --release -p misp-cli --features cuda` (README, \"GPUs\")")]
+    #[error("device {spec:?}: this misp was built without CUDA; build it with `cargo build --release -p misp-cli --features cuda` (README, \"GPUs, devices and memory\")")]
     NotBuilt { spec: String },
     #[error("device {spec:?}: no usable CUDA device: {message}")]
     Unavailable { spec: String, message: String },
