@@ -4,6 +4,7 @@
 //! This crate only parses arguments, resolves configs and calls the `misp` library; it holds no
 //! method code.
 
+mod bench_conformance;
 mod bench_memory;
 mod bench_mine;
 mod bench_model;
@@ -73,6 +74,8 @@ enum BenchCommand {
     Model(bench_model::BenchModelArgs),
     /// Predicted peak memory of one training step for a LLaVA config.
     Memory(bench_memory::BenchMemoryArgs),
+    /// LLaVA log-probs against transformers' on a fixture, on any device and dtype.
+    Conformance(bench_conformance::BenchConformanceArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -89,6 +92,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Mine(args)) => bench_mine::run(args),
         Command::Bench(BenchCommand::Model(args)) => bench_model::run(args),
         Command::Bench(BenchCommand::Memory(args)) => bench_memory::run(args),
+        Command::Bench(BenchCommand::Conformance(args)) => bench_conformance::run(args),
     }
 }
 

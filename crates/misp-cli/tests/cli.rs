@@ -240,3 +240,42 @@ fn sae_train_then_mine_from_the_command_line() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn bench_conformance_passes_on_the_fixture_and_fails_on_a_changed_one() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/llava");
+    let fixture = root.to_str().unwrap();
+    let o = misp(&["bench", "conformance", "--fixture", fixture]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.starts_with("pass:"), "{out}");
+    let o = misp(&[
+        "bench",
+        "conformance",
+        "--fixture",
+        fixture,
+        "--dtype",
+        "bf16",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // The same checkpoint with one expected log-prob moved by 0.01: the command must fail.
+    let dir = tmp("conformance");
+    std::fs::create_dir_all(dir.join("tiny")).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(root.join("tiny").join(f), dir.join("tiny").join(f)).unwrap();
+    }
+    let text = std::fs::read_to_string(root.join("expected.json")).unwrap();
+    let mut e: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let v = e["token_logprobs"][0][5].as_f64().unwrap();
+    e["token_logprobs"][0][5] = serde_json::json!(v + 0.01);
+    std::fs::write(dir.join("expected.json"), e.to_string()).unwrap();
+    let o = misp(&["bench", "conformance", "--fixture", dir.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("FAIL:"));
+    std::fs::remove_dir_all(&dir).ok();
+}

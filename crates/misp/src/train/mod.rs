@@ -56,6 +56,8 @@ pub enum TrainError {
     Candle(#[from] candle_core::Error),
     #[error("interrupted: checkpoint written at step {step}; continue with --resume")]
     Interrupted { step: u64 },
+    #[error("the training step ran out of memory ({cause}); settings that reduce it: {hint} (README: \"GPUs, devices and memory\"; `misp bench memory` predicts the peak)")]
+    OutOfMemory { cause: String, hint: String },
     #[error("every one of the {steps} steps was refused (non-finite loss, gradient or update; reasons in {}); no adapter written", metrics.display())]
     AllRefused { steps: u64, metrics: PathBuf },
 }

@@ -469,6 +469,49 @@ struct Accumulated {
     non_finite: Vec<String>,
 }
 
+/// An allocation failure in a step (CUDA's CUDA_ERROR_OUT_OF_MEMORY, or the host's) as an
+/// error that names the config keys which lower a step's peak and are not yet at their
+/// lowest; any other error unchanged.
+fn out_of_memory_hint(e: TrainError, cfg: &TrainConfig) -> TrainError {
+    let text = e.to_string();
+    let lower = text.to_lowercase();
+    if !(lower.contains("out_of_memory")
+        || lower.contains("out of memory")
+        || lower.contains("cannot allocate memory"))
+    {
+        return e;
+    }
+    let mut keys = Vec::new();
+    if !cfg.gradient_checkpointing {
+        keys.push("gradient_checkpointing = true".to_string());
+    }
+    if cfg.sequence_group != 1 {
+        keys.push("sequence_group = 1".to_string());
+    }
+    if cfg.micro_batch_size > 1 {
+        keys.push(format!(
+            "micro_batch_size = 1 (with batch_size = {} kept, the gradient is the same)",
+            cfg.batch_size
+        ));
+    }
+    if cfg.logprob_chunk == 0 || cfg.logprob_chunk > 16 {
+        keys.push("logprob_chunk = 16".to_string());
+    }
+    if cfg.lora_dropout > 0.0 {
+        keys.push("lora_dropout = 0".to_string());
+    }
+    if cfg.dtype == "f32" {
+        keys.push("dtype = \"bf16\"".to_string());
+    }
+    let hint = if keys.is_empty() {
+        "none left in the config: a smaller lora_r, fewer negatives (k) or shorter records"
+            .to_string()
+    } else {
+        keys.join(", ")
+    };
+    TrainError::OutOfMemory { cause: text, hint }
+}
+
 /// Forward and backward over `batch` in micro-batches, gradients summed (each micro-batch's
 /// loss is its records' share of the batch mean). Dropout masks are seeded by
 /// `(seed, step, micro-batch)`, so a resumed run draws the same ones.
@@ -499,7 +542,8 @@ fn accumulate(
         let scale = 1.0 / batch.len() as f64;
         let o = micro_step(
             vlm, micro, k, &objective, pixels, cache, &memory, scale, vars,
-        )?;
+        )
+        .map_err(|e| out_of_memory_hint(e, cfg))?;
         out.tokens += o.tokens;
         let Some(grads) = o.grads else {
             out.non_finite.extend(micro.iter().map(|r| r.id.clone()));
@@ -717,4 +761,49 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<TrainSummary, Tr
         p.unreadable_negatives,
     )?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oom() -> TrainError {
+        TrainError::Candle(candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        ))
+    }
+
+    #[test]
+    fn an_out_of_memory_step_names_the_keys_that_reduce_memory() {
+        let cfg = TrainConfig::default();
+        let msg = out_of_memory_hint(oom(), &cfg).to_string();
+        assert!(msg.contains("ran out of memory"), "{msg}");
+        for key in [
+            "gradient_checkpointing = true",
+            "sequence_group = 1",
+            "lora_dropout = 0",
+        ] {
+            assert!(msg.contains(key), "{key} missing from: {msg}");
+        }
+        // Keys already at their lowest are not suggested again.
+        let cfg = TrainConfig {
+            gradient_checkpointing: true,
+            sequence_group: 1,
+            micro_batch_size: 1,
+            logprob_chunk: 16,
+            lora_dropout: 0.0,
+            dtype: "bf16".into(),
+            ..TrainConfig::default()
+        };
+        let msg = out_of_memory_hint(oom(), &cfg).to_string();
+        assert!(!msg.contains("gradient_checkpointing ="), "{msg}");
+        assert!(msg.contains("none left in the config"), "{msg}");
+    }
+
+    #[test]
+    fn other_errors_pass_unchanged() {
+        let e = TrainError::Input("records.jsonl: line 3: no `chosen`".into());
+        let msg = out_of_memory_hint(e, &TrainConfig::default()).to_string();
+        assert_eq!(msg, "records.jsonl: line 3: no `chosen`");
+    }
 }
