@@ -12,6 +12,7 @@
 #
 #   bash bench/gpu/build.sh                      # writes out/gpu/misp-cuda.gz
 #   CUDA_COMPUTE_CAP=80 bash bench/gpu/build.sh  # another GPU generation (default 90: H100/H200)
+#   bash bench/gpu/build.sh --prepare-only       # the toolkit and the link folder, no build
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -35,12 +36,15 @@ ln -sf "$(ls "$C"/lib/libcurand.so.10* | head -1)" "$LINK/lib/libcurand.so"
 if [[ ! -f $LINK/lib/libcuda.so ]]; then
   cargo fetch --locked >/dev/null
   SYS=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-*/src/driver/sys | tail -1)
-  grep -rhoE '\bpub fn cu[A-Za-z0-9_]+' "$SYS" | awk '{print $3}' | sort -u |
+  grep -rhoE '\bfn cu[A-Za-z0-9_]+\(' "$SYS" | grep -oE 'cu[A-Za-z0-9_]+' | sort -u |
     sed 's/.*/int &(void) { return 34; }/' >"$LINK/stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$LINK/lib/libcuda.so" "$LINK/stub.c"
   echo "stub libcuda.so: $(wc -l <"$LINK/stub.c") entry points from $SYS"
 fi
 
+if [[ ${1:-} == --prepare-only ]]; then
+  echo "toolkit: $C; link folder: $LINK"; exit 0
+fi
 export PATH=$C/bin:$PATH NVCC=$C/bin/nvcc CUDA_HOME=$C CUDA_ROOT=$LINK CUDA_PATH=$LINK \
   CUDA_COMPUTE_CAP=$CAP CUDARC_CUDA_VERSION=13000
 CARGO_TARGET_DIR=$ROOT/target-cuda cargo build --release --locked -p misp-cli --features cuda
