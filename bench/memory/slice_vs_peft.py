@@ -128,7 +128,7 @@ def torch_side(d, threads, steps, device):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         row = {"step_seconds": seconds, "step_peak_rss_mib": vm("VmHWM:"),
-               "rss_at_step_start_mib": start_rss, "loss": float(loss)}
+               "rss_at_step_start_mib": start_rss, "loss": float(loss.detach())}
         if device != "cpu":
             row["gpu_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
             row["gpu_peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
