@@ -153,3 +153,66 @@ fn chair_matches_the_reference_to_the_last_digit() {
     let lisaanne = format!("{:.1}\t{:.1}", m.chair_s * 100.0, m.chair_i * 100.0);
     assert_eq!(lisaanne, want["printed"]["lisaanne"].as_str().unwrap());
 }
+
+#[test]
+fn hallusionbench_matches_the_official_aggregation() {
+    use misp::eval::hallusionbench;
+    let questions =
+        hallusionbench::read_questions(&fixture("hallusionbench/HallusionBench.json")).unwrap();
+    let answers = hallusionbench::read_answers(&fixture("hallusionbench/answers.jsonl")).unwrap();
+    assert_eq!(questions.len(), answers.len());
+    for (q, a) in questions.iter().zip(&answers) {
+        assert_eq!(q, &a.question, "the audit rows carry the questions as read");
+    }
+    let want = expected("hallusionbench/expected.json");
+    let preds: Vec<&str> = answers.iter().map(|a| a.pred.as_str()).collect();
+    let want_preds: Vec<&str> = want["preds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(preds, want_preds);
+    let got = hallusionbench::score(&answers).unwrap();
+    let sections = want["metrics"].as_object().unwrap();
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        sections.keys().collect::<Vec<_>>()
+    );
+    for (name, w) in sections {
+        let m = &got[name];
+        let counts = [
+            m.n,
+            m.correct,
+            m.figures,
+            m.figures_correct,
+            m.question_groups,
+            m.question_groups_correct,
+        ];
+        let want_counts = [
+            "n",
+            "correct",
+            "figures",
+            "figures_correct",
+            "question_groups",
+            "question_groups_correct",
+        ]
+        .map(|k| w[k].as_u64().unwrap() as usize);
+        assert_eq!(counts, want_counts, "{name} counts");
+        assert!(
+            (m.a_acc - w["aAcc"].as_f64().unwrap()).abs() < 1e-9,
+            "{name} aAcc"
+        );
+        assert!(
+            (m.q_acc - w["qAcc"].as_f64().unwrap()).abs() < 1e-9,
+            "{name} qAcc"
+        );
+        match (m.f_acc, w.get("fAcc")) {
+            (Some(f), Some(wf)) => {
+                assert!((f - wf.as_f64().unwrap()).abs() < 1e-9, "{name} fAcc")
+            }
+            (None, None) => {}
+            (f, wf) => panic!("{name} fAcc: {f:?} vs {wf:?}"),
+        }
+    }
+}

@@ -4,6 +4,8 @@
 //!   recall, F1, yes-ratio per split and overall), answers parsed as the official script does.
 //! - [`chair`]: captions -> CHAIR_i, CHAIR_s and object recall against COCO instance
 //!   annotations (or any per-image object sets), through the reference synonym table.
+//! - [`hallusionbench`]: yes/no questions on figures -> aAcc, fAcc, qAcc overall, per category
+//!   and subcategory ([`extract`] holds the yes/no and option extraction).
 //! - [`compare`]: several runs' `metrics.json` -> one markdown table and a bar chart.
 //!
 //! Nothing here loads a model: generation is a caller-given batched function
@@ -12,6 +14,8 @@
 
 pub mod chair;
 pub mod compare;
+pub mod extract;
+pub mod hallusionbench;
 pub mod pope;
 pub mod words;
 

@@ -1,0 +1,174 @@
+//! `misp eval hallusionbench`, `mmvp` and `amber` as a user runs them, on the tiny random LLaVA
+//! of `fixtures/llava_chat/tiny` and the images of `fixtures/clip/images`. Random weights answer
+//! nonsense, so these tests check the wiring, not the numbers: every output parses, questions
+//! that cannot be asked are excluded and listed, the config records the run, the metrics are
+//! exactly what `--answers` re-scoring recomputes from the saved answers, and `misp eval
+//! compare` reads them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{json, Value};
+
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+const MODEL: &str = "fixtures/llava_chat/tiny";
+const IMAGES: &str = "fixtures/clip/images";
+
+fn misp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_misp"))
+        .args(args)
+        .current_dir(ROOT)
+        .output()
+        .expect("run misp")
+}
+
+fn ok(out: Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "misp failed:\n{err}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("misp-evalbench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn json_file(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The model flags every run shares: short prompts (the tiny model's context is 64 positions,
+/// 16 of them the image), batches of 2.
+fn model_flags<'a>(out: &'a Path, max_new_tokens: &'a str) -> Vec<&'a str> {
+    vec![
+        "--model",
+        MODEL,
+        "--images",
+        IMAGES,
+        "--out",
+        s(out),
+        "--suffix",
+        "",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        max_new_tokens,
+    ]
+}
+
+#[test]
+fn hallusionbench_asks_figure_questions_and_rescores_like_answers_mode() {
+    let dir = tmp("hb");
+    let q = |cat: &str, set: &str, fig: &str, qid: &str, gt: &str, file: Option<&str>| {
+        let mut v = json!({"category": cat, "subcategory": "chart", "visual_input": if file.is_some() {"1"} else {"0"},
+            "set_id": set, "figure_id": fig, "question_id": qid, "question": format!("Is it {qid}?"),
+            "gt_answer_details": "", "gt_answer": gt});
+        if let Some(f) = file {
+            v["filename"] = json!(f);
+        }
+        v
+    };
+    let questions = dir.join("HallusionBench.json");
+    let rows = json!([
+        q("VD", "0", "0", "0", "1", Some("./hopper.jpg")),
+        q("VD", "0", "0", "1", "0", Some("./hopper.jpg")),
+        q("VD", "0", "1", "0", "0", Some("camera_gray.png")),
+        q("VS", "0", "0", "0", "1", None),
+        q("VS", "0", "1", "0", "1", Some("astronaut_small.png")),
+        q("VS", "1", "1", "0", "0", Some("missing.png")),
+    ]);
+    std::fs::write(&questions, rows.to_string()).unwrap();
+    let out = dir.join("run");
+    let mut args = vec!["eval", "hallusionbench", "--questions", s(&questions)];
+    args.extend(model_flags(&out, "4"));
+    let stdout = ok(misp(&args));
+    assert!(stdout.contains("| overall | 4 |"), "{stdout}");
+
+    let answers = jsonl(&out.join("answers.jsonl"));
+    assert_eq!(
+        answers.len(),
+        4,
+        "no-figure and missing-image questions are not asked"
+    );
+    for a in &answers {
+        let pred = a["pred"].as_str().unwrap();
+        assert!(["yes", "no", "unknown"].contains(&pred), "{a}");
+        assert!(a["answer"].is_string() && a["correct"].is_boolean(), "{a}");
+    }
+    let excluded = json_file(&out.join("excluded.json"));
+    assert_eq!(excluded["no_figure"], 1);
+    assert_eq!(excluded["missing_images"], 1);
+    assert_eq!(excluded["excluded"][1]["filename"], "missing.png");
+    let config = json_file(&out.join("config.json"));
+    assert_eq!(config["command"], "eval hallusionbench");
+    assert_eq!(config["max_new_tokens"], 4);
+    let metrics = json_file(&out.join("metrics.json"));
+    assert_eq!(metrics["overall"]["n"], 4);
+    assert_eq!(metrics["VD"]["figures"], 2);
+    assert!(metrics["overall"]["aAcc"].is_f64());
+
+    let rescored = dir.join("rescored");
+    ok(misp(&[
+        "eval",
+        "hallusionbench",
+        "--answers",
+        s(&out.join("answers.jsonl")),
+        "--out",
+        s(&rescored),
+    ]));
+    assert_eq!(metrics, json_file(&rescored.join("metrics.json")));
+    let table = ok(misp(&[
+        "eval",
+        "compare",
+        s(&out),
+        s(&rescored),
+        "--out",
+        s(&dir.join("cmp")),
+    ]));
+    assert!(table.contains("| overall aAcc |"), "{table}");
+}
+
+#[test]
+fn hallusionbench_refuses_another_benchmarks_file_before_loading_the_model() {
+    let dir = tmp("hb-bad");
+    let questions = dir.join("q.json");
+    std::fs::write(
+        &questions,
+        r#"[{"question_id": 1, "image": "hopper.jpg", "text": "?", "label": "yes"}]"#,
+    )
+    .unwrap();
+    let out = misp(&[
+        "eval",
+        "hallusionbench",
+        "--model",
+        "no/such/model",
+        "--questions",
+        s(&questions),
+        "--images",
+        IMAGES,
+        "--out",
+        s(&dir.join("run")),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("q.json") && err.contains("missing category"),
+        "{err}"
+    );
+    let out = misp(&["eval", "hallusionbench", "--out", s(&dir.join("run"))]);
+    assert!(!out.status.success());
+}
