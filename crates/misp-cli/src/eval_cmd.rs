@@ -32,6 +32,11 @@ pub enum EvalCommand {
     /// With --answers, re-scores saved answers without a model.
     #[command(mut_group("ModelArgs", model_given))]
     Hallusionbench(crate::eval_hallusionbench::HallusionBenchArgs),
+    /// MMVP two-option questions on image pairs: answers.jsonl, metrics.json (question and
+    /// pair accuracy, per visual pattern when the file has one), excluded.json and config.json
+    /// in --out. With --answers, re-scores saved answers without a model.
+    #[command(mut_group("ModelArgs", model_given))]
+    Mmvp(crate::eval_mmvp::MmvpArgs),
     /// One table (compare.md, compare.json) and bar chart (compare.png) of several runs'
     /// metrics.json.
     Compare(CompareArgs),
@@ -130,6 +135,7 @@ pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
         EvalCommand::Chair(args) => run_chair(args),
         EvalCommand::ScoreOnly(args) => score_only(args),
         EvalCommand::Hallusionbench(args) => crate::eval_hallusionbench::run(args),
+        EvalCommand::Mmvp(args) => crate::eval_mmvp::run(args),
         EvalCommand::Compare(args) => {
             let runs = compare::compare(&args.runs, &args.out)?;
             print!("{}", compare::markdown_table(&runs));

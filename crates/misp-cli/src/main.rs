@@ -11,6 +11,7 @@ mod demo_cmd;
 mod embed_cmd;
 mod eval_cmd;
 mod eval_hallusionbench;
+mod eval_mmvp;
 mod malloc;
 mod mine_cmd;
 mod pretrain_cmd;

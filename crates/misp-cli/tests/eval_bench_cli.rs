@@ -172,3 +172,103 @@ fn hallusionbench_refuses_another_benchmarks_file_before_loading_the_model() {
     let out = misp(&["eval", "hallusionbench", "--out", s(&dir.join("run"))]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn mmvp_asks_every_question_with_an_image_and_rescores_like_answers_mode() {
+    let dir = tmp("mmvp");
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for (i, src) in [
+        "hopper.jpg",
+        "coffee_cmyk.jpg",
+        "hopper.jpg",
+        "coffee_cmyk.jpg",
+        "hopper.jpg",
+    ]
+    .iter()
+    .enumerate()
+    {
+        std::fs::copy(
+            Path::new(ROOT).join(IMAGES).join(src),
+            images.join(format!("{}.jpg", i + 1)),
+        )
+        .unwrap();
+    }
+    let questions = dir.join("Questions.csv");
+    std::fs::write(
+        &questions,
+        "Index,Question,Options,Correct Answer,Visual Pattern\n\
+         1,\"Open, or not?\",(a) Open (b) Closed,(a),state\n\
+         2,\"Open, or not?\",(a) Open (b) Closed,(b),state\n\
+         3,Left?,(a) Left (b) Right,(a),orientation\n\
+         4,Left?,(a) Left (b) Right,(b),orientation\n\
+         5,Red?,(a) Red (b) Blue,(a),color\n\
+         6,Red?,(a) Red (b) Blue,(b),color\n",
+    )
+    .unwrap();
+    let out = dir.join("run");
+    let mut args = vec!["eval", "mmvp", "--questions", s(&questions)];
+    let mut flags = model_flags(&out, "4");
+    flags[3] = s(&images);
+    args.extend(flags);
+    let stdout = ok(misp(&args));
+    assert!(stdout.contains("| overall | 5 |"), "{stdout}");
+    let answers = jsonl(&out.join("answers.jsonl"));
+    assert_eq!(answers.len(), 5, "question 6 has no image");
+    for a in &answers {
+        assert!(a["pred"].is_null() || a["pred"].is_string(), "{a}");
+        assert!(a["correct_answer"].is_boolean(), "{a}");
+    }
+    let excluded = json_file(&out.join("excluded.json"));
+    assert_eq!(excluded["missing_images"], 1);
+    assert_eq!(excluded["excluded"][0]["image"], "6.jpg");
+    assert_eq!(excluded["incomplete_pairs"], 1);
+    let metrics = json_file(&out.join("metrics.json"));
+    assert_eq!(metrics["overall"]["pairs"], 2);
+    assert_eq!(metrics["state"]["n"], 2);
+    assert_eq!(metrics["color"]["pairs"], 0);
+    assert_eq!(json_file(&out.join("config.json"))["command"], "eval mmvp");
+    let rescored = dir.join("rescored");
+    ok(misp(&[
+        "eval",
+        "mmvp",
+        "--answers",
+        s(&out.join("answers.jsonl")),
+        "--out",
+        s(&rescored),
+    ]));
+    assert_eq!(metrics, json_file(&rescored.join("metrics.json")));
+    let table = ok(misp(&[
+        "eval",
+        "compare",
+        s(&out),
+        "--out",
+        s(&dir.join("cmp")),
+    ]));
+    assert!(table.contains("| overall pair_accuracy |"), "{table}");
+}
+
+#[test]
+fn mmvp_refuses_another_benchmarks_file() {
+    let dir = tmp("mmvp-bad");
+    let questions = dir.join("q.csv");
+    std::fs::write(&questions, "question_id,image,text,label\n1,a.jpg,?,yes\n").unwrap();
+    let out = misp(&[
+        "eval",
+        "mmvp",
+        "--model",
+        "no/such/model",
+        "--questions",
+        s(&questions),
+        "--images",
+        IMAGES,
+        "--out",
+        s(&dir.join("run")),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("q.csv:1: field `(header)`") && err.contains("Correct Answer"),
+        "{err}"
+    );
+}

@@ -216,3 +216,35 @@ fn hallusionbench_matches_the_official_aggregation() {
         }
     }
 }
+
+#[test]
+fn mmvp_matches_the_official_pair_grading() {
+    use misp::eval::mmvp;
+    let questions = mmvp::read_questions(&fixture("mmvp/Questions.csv")).unwrap();
+    let answers = mmvp::read_answers(&fixture("mmvp/answers.jsonl")).unwrap();
+    assert_eq!(questions.len(), 24);
+    for (q, a) in questions.iter().zip(&answers) {
+        assert_eq!(q, &a.question, "the CSV reads as the audit rows record it");
+    }
+    let want = expected("mmvp/expected.json");
+    let preds: Vec<Option<String>> = answers.iter().map(|a| a.pred.map(String::from)).collect();
+    let want_preds: Vec<Option<String>> = want["preds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().map(str::to_string))
+        .collect();
+    assert_eq!(preds, want_preds);
+    let m = &mmvp::score(&answers).unwrap()["overall"];
+    let w = &want["overall"];
+    let counts = [m.n, m.correct, m.pairs, m.pairs_correct, m.unknown];
+    let want_counts = ["n", "correct", "pairs", "pairs_correct", "unknown"]
+        .map(|k| w[k].as_u64().unwrap() as usize);
+    assert_eq!(counts, want_counts);
+    assert!((m.accuracy - w["accuracy"].as_f64().unwrap()).abs() < 1e-9);
+    assert!((m.pair_accuracy - w["pair_accuracy"].as_f64().unwrap()).abs() < 1e-9);
+    assert_eq!(
+        format!("The accuracy is {}", py_repr(m.pair_accuracy)),
+        w["printed"].as_str().unwrap()
+    );
+}

@@ -16,7 +16,7 @@ use crate::files::{write_atomic, write_json_atomic, FileError};
 use crate::report::plot;
 
 /// Fraction-valued fields, in display order (POPE, CHAIR, HallusionBench, MMVP, AMBER).
-const FIELDS: [&str; 14] = [
+const FIELDS: [&str; 15] = [
     "accuracy",
     "precision",
     "recall",
@@ -28,6 +28,7 @@ const FIELDS: [&str; 14] = [
     "fAcc",
     "qAcc",
     "pair_accuracy",
+    "chair",
     "cover",
     "hal",
     "cog",
