@@ -37,6 +37,11 @@ pub enum EvalCommand {
     /// in --out. With --answers, re-scores saved answers without a model.
     #[command(mut_group("ModelArgs", model_given))]
     Mmvp(crate::eval_mmvp::MmvpArgs),
+    /// AMBER: descriptions (CHAIR, Cover, Hal, Cog) and yes/no questions (accuracy,
+    /// precision, recall, F1 per dimension): answers.jsonl, metrics.json, excluded.json and
+    /// config.json in --out. With --answers, re-scores saved replies without a model.
+    #[command(mut_group("ModelArgs", model_given))]
+    Amber(crate::eval_amber::AmberArgs),
     /// One table (compare.md, compare.json) and bar chart (compare.png) of several runs'
     /// metrics.json.
     Compare(CompareArgs),
@@ -136,6 +141,7 @@ pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
         EvalCommand::ScoreOnly(args) => score_only(args),
         EvalCommand::Hallusionbench(args) => crate::eval_hallusionbench::run(args),
         EvalCommand::Mmvp(args) => crate::eval_mmvp::run(args),
+        EvalCommand::Amber(args) => crate::eval_amber::run(args),
         EvalCommand::Compare(args) => {
             let runs = compare::compare(&args.runs, &args.out)?;
             print!("{}", compare::markdown_table(&runs));

@@ -9,6 +9,7 @@ mod bench_mine;
 mod bench_model;
 mod demo_cmd;
 mod embed_cmd;
+mod eval_amber;
 mod eval_cmd;
 mod eval_hallusionbench;
 mod eval_mmvp;

@@ -272,3 +272,138 @@ fn mmvp_refuses_another_benchmarks_file() {
         "{err}"
     );
 }
+
+#[test]
+fn amber_answers_both_kinds_and_rescores_like_answers_mode() {
+    let dir = tmp("amber");
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    // Images 1-7 exist; AMBER_8.jpg is missing, so description 8 and the questions on it
+    // (ids 16 and 24) are excluded.
+    let sources = [
+        "hopper.jpg",
+        "coffee_cmyk.jpg",
+        "camera_gray.png",
+        "chelsea_rgba.png",
+    ];
+    for i in 1..=7 {
+        let src = Path::new(ROOT)
+            .join(IMAGES)
+            .join(sources[i % sources.len()]);
+        std::fs::copy(src, images.join(format!("AMBER_{i}.jpg"))).unwrap();
+    }
+    let data = Path::new(ROOT).join("fixtures/amber/data");
+    let out = dir.join("run");
+    let stdout = ok(misp(&[
+        "eval",
+        "amber",
+        "--model",
+        MODEL,
+        "--annotations",
+        s(&data),
+        "--images",
+        s(&images),
+        "--kind",
+        "all",
+        "--out",
+        s(&out),
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--max-answer-tokens",
+        "3",
+    ]));
+    assert!(stdout.contains("| descriptions | 7 |"), "{stdout}");
+    assert!(stdout.contains("| discriminative | 18 |"), "{stdout}");
+    let answers = jsonl(&out.join("answers.jsonl"));
+    assert_eq!(answers.len(), 25);
+    for a in &answers {
+        let generative = a["id"].as_u64().unwrap() <= 8;
+        assert_eq!(a["nouns"].is_array(), generative, "{a}");
+        assert_eq!(a["pred"].is_string(), !generative, "{a}");
+    }
+    let excluded = json_file(&out.join("excluded.json"));
+    assert_eq!(excluded["missing_images"], 3);
+    let config = json_file(&out.join("config.json"));
+    assert_eq!(config["command"], "eval amber");
+    assert_eq!(config["max_answer_tokens"], 3);
+    let metrics = json_file(&out.join("metrics.json"));
+    assert_eq!(metrics["generative"]["n"], 7);
+    assert!(metrics["existence"]["f1"].is_number());
+    let rescored = dir.join("rescored");
+    ok(misp(&[
+        "eval",
+        "amber",
+        "--annotations",
+        s(&data),
+        "--answers",
+        s(&out.join("answers.jsonl")),
+        "--out",
+        s(&rescored),
+    ]));
+    assert_eq!(metrics, json_file(&rescored.join("metrics.json")));
+    let table = ok(misp(&[
+        "eval",
+        "compare",
+        s(&out),
+        "--out",
+        s(&dir.join("cmp")),
+    ]));
+    assert!(table.contains("| generative chair |"), "{table}");
+
+    // Only the descriptions.
+    let gen = dir.join("gen");
+    ok(misp(&[
+        "eval",
+        "amber",
+        "--model",
+        MODEL,
+        "--annotations",
+        s(&data),
+        "--images",
+        s(&images),
+        "--kind",
+        "generative",
+        "--out",
+        s(&gen),
+        "--max-new-tokens",
+        "4",
+    ]));
+    let m = json_file(&gen.join("metrics.json"));
+    assert!(
+        m.get("generative").is_some() && m.get("discriminative").is_none(),
+        "{m}"
+    );
+}
+
+#[test]
+fn amber_refuses_annotations_of_another_benchmark() {
+    let dir = tmp("amber-bad");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let real = Path::new(ROOT).join("fixtures/amber/data");
+    std::fs::copy(real.join("relation.json"), data.join("relation.json")).unwrap();
+    std::fs::copy(real.join("safe_words.txt"), data.join("safe_words.txt")).unwrap();
+    std::fs::write(
+        data.join("annotations.json"),
+        r#"[{"id": 1, "question_id": 1, "label": "yes"}]"#,
+    )
+    .unwrap();
+    let out = misp(&[
+        "eval",
+        "amber",
+        "--annotations",
+        s(&data),
+        "--answers",
+        s(&data.join("annotations.json")),
+        "--out",
+        s(&dir.join("run")),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("annotations.json:0: field `[0].type`") && err.contains("another benchmark"),
+        "{err}"
+    );
+}

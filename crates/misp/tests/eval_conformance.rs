@@ -248,3 +248,85 @@ fn mmvp_matches_the_official_pair_grading() {
         w["printed"].as_str().unwrap()
     );
 }
+
+#[test]
+fn amber_matches_the_official_counting() {
+    use misp::eval::amber;
+    let data = fixture("amber/data");
+    let a = amber::Amber::load(&data).unwrap();
+    let answers = amber::read_answers(&fixture("amber/responses.json")).unwrap();
+    assert_eq!(answers.len(), 28);
+    let want = expected("amber/expected.json");
+    let (metrics, rescored) = amber::score(&a, &answers).unwrap();
+    // Per description: misp's object nouns are the ones NLTK gives, the hallucinated ones the
+    // official loop's.
+    for r in &rescored {
+        let key = r.id.to_string();
+        if let Some(item) = want["items"].get(&key) {
+            let list = |v: &serde_json::Value| -> Vec<String> {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|w| w.as_str().unwrap().to_string())
+                    .collect()
+            };
+            assert_eq!(
+                r.nouns.as_ref().unwrap(),
+                &list(&item["nouns"]),
+                "nouns of {key}"
+            );
+            assert_eq!(
+                r.hallucinated.as_ref().unwrap(),
+                &list(&item["hallucinated"]),
+                "hallucinated in {key}"
+            );
+        } else {
+            let pred = r.pred.unwrap().as_str();
+            assert_eq!(pred, want["preds"][&key].as_str().unwrap(), "reply {key}");
+        }
+    }
+    let c = &want["counters"];
+    let count = |k: &str| c[k].as_u64().unwrap() as usize;
+    let g = &metrics["generative"];
+    let u = |v: &serde_json::Value| v.as_u64().unwrap() as usize;
+    assert_eq!(u(&g["hallucinated"]), count("chair_score"));
+    assert_eq!(u(&g["mentioned"]), count("chair_num"));
+    assert_eq!(u(&g["covered"]), count("safe_cover_score"));
+    assert_eq!(u(&g["truth"]), count("safe_cover_num"));
+    assert_eq!(u(&g["hallu_mentioned"]), count("hallu_cover_score"));
+    assert_eq!(u(&g["hallu"]), count("hallu_cover_num"));
+    assert_eq!(
+        u(&g["n"]) - u(&g["replies_with_hallucination"]),
+        count("non_hallu_score")
+    );
+    let d = &metrics["discriminative"];
+    assert_eq!(u(&d["correct"]), count("qa_correct_score"));
+    assert_eq!(u(&d["n"]), count("qa_correct_num"));
+    assert_eq!(u(&d["truth_no"]), count("qa_no_num"));
+    assert_eq!(u(&d["truth_no_answered_no"]), count("qa_no_score"));
+    assert_eq!(u(&d["answered_no"]), count("qa_ans_no_num"));
+    let exact = &want["exact"];
+    for (section, field) in [
+        ("generative", "chair"),
+        ("generative", "cover"),
+        ("generative", "hal"),
+        ("generative", "cog"),
+        ("discriminative", "accuracy"),
+        ("discriminative", "precision"),
+        ("discriminative", "recall"),
+    ] {
+        let got = metrics[section][field].as_f64().unwrap();
+        assert!(
+            (got - exact[field].as_f64().unwrap()).abs() < 1e-9,
+            "{field}"
+        );
+    }
+    // What inference.py prints, every dimension.
+    let printed = want["printed"].as_object().unwrap();
+    for (section, values) in printed {
+        assert_eq!(
+            &metrics[section]["official"], values,
+            "{section}: the official prints"
+        );
+    }
+}

@@ -365,9 +365,14 @@ fn round1(x: f64) -> f64 {
     format!("{x:.1}").parse().unwrap_or(x)
 }
 
-/// The official counters start their denominators at 0.001 (`data/metrics.txt`).
+/// The official counters start their denominators at 0.001 (`data/metrics.txt`); `start` is
+/// that start (0.003 for attribute, which sums the state, number and action counters).
+fn official_ratio_from(score: usize, num: usize, start: f64) -> f64 {
+    score as f64 / (num as f64 + start)
+}
+
 fn official_ratio(score: usize, num: usize) -> f64 {
-    score as f64 / (num as f64 + 0.001)
+    official_ratio_from(score, num, 0.001)
 }
 
 fn ratio(a: usize, b: usize) -> f64 {
@@ -378,9 +383,14 @@ fn ratio(a: usize, b: usize) -> f64 {
     }
 }
 
-/// Discriminative metrics of `(yes truth, pred)` pairs; `f1_eps` is the official F1's
-/// denominator term (0.0001, or 0.001 for existence).
-pub fn discriminative_metrics(items: &[(bool, YesNo)], f1_eps: f64) -> DiscriminativeMetrics {
+/// Discriminative metrics of `(yes truth, pred)` pairs. For the official prints: `f1_eps` is
+/// the F1's denominator term (0.0001, or 0.001 for existence), `start` the counters' start
+/// (0.001, or 0.003 for attribute's three summed counters).
+pub fn discriminative_metrics(
+    items: &[(bool, YesNo)],
+    f1_eps: f64,
+    start: f64,
+) -> DiscriminativeMetrics {
     let n = items.len();
     let correct = items
         .iter()
@@ -397,9 +407,9 @@ pub fn discriminative_metrics(items: &[(bool, YesNo)], f1_eps: f64) -> Discrimin
     } else {
         2.0 * precision * recall / (precision + recall)
     };
-    let acc_o = round1(official_ratio(correct, n) * 100.0);
-    let p_o = round1(official_ratio(truth_no_answered_no, answered_no) * 100.0);
-    let r_o = round1(official_ratio(truth_no_answered_no, truth_no) * 100.0);
+    let acc_o = round1(official_ratio_from(correct, n, start) * 100.0);
+    let p_o = round1(official_ratio_from(truth_no_answered_no, answered_no, start) * 100.0);
+    let r_o = round1(official_ratio_from(truth_no_answered_no, truth_no, start) * 100.0);
     let f1_o = round1(
         2.0 * (p_o / 100.0) * (r_o / 100.0) / ((p_o / 100.0) + (r_o / 100.0) + f1_eps) * 100.0,
     );
@@ -528,23 +538,30 @@ pub fn score(
                 .flat_map(|d| disc.get(d).cloned().unwrap_or_default())
                 .collect()
         };
-        let groups: [(&str, Vec<&str>, f64); 7] = [
+        // (section, dimensions pooled, the official F1 epsilon, the counters' start)
+        let groups: [(&str, Vec<&str>, f64, f64); 7] = [
             (
                 "discriminative",
                 vec!["existence", "state", "number", "action", "relation"],
                 0.0001,
+                0.001,
             ),
-            ("existence", vec!["existence"], 0.001),
-            ("attribute", vec!["state", "number", "action"], 0.0001),
-            ("state", vec!["state"], 0.0001),
-            ("number", vec!["number"], 0.0001),
-            ("action", vec!["action"], 0.0001),
-            ("relation", vec!["relation"], 0.0001),
+            ("existence", vec!["existence"], 0.001, 0.001),
+            (
+                "attribute",
+                vec!["state", "number", "action"],
+                0.0001,
+                0.003,
+            ),
+            ("state", vec!["state"], 0.0001, 0.001),
+            ("number", vec!["number"], 0.0001, 0.001),
+            ("action", vec!["action"], 0.0001, 0.001),
+            ("relation", vec!["relation"], 0.0001, 0.001),
         ];
-        for (name, dims, eps) in groups {
+        for (name, dims, eps, start) in groups {
             let items = pool(&dims);
             if !items.is_empty() {
-                let m = discriminative_metrics(&items, eps);
+                let m = discriminative_metrics(&items, eps, start);
                 out.insert(
                     name.to_string(),
                     serde_json::to_value(m).unwrap_or_default(),
