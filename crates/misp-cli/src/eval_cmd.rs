@@ -30,17 +30,17 @@ pub enum EvalCommand {
     /// HallusionBench yes/no questions on figures: answers.jsonl, metrics.json (aAcc, fAcc,
     /// qAcc overall, per category and subcategory), excluded.json and config.json in --out.
     /// With --answers, re-scores saved answers without a model.
-    #[command(mut_group("ModelArgs", model_given))]
+    #[command(mut_group("ModelArgs", model_given), mut_arg("model", model_optional))]
     Hallusionbench(crate::eval_hallusionbench::HallusionBenchArgs),
     /// MMVP two-option questions on image pairs: answers.jsonl, metrics.json (question and
     /// pair accuracy, per visual pattern when the file has one), excluded.json and config.json
     /// in --out. With --answers, re-scores saved answers without a model.
-    #[command(mut_group("ModelArgs", model_given))]
+    #[command(mut_group("ModelArgs", model_given), mut_arg("model", model_optional))]
     Mmvp(crate::eval_mmvp::MmvpArgs),
     /// AMBER: descriptions (CHAIR, Cover, Hal, Cog) and yes/no questions (accuracy,
     /// precision, recall, F1 per dimension): answers.jsonl, metrics.json, excluded.json and
     /// config.json in --out. With --answers, re-scores saved replies without a model.
-    #[command(mut_group("ModelArgs", model_given))]
+    #[command(mut_group("ModelArgs", model_given), mut_arg("model", model_optional))]
     Amber(crate::eval_amber::AmberArgs),
     /// One table (compare.md, compare.json) and bar chart (compare.png) of several runs'
     /// metrics.json.
@@ -132,6 +132,11 @@ pub struct CompareArgs {
 /// nested flatten empty, which would make the option always `None`.
 fn model_given(group: clap::ArgGroup) -> clap::ArgGroup {
     group.arg("model")
+}
+
+/// `--model` is optional where `--answers` can stand in for it (the usage line says so).
+fn model_optional(arg: clap::Arg) -> clap::Arg {
+    arg.required(false)
 }
 
 pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
