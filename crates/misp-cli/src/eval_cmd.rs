@@ -27,6 +27,21 @@ pub enum EvalCommand {
     /// `answers.jsonl` (rows with `label` and `answer`) or CHAIR captions (rows with `image`
     /// and `caption`, needs --annotations).
     ScoreOnly(ScoreOnlyArgs),
+    /// HallusionBench yes/no questions on figures: answers.jsonl, metrics.json (aAcc, fAcc,
+    /// qAcc overall, per category and subcategory), excluded.json and config.json in --out.
+    /// With --answers, re-scores saved answers without a model.
+    #[command(mut_group("ModelArgs", model_given), mut_arg("model", model_optional))]
+    Hallusionbench(crate::eval_hallusionbench::HallusionBenchArgs),
+    /// MMVP two-option questions on image pairs: answers.jsonl, metrics.json (question and
+    /// pair accuracy, per visual pattern when the file has one), excluded.json and config.json
+    /// in --out. With --answers, re-scores saved answers without a model.
+    #[command(mut_group("ModelArgs", model_given), mut_arg("model", model_optional))]
+    Mmvp(crate::eval_mmvp::MmvpArgs),
+    /// AMBER: descriptions (CHAIR, Cover, Hal, Cog) and yes/no questions (accuracy,
+    /// precision, recall, F1 per dimension): answers.jsonl, metrics.json, excluded.json and
+    /// config.json in --out. With --answers, re-scores saved replies without a model.
+    #[command(mut_group("ModelArgs", model_given), mut_arg("model", model_optional))]
+    Amber(crate::eval_amber::AmberArgs),
     /// One table (compare.md, compare.json) and bar chart (compare.png) of several runs'
     /// metrics.json.
     Compare(CompareArgs),
@@ -112,11 +127,26 @@ pub struct CompareArgs {
     out: PathBuf,
 }
 
+/// Makes an optional model group (`Option<ModelArgs>`, for runners that also re-score saved
+/// answers) present exactly when `--model` is given: clap leaves the group of a struct with a
+/// nested flatten empty, which would make the option always `None`.
+fn model_given(group: clap::ArgGroup) -> clap::ArgGroup {
+    group.arg("model")
+}
+
+/// `--model` is optional where `--answers` can stand in for it (the usage line says so).
+fn model_optional(arg: clap::Arg) -> clap::Arg {
+    arg.required(false)
+}
+
 pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
     match cmd {
         EvalCommand::Pope(args) => run_pope(args),
         EvalCommand::Chair(args) => run_chair(args),
         EvalCommand::ScoreOnly(args) => score_only(args),
+        EvalCommand::Hallusionbench(args) => crate::eval_hallusionbench::run(args),
+        EvalCommand::Mmvp(args) => crate::eval_mmvp::run(args),
+        EvalCommand::Amber(args) => crate::eval_amber::run(args),
         EvalCommand::Compare(args) => {
             let runs = compare::compare(&args.runs, &args.out)?;
             print!("{}", compare::markdown_table(&runs));
@@ -154,7 +184,7 @@ fn detect(path: &Path) -> anyhow::Result<Kind> {
 /// The model as the batched generator `misp::eval` runs: each `(image, prompt)` is prepared
 /// (an undecodable image or an unencodable prompt fails the run, naming the item), then the
 /// batch is answered greedily in one call.
-fn generator(
+pub(crate) fn generator(
     vlm: &Vlm,
     max_new_tokens: usize,
 ) -> impl FnMut(&[(PathBuf, String)]) -> Result<Vec<String>, String> + '_ {
@@ -206,7 +236,7 @@ fn print_chair(m: &chair::ChairMetrics) {
 
 /// The run's settings, written before the model runs so that a failed or interrupted run
 /// still says what it was asked to do.
-fn write_config(
+pub(crate) fn write_config(
     out: &Path,
     model: &ModelArgs,
     command: &str,

@@ -153,3 +153,180 @@ fn chair_matches_the_reference_to_the_last_digit() {
     let lisaanne = format!("{:.1}\t{:.1}", m.chair_s * 100.0, m.chair_i * 100.0);
     assert_eq!(lisaanne, want["printed"]["lisaanne"].as_str().unwrap());
 }
+
+#[test]
+fn hallusionbench_matches_the_official_aggregation() {
+    use misp::eval::hallusionbench;
+    let questions =
+        hallusionbench::read_questions(&fixture("hallusionbench/HallusionBench.json")).unwrap();
+    let answers = hallusionbench::read_answers(&fixture("hallusionbench/answers.jsonl")).unwrap();
+    assert_eq!(questions.len(), answers.len());
+    for (q, a) in questions.iter().zip(&answers) {
+        assert_eq!(q, &a.question, "the audit rows carry the questions as read");
+    }
+    let want = expected("hallusionbench/expected.json");
+    let preds: Vec<&str> = answers.iter().map(|a| a.pred.as_str()).collect();
+    let want_preds: Vec<&str> = want["preds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(preds, want_preds);
+    let got = hallusionbench::score(&answers).unwrap();
+    let sections = want["metrics"].as_object().unwrap();
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        sections.keys().collect::<Vec<_>>()
+    );
+    for (name, w) in sections {
+        let m = &got[name];
+        let counts = [
+            m.n,
+            m.correct,
+            m.figures,
+            m.figures_correct,
+            m.question_groups,
+            m.question_groups_correct,
+        ];
+        let want_counts = [
+            "n",
+            "correct",
+            "figures",
+            "figures_correct",
+            "question_groups",
+            "question_groups_correct",
+        ]
+        .map(|k| w[k].as_u64().unwrap() as usize);
+        assert_eq!(counts, want_counts, "{name} counts");
+        assert!(
+            (m.a_acc - w["aAcc"].as_f64().unwrap()).abs() < 1e-9,
+            "{name} aAcc"
+        );
+        assert!(
+            (m.q_acc - w["qAcc"].as_f64().unwrap()).abs() < 1e-9,
+            "{name} qAcc"
+        );
+        match (m.f_acc, w.get("fAcc")) {
+            (Some(f), Some(wf)) => {
+                assert!((f - wf.as_f64().unwrap()).abs() < 1e-9, "{name} fAcc")
+            }
+            (None, None) => {}
+            (f, wf) => panic!("{name} fAcc: {f:?} vs {wf:?}"),
+        }
+    }
+}
+
+#[test]
+fn mmvp_matches_the_official_pair_grading() {
+    use misp::eval::mmvp;
+    let questions = mmvp::read_questions(&fixture("mmvp/Questions.csv")).unwrap();
+    let answers = mmvp::read_answers(&fixture("mmvp/answers.jsonl")).unwrap();
+    assert_eq!(questions.len(), 24);
+    for (q, a) in questions.iter().zip(&answers) {
+        assert_eq!(q, &a.question, "the CSV reads as the audit rows record it");
+    }
+    let want = expected("mmvp/expected.json");
+    let preds: Vec<Option<String>> = answers.iter().map(|a| a.pred.map(String::from)).collect();
+    let want_preds: Vec<Option<String>> = want["preds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().map(str::to_string))
+        .collect();
+    assert_eq!(preds, want_preds);
+    let m = &mmvp::score(&answers).unwrap()["overall"];
+    let w = &want["overall"];
+    let counts = [m.n, m.correct, m.pairs, m.pairs_correct, m.unknown];
+    let want_counts = ["n", "correct", "pairs", "pairs_correct", "unknown"]
+        .map(|k| w[k].as_u64().unwrap() as usize);
+    assert_eq!(counts, want_counts);
+    assert!((m.accuracy - w["accuracy"].as_f64().unwrap()).abs() < 1e-9);
+    assert!((m.pair_accuracy - w["pair_accuracy"].as_f64().unwrap()).abs() < 1e-9);
+    assert_eq!(
+        format!("The accuracy is {}", py_repr(m.pair_accuracy)),
+        w["printed"].as_str().unwrap()
+    );
+}
+
+#[test]
+fn amber_matches_the_official_counting() {
+    use misp::eval::amber;
+    let data = fixture("amber/data");
+    let a = amber::Amber::load(&data).unwrap();
+    let answers = amber::read_answers(&fixture("amber/responses.json")).unwrap();
+    assert_eq!(answers.len(), 28);
+    let want = expected("amber/expected.json");
+    let (metrics, rescored) = amber::score(&a, &answers).unwrap();
+    // Per description: misp's object nouns are the ones NLTK gives, the hallucinated ones the
+    // official loop's.
+    for r in &rescored {
+        let key = r.id.to_string();
+        if let Some(item) = want["items"].get(&key) {
+            let list = |v: &serde_json::Value| -> Vec<String> {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|w| w.as_str().unwrap().to_string())
+                    .collect()
+            };
+            assert_eq!(
+                r.nouns.as_ref().unwrap(),
+                &list(&item["nouns"]),
+                "nouns of {key}"
+            );
+            assert_eq!(
+                r.hallucinated.as_ref().unwrap(),
+                &list(&item["hallucinated"]),
+                "hallucinated in {key}"
+            );
+        } else {
+            let pred = r.pred.unwrap().as_str();
+            assert_eq!(pred, want["preds"][&key].as_str().unwrap(), "reply {key}");
+        }
+    }
+    let c = &want["counters"];
+    let count = |k: &str| c[k].as_u64().unwrap() as usize;
+    let g = &metrics["generative"];
+    let u = |v: &serde_json::Value| v.as_u64().unwrap() as usize;
+    assert_eq!(u(&g["hallucinated"]), count("chair_score"));
+    assert_eq!(u(&g["mentioned"]), count("chair_num"));
+    assert_eq!(u(&g["covered"]), count("safe_cover_score"));
+    assert_eq!(u(&g["truth"]), count("safe_cover_num"));
+    assert_eq!(u(&g["hallu_mentioned"]), count("hallu_cover_score"));
+    assert_eq!(u(&g["hallu"]), count("hallu_cover_num"));
+    assert_eq!(
+        u(&g["n"]) - u(&g["replies_with_hallucination"]),
+        count("non_hallu_score")
+    );
+    let d = &metrics["discriminative"];
+    assert_eq!(u(&d["correct"]), count("qa_correct_score"));
+    assert_eq!(u(&d["n"]), count("qa_correct_num"));
+    assert_eq!(u(&d["truth_no"]), count("qa_no_num"));
+    assert_eq!(u(&d["truth_no_answered_no"]), count("qa_no_score"));
+    assert_eq!(u(&d["answered_no"]), count("qa_ans_no_num"));
+    let exact = &want["exact"];
+    for (section, field) in [
+        ("generative", "chair"),
+        ("generative", "cover"),
+        ("generative", "hal"),
+        ("generative", "cog"),
+        ("discriminative", "accuracy"),
+        ("discriminative", "precision"),
+        ("discriminative", "recall"),
+    ] {
+        let got = metrics[section][field].as_f64().unwrap();
+        assert!(
+            (got - exact[field].as_f64().unwrap()).abs() < 1e-9,
+            "{field}"
+        );
+    }
+    // What inference.py prints, every dimension.
+    let printed = want["printed"].as_object().unwrap();
+    for (section, values) in printed {
+        assert_eq!(
+            &metrics[section]["official"], values,
+            "{section}: the official prints"
+        );
+    }
+}

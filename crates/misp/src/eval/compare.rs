@@ -1,9 +1,11 @@
-//! `misp eval compare`: several runs' `metrics.json` (POPE and/or CHAIR) side by side, as a
+//! `misp eval compare`: several runs' `metrics.json` (POPE, CHAIR, HallusionBench, MMVP, AMBER)
+//! side by side, as a
 //! markdown table (`compare.md`), the same numbers as JSON (`compare.json`) and a grouped bar
 //! chart (`compare.png`: one cluster per metric, one bar per run).
 //!
 //! Only the fraction-valued metrics are compared (accuracy, precision, recall, F1, yes-ratio,
-//! CHAIR_s, CHAIR_i); counts stay in each run's own files.
+//! CHAIR_s, CHAIR_i, aAcc / fAcc / qAcc, pair accuracy, AMBER's cover / hal / cog); counts stay
+//! in each run's own files.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,8 +15,8 @@ use super::EvalError;
 use crate::files::{write_atomic, write_json_atomic, FileError};
 use crate::report::plot;
 
-/// Fraction-valued fields, in display order.
-const FIELDS: [&str; 7] = [
+/// Fraction-valued fields, in display order (POPE, CHAIR, HallusionBench, MMVP, AMBER).
+const FIELDS: [&str; 15] = [
     "accuracy",
     "precision",
     "recall",
@@ -22,6 +24,14 @@ const FIELDS: [&str; 7] = [
     "yes_ratio",
     "chair_s",
     "chair_i",
+    "aAcc",
+    "fAcc",
+    "qAcc",
+    "pair_accuracy",
+    "chair",
+    "cover",
+    "hal",
+    "cog",
 ];
 
 /// One run's comparable metrics: `(label, value)` in display order, e.g. `("overall f1", 0.87)`.
@@ -87,7 +97,7 @@ pub fn read_run(dir: &Path) -> Result<RunMetrics, EvalError> {
             &path,
             0,
             "(document)",
-            "no POPE or CHAIR metrics in it",
+            "no metrics of a misp eval benchmark in it",
         ));
     }
     let name = dir

@@ -4,14 +4,23 @@
 //!   recall, F1, yes-ratio per split and overall), answers parsed as the official script does.
 //! - [`chair`]: captions -> CHAIR_i, CHAIR_s and object recall against COCO instance
 //!   annotations (or any per-image object sets), through the reference synonym table.
+//! - [`hallusionbench`]: yes/no questions on figures -> aAcc, fAcc, qAcc overall, per category
+//!   and subcategory ([`extract`] holds the yes/no and option extraction).
+//! - [`mmvp`]: two-option questions on image pairs -> question and pair accuracy.
+//! - [`amber`]: AMBER's descriptions (CHAIR, Cover, Hal, Cog) and yes/no questions (accuracy,
+//!   precision, recall, F1 per dimension).
 //! - [`compare`]: several runs' `metrics.json` -> one markdown table and a bar chart.
 //!
 //! Nothing here loads a model: generation is a caller-given batched function
 //! ([`GenerateFn`]), so the metrics can be re-derived from saved answers alone
 //! (`misp eval score-only`) and tested without weights.
 
+pub mod amber;
 pub mod chair;
 pub mod compare;
+pub mod extract;
+pub mod hallusionbench;
+pub mod mmvp;
 pub mod pope;
 pub mod words;
 
