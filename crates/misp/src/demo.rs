@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use crate::embeddings::PoolEmbeddings;
 use crate::files::{read_lines, write_atomic, write_json_atomic, FileError};
 use crate::report::plot::{bar_chart, line_chart, scatter_chart};
+use crate::report::stats;
 use crate::report::tsne::{tsne, TsneConfig};
 use crate::world::scene::Scene;
 use crate::world::text::Claim;
@@ -40,7 +41,10 @@ pub const SHIPPED_CONFIGS: [(&str, &str); 10] = [
     ),
     ("dpo", include_str!("../../../configs/dpo.toml")),
     ("mdpo", include_str!("../../../configs/mdpo.toml")),
-    ("chip", include_str!("../../../configs/chip.toml")),
+    (
+        "text+noise",
+        include_str!("../../../configs/text+noise.toml"),
+    ),
     (
         "noise+misp",
         include_str!("../../../configs/noise+misp.toml"),
@@ -86,11 +90,23 @@ pub struct DemoPlan {
 
 impl DemoPlan {
     pub fn new(quick: bool, seeds: Option<Vec<u64>>, _validation: bool) -> Self {
-        let mut variants: Vec<String> =
-            ["dpo", "mdpo", "random", "misp"].map(String::from).to_vec();
-        if !quick {
-            variants.push("similarity".into());
+        // Every variant a claim of the paper needs (see CLAIMS); --quick keeps four.
+        let variants: Vec<String> = if quick {
+            vec!["dpo", "mdpo", "random", "misp"]
+        } else {
+            vec![
+                "dpo",
+                "mdpo",
+                "text+noise",
+                "random",
+                "similarity",
+                "misp",
+                "misp-exact",
+            ]
         }
+        .into_iter()
+        .map(String::from)
+        .collect();
         let train = [
             "lora_r=16",
             "lora_alpha=32",
@@ -296,34 +312,41 @@ fn run_metrics(eval_dir: &Path) -> BTreeMap<String, BTreeMap<String, f64>> {
     out
 }
 
-fn mean_std(xs: &[f64]) -> (f64, f64) {
-    let n = xs.len() as f64;
-    let mean = xs.iter().sum::<f64>() / n.max(1.0);
-    let var = if xs.len() > 1 {
-        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (mean, var.sqrt())
+/// `variant -> benchmark -> metric -> {mean, std, runs: [{seed, value}]}` over the runs (the
+/// base, evaluated once, has one run with seed `null`).
+fn aggregate(out: &Path, runs: &[RunEval]) -> Value {
+    let mut per_run = Vec::new();
+    for run in runs {
+        per_run.push((
+            run.variant.clone(),
+            run.seed,
+            run_metrics(&out.join("eval").join(&run.name)),
+        ));
+    }
+    aggregate_metrics(&per_run)
 }
 
-/// `variant -> benchmark -> metric -> {mean, std, seeds}` over the runs.
-fn aggregate(out: &Path, runs: &[RunEval]) -> Value {
-    let mut acc: BTreeMap<String, BTreeMap<String, BTreeMap<String, Vec<f64>>>> = BTreeMap::new();
+/// One evaluated run: its variant, its seed and `benchmark -> metric -> value`.
+type RunMetrics = (String, Option<u64>, BTreeMap<String, BTreeMap<String, f64>>);
+
+/// [`aggregate`] on metrics already read; variants in the order they first appear.
+fn aggregate_metrics(per_run: &[RunMetrics]) -> Value {
+    type Seeds = Vec<(Option<u64>, f64)>;
+    let mut acc: BTreeMap<String, BTreeMap<String, BTreeMap<String, Seeds>>> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
-    for run in runs {
-        if !order.contains(&run.variant) {
-            order.push(run.variant.clone());
+    for (variant, seed, metrics) in per_run {
+        if !order.contains(variant) {
+            order.push(variant.clone());
         }
-        for (bench, metrics) in run_metrics(&out.join("eval").join(&run.name)) {
-            for (m, v) in metrics {
-                acc.entry(run.variant.clone())
+        for (bench, ms) in metrics {
+            for (m, v) in ms {
+                acc.entry(variant.clone())
                     .or_default()
                     .entry(bench.clone())
                     .or_default()
-                    .entry(m)
+                    .entry(m.clone())
                     .or_default()
-                    .push(v);
+                    .push((*seed, *v));
             }
         }
     }
@@ -333,8 +356,13 @@ fn aggregate(out: &Path, runs: &[RunEval]) -> Value {
         for (bench, metrics) in acc.remove(&variant).unwrap_or_default() {
             let mut ms = serde_json::Map::new();
             for (m, seeds) in metrics {
-                let (mean, std) = mean_std(&seeds);
-                ms.insert(m, json!({"mean": mean, "std": std, "seeds": seeds}));
+                let values: Vec<f64> = seeds.iter().map(|(_, v)| *v).collect();
+                let (mean, std) = stats::mean_std(&values);
+                let runs: Vec<Value> = seeds
+                    .iter()
+                    .map(|(seed, value)| json!({"seed": seed, "value": value}))
+                    .collect();
+                ms.insert(m, json!({"mean": mean, "std": std, "runs": runs}));
             }
             benches.insert(bench, Value::Object(ms));
         }
@@ -343,8 +371,256 @@ fn aggregate(out: &Path, runs: &[RunEval]) -> Value {
     Value::Object(result)
 }
 
-fn get(results: &Value, variant: &str, bench: &str, metric: &str) -> Option<f64> {
-    results[variant][bench][metric]["mean"].as_f64()
+fn get(variants: &Value, variant: &str, bench: &str, metric: &str) -> Option<f64> {
+    variants[variant][bench][metric]["mean"].as_f64()
+}
+
+/// A metric the claims are judged on.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    pub bench: &'static str,
+    pub key: &'static str,
+    pub label: &'static str,
+    pub higher_is_better: bool,
+}
+
+/// The metrics of every comparison, headline first.
+pub const METRICS: [Metric; 6] = [
+    Metric {
+        bench: "pope/adversarial",
+        key: "f1",
+        label: "POPE adv F1",
+        higher_is_better: true,
+    },
+    Metric {
+        bench: "chair",
+        key: "chair_s",
+        label: "CHAIR_s",
+        higher_is_better: false,
+    },
+    Metric {
+        bench: "pope/popular",
+        key: "f1",
+        label: "POPE pop F1",
+        higher_is_better: true,
+    },
+    Metric {
+        bench: "pope/random",
+        key: "f1",
+        label: "POPE rand F1",
+        higher_is_better: true,
+    },
+    Metric {
+        bench: "pope/adversarial",
+        key: "accuracy",
+        label: "POPE adv acc",
+        higher_is_better: true,
+    },
+    Metric {
+        bench: "chair",
+        key: "chair_i",
+        label: "CHAIR_i",
+        higher_is_better: false,
+    },
+];
+
+/// A claim of the paper, as a comparison of two variants.
+#[derive(Debug, Clone, Copy)]
+pub struct PaperClaim {
+    pub a: &'static str,
+    pub b: &'static str,
+    /// The claim in words.
+    pub text: &'static str,
+    /// The paper claims the two are the same (IS ~ exact), not that `a` is better.
+    pub same: bool,
+}
+
+/// The paper's claims the demo tests.
+pub const CLAIMS: [PaperClaim; 6] = [
+    PaperClaim {
+        a: "misp",
+        b: "random",
+        text: "SAE-selected diverse negatives beat random ones (misp > random)",
+        same: false,
+    },
+    PaperClaim {
+        a: "misp",
+        b: "similarity",
+        text: "SAE-selected diverse negatives beat the most CLIP-similar ones (misp > similarity)",
+        same: false,
+    },
+    PaperClaim {
+        a: "misp",
+        b: "mdpo",
+        text: "K = 3 negatives beat one (misp > mDPO)",
+        same: false,
+    },
+    PaperClaim {
+        a: "misp",
+        b: "text+noise",
+        text: "K = 3 negatives beat one (misp > text+noise, the CHiP-like baseline)",
+        same: false,
+    },
+    PaperClaim {
+        a: "misp",
+        b: "dpo",
+        text: "image + text preference beats text only (misp > dpo)",
+        same: false,
+    },
+    PaperClaim {
+        a: "misp",
+        b: "misp-exact",
+        text: "the importance-sampled gradient does as well as the exact one (misp ~ misp-exact)",
+        same: true,
+    },
+];
+
+/// `(seed, value)` of every trained run of `variant` on one metric.
+fn seed_values(variants: &Value, variant: &str, m: &Metric) -> Vec<(u64, f64)> {
+    variants[variant][m.bench][m.key]["runs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| Some((r["seed"].as_u64()?, r["value"].as_f64()?)))
+        .collect()
+}
+
+/// Per-seed differences `a - b` (in points, x100) over the seeds both variants ran, in seed
+/// order: the pairs of a paired comparison.
+pub fn paired_differences(variants: &Value, a: &str, b: &str, m: &Metric) -> Vec<(u64, f64)> {
+    let bs: BTreeMap<u64, f64> = seed_values(variants, b, m).into_iter().collect();
+    let mut out: Vec<(u64, f64)> = seed_values(variants, a, m)
+        .into_iter()
+        .filter_map(|(seed, va)| Some((seed, 100.0 * (va - bs.get(&seed)?))))
+        .collect();
+    out.sort_by_key(|(seed, _)| *seed);
+    out
+}
+
+/// One claim on one metric: the paired differences, their interval and the verdict.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    pub claim: PaperClaim,
+    pub metric: Metric,
+    pub differences: Vec<(u64, f64)>,
+    pub interval: Option<stats::Interval>,
+    pub verdict: stats::Verdict,
+}
+
+impl Comparison {
+    pub fn new(variants: &Value, claim: PaperClaim, metric: Metric) -> Self {
+        let differences = paired_differences(variants, claim.a, claim.b, &metric);
+        let d: Vec<f64> = differences.iter().map(|(_, d)| *d).collect();
+        let interval = stats::t_interval(&d, stats::LEVEL);
+        let verdict = stats::verdict(interval.as_ref(), metric.higher_is_better);
+        Self {
+            claim,
+            metric,
+            differences,
+            interval,
+            verdict,
+        }
+    }
+
+    /// `"+1.2 [-0.3, +2.7]"` (points), or the one difference with no interval.
+    pub fn interval_text(&self) -> String {
+        match (&self.interval, self.differences.as_slice()) {
+            (Some(iv), _) => format!("{:+.2} [{:+.2}, {:+.2}]", iv.mean, iv.lo, iv.hi),
+            (None, [(_, d)]) => format!("{d:+.2} (one seed, no interval)"),
+            _ => "-".into(),
+        }
+    }
+
+    /// The verdict in words, e.g. `misp beats random`.
+    pub fn verdict_text(&self) -> String {
+        let (a, b) = (self.claim.a, self.claim.b);
+        match self.verdict {
+            stats::Verdict::Better => format!("{a} beats {b}"),
+            stats::Verdict::Worse => format!("{a} is worse than {b}"),
+            stats::Verdict::NoDifference => "no difference measurable".into(),
+            stats::Verdict::TooFewSeeds => "fewer than two paired seeds: no verdict".into(),
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "claim": self.claim.text,
+            "a": self.claim.a,
+            "b": self.claim.b,
+            "benchmark": self.metric.bench,
+            "metric": self.metric.key,
+            "higher_is_better": self.metric.higher_is_better,
+            "differences_points": self.differences.iter().map(|(s, d)| json!({"seed": s, "a_minus_b": d})).collect::<Vec<_>>(),
+            "mean": self.interval.map(|i| i.mean),
+            "lo": self.interval.map(|i| i.lo),
+            "hi": self.interval.map(|i| i.hi),
+            "verdict": self.verdict_text(),
+        })
+    }
+}
+
+/// Every claim whose two variants were both run, on every metric.
+pub fn comparisons(variants: &Value) -> Vec<Comparison> {
+    let ran = |v: &str| variants.get(v).is_some();
+    CLAIMS
+        .iter()
+        .filter(|c| ran(c.a) && ran(c.b))
+        .flat_map(|c| METRICS.iter().map(|m| Comparison::new(variants, *c, *m)))
+        .collect()
+}
+
+/// The sentence a claim gets from its comparisons: what the intervals allow, metric by metric.
+pub fn claim_sentence(claim: &PaperClaim, cs: &[&Comparison]) -> String {
+    let list = |v: stats::Verdict| -> Vec<&str> {
+        cs.iter()
+            .filter(|c| c.verdict == v)
+            .map(|c| c.metric.label)
+            .collect()
+    };
+    let (better, worse, none) = (
+        list(stats::Verdict::Better),
+        list(stats::Verdict::Worse),
+        list(stats::Verdict::NoDifference),
+    );
+    if better.is_empty() && worse.is_empty() && none.is_empty() {
+        return format!("{}: fewer than two paired seeds, no verdict.", claim.text);
+    }
+    let mut parts = Vec::new();
+    if !better.is_empty() {
+        parts.push(format!(
+            "{} beats {} on {}",
+            claim.a,
+            claim.b,
+            better.join(", ")
+        ));
+    }
+    if !worse.is_empty() {
+        parts.push(format!(
+            "{} is worse than {} on {}",
+            claim.a,
+            claim.b,
+            worse.join(", ")
+        ));
+    }
+    if !none.is_empty() {
+        parts.push(format!("no difference measurable on {}", none.join(", ")));
+    }
+    let held = if claim.same {
+        if better.is_empty() && worse.is_empty() {
+            "consistent with the claim (no measurable difference; the intervals bound how large one could be)"
+        } else {
+            "the claim does not hold here: the two differ"
+        }
+    } else if !better.is_empty() && worse.is_empty() {
+        "the claim holds here"
+    } else if !worse.is_empty() && better.is_empty() {
+        "the opposite of the claim holds here"
+    } else if better.is_empty() {
+        "the claim is not shown here"
+    } else {
+        "mixed: the claim holds on some metrics and fails on others"
+    };
+    format!("**{}**: {}; {held}.", claim.text, parts.join("; "))
 }
 
 /// Negative validity: the share of a strategy's selected negatives on which the chosen answer
@@ -446,7 +722,18 @@ pub fn write_report(
     timings: &[(String, f64)],
 ) -> Result<PathBuf, DemoError> {
     let results = aggregate(out, runs);
-    write_json_atomic(&out.join("results.json"), &results)?;
+    let comps = comparisons(&results);
+    write_json_atomic(
+        &out.join("results.json"),
+        &json!({
+            "split": split,
+            "seeds": plan.seeds,
+            "interval": stats::METHOD,
+            "differences": "a - b in points (x100), per seed; a comparison pairs the runs of a and b with the same seed",
+            "variants": results,
+            "comparisons": comps.iter().map(Comparison::to_json).collect::<Vec<_>>(),
+        }),
+    )?;
     let variants: Vec<String> = results
         .as_object()
         .map(|o| o.keys().cloned().collect())
@@ -577,28 +864,50 @@ pub fn write_report(
     }
     let _ = writeln!(md, "## The sampler\n");
     let _ = writeln!(md, "{}\n", sae_sentence(&out.join("sae")));
-    let _ = writeln!(md, "## The paper's ordering\n");
-    let score = |v: &str| {
-        let f1 = get(&results, v, "pope/adversarial", "f1")?;
-        let cs = get(&results, v, "chair", "chair_s")?;
-        Some((f1, cs))
-    };
-    let sentence = match (score("misp"), score("random"), score("mdpo")) {
-        (Some(m), Some(r), Some(s)) => format!(
-            "misp vs random: POPE-adversarial F1 {:.1} vs {:.1}, CHAIR_s {:.1} vs {:.1} — misp {} random here. Multi-negative (misp, random) vs single-negative mDPO: adversarial F1 {:.1} / {:.1} vs {:.1} — the multi-negative variants {} here. With {} seed(s), differences within a std are noise.",
-            100.0 * m.0, 100.0 * r.0, 100.0 * m.1, 100.0 * r.1,
-            versus(m, r),
-            100.0 * m.0, 100.0 * r.0, 100.0 * s.0,
-            match (m.0.max(r.0) - s.0) / TIE {
-                d if d >= 1.0 => "do better",
-                d if d > -1.0 => "do no better and no worse",
-                _ => "do worse",
-            },
-            plan.seeds.len()
-        ),
-        _ => "Not all of misp, random and mdpo were evaluated; no ordering to report.".into(),
-    };
-    let _ = writeln!(md, "{sentence}\n");
+    let _ = writeln!(md, "## The paper's claims\n");
+    let _ = writeln!(
+        md,
+        "Each comparison pairs the runs of two variants that share a seed (a seed fixes the LoRA initialisation, the record order and the dropout masks of every variant), takes the per-seed difference a - b in points, and gives its mean with a 95% interval ({}). A verdict says \"beats\" only when the interval excludes 0 on the better side; otherwise \"no difference measurable\". For CHAIR lower is better, so a negative difference is a gain.\n",
+        stats::METHOD
+    );
+    let mut judged = 0;
+    for claim in &CLAIMS {
+        let cs: Vec<&Comparison> = comps
+            .iter()
+            .filter(|c| c.claim.a == claim.a && c.claim.b == claim.b)
+            .collect();
+        if cs.is_empty() {
+            continue;
+        }
+        judged += 1;
+        let _ = writeln!(md, "{}\n", claim_sentence(claim, &cs));
+        let _ = writeln!(
+            md,
+            "| metric | {a} | {b} | {a} - {b} (points), 95% CI | pairs | verdict |\n|---|---|---|---|---|---|",
+            a = claim.a,
+            b = claim.b
+        );
+        for c in cs {
+            let m = c.metric;
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} |",
+                m.label,
+                cell(claim.a, m.bench, m.key),
+                cell(claim.b, m.bench, m.key),
+                c.interval_text(),
+                c.differences.len(),
+                c.verdict_text()
+            );
+        }
+        let _ = writeln!(md);
+    }
+    if judged == 0 {
+        let _ = writeln!(
+            md,
+            "None of the claims' variant pairs were both run; nothing to compare.\n"
+        );
+    }
     let _ = writeln!(
         md,
         "## Negative validity (share of selected negatives on which the chosen answer is wrong)\n"
@@ -659,11 +968,12 @@ fn sae_sentence(sae_dir: &Path) -> String {
 /// The results table of `out/results.json` as markdown, for the terminal.
 pub fn results_table(out: &Path) -> Result<String, DemoError> {
     let path = out.join("results.json");
-    let v = read_json(&path).ok_or_else(|| bad(&path, "missing or unreadable"))?;
+    let all = read_json(&path).ok_or_else(|| bad(&path, "missing or unreadable"))?;
+    let v = &all["variants"];
     let mut s = String::from("| variant | POPE rand F1 | POPE pop F1 | POPE adv F1 | CHAIR_s | CHAIR_i |\n|---|---|---|---|---|---|\n");
     for (variant, _) in v.as_object().into_iter().flatten() {
         let c = |b: &str, m: &str| {
-            get(&v, variant, b, m).map_or("-".into(), |x| format!("{:.1}", 100.0 * x))
+            get(v, variant, b, m).map_or("-".into(), |x| format!("{:.1}", 100.0 * x))
         };
         let _ = writeln!(
             s,
@@ -678,41 +988,5 @@ pub fn results_table(out: &Path) -> Result<String, DemoError> {
     Ok(s)
 }
 
-/// Metric differences smaller than this (0.05 points, half the report's last digit) are ties.
-const TIE: f64 = 5e-4;
-
-/// How `misp` compares with `random` on (POPE-adversarial F1, higher is better; CHAIR_s, lower
-/// is better), ties within [`TIE`] counting as neither.
-fn versus(misp: (f64, f64), random: (f64, f64)) -> &'static str {
-    let sign = |d: f64| {
-        if d >= TIE {
-            1
-        } else if d <= -TIE {
-            -1
-        } else {
-            0
-        }
-    };
-    match (sign(misp.0 - random.0), sign(random.1 - misp.1)) {
-        (0, 0) => "ties with",
-        (a, b) if a >= 0 && b >= 0 => "beats",
-        (a, b) if a <= 0 && b <= 0 => "does not beat",
-        _ => "partly beats",
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::versus;
-
-    #[test]
-    fn ordering_words_follow_both_metrics_and_treat_ties_as_ties() {
-        // (adversarial F1, CHAIR_s): higher F1 and lower CHAIR_s are better.
-        assert_eq!(versus((0.796, 0.35), (0.796, 0.35)), "ties with");
-        assert_eq!(versus((0.80, 0.30), (0.79, 0.31)), "beats");
-        assert_eq!(versus((0.80, 0.31), (0.79, 0.31)), "beats");
-        assert_eq!(versus((0.758, 0.296), (0.754, 0.287)), "partly beats");
-        assert_eq!(versus((0.78, 0.32), (0.79, 0.31)), "does not beat");
-        assert_eq!(versus((0.79, 0.32), (0.79, 0.31)), "does not beat");
-    }
-}
+mod tests;
