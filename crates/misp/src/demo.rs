@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::embeddings::PoolEmbeddings;
 use crate::files::{read_lines, write_atomic, write_json_atomic, FileError};
-use crate::report::plot::{bar_chart, line_chart, scatter_chart};
+use crate::report::plot::{bar_chart, interval_chart, line_chart, scatter_chart};
 use crate::report::stats;
 use crate::report::tsne::{tsne, TsneConfig};
 use crate::world::scene::Scene;
@@ -86,6 +86,8 @@ pub struct DemoPlan {
     pub chair_images: usize,
     /// `--set` overrides of every training run (chosen on the validation split).
     pub train: Vec<String>,
+    /// A sweep of misp to run besides the variants (`--sweep`).
+    pub sweep: Option<Sweep>,
 }
 
 impl DemoPlan {
@@ -107,7 +109,10 @@ impl DemoPlan {
         .into_iter()
         .map(String::from)
         .collect();
+        // Chosen on the validation split (bench/demo_tune): see TUNING.
         let train = [
+            "epochs=1",
+            "max_records=240",
             "lora_r=16",
             "lora_alpha=32",
             "lora_dropout=0.0",
@@ -129,6 +134,7 @@ impl DemoPlan {
             pope_per_split: if quick { 100 } else { 300 },
             chair_images: if quick { 40 } else { 150 },
             train,
+            sweep: None,
         }
     }
 
@@ -155,13 +161,180 @@ impl DemoPlan {
     pub fn train_sets(&self, seed: u64) -> Vec<String> {
         let mut sets = self.train.clone();
         sets.push(format!("seed={seed}"));
-        // One epoch over 240 records keeps a run near 40 s on two cores, so the full demo's
-        // 15 runs (5 variants x 3 seeds) fit its 15-minute budget.
-        sets.push("epochs=1".into());
-        sets.push("max_records=240".into());
         sets
     }
+
+    /// Trains only `variants` (shipped config names) instead of the plan's own.
+    pub fn with_variants(mut self, variants: &[String]) -> Result<Self, String> {
+        for v in variants {
+            if !SHIPPED_CONFIGS.iter().any(|(name, _)| name == v) {
+                let known: Vec<&str> = SHIPPED_CONFIGS.iter().map(|(n, _)| *n).collect();
+                return Err(format!(
+                    "--variants: unknown variant `{v}` (known: {})",
+                    known.join(", ")
+                ));
+            }
+        }
+        if variants.is_empty() {
+            return Err("--variants: give at least one".into());
+        }
+        self.variants = variants.to_vec();
+        Ok(self)
+    }
+
+    /// Adds `--set KEY=VALUE` overrides after the demo's own (they win).
+    pub fn with_sets(mut self, sets: &[String]) -> Self {
+        self.train.extend(sets.iter().cloned());
+        self
+    }
 }
+
+/// One of the paper's sweeps of misp (`misp demo --sweep NAME`): a training key and its values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sweep {
+    /// The `--set` key swept (`beta`, `k`).
+    pub key: &'static str,
+    pub values: Vec<&'static str>,
+    /// The figure the paper draws it in, for the report.
+    pub source: &'static str,
+}
+
+/// The sweeps `--sweep` knows.
+pub const SWEEPS: [(&str, &[&str], &str); 2] = [
+    (
+        "beta",
+        &["0.1", "0.3", "0.5", "1.0"],
+        "the paper's Figure 4 (beta)",
+    ),
+    (
+        "k",
+        &["1", "2", "3", "5"],
+        "the paper's number-of-negatives study (K)",
+    ),
+];
+
+impl Sweep {
+    /// The sweep called `name`, or an error listing the known ones.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        SWEEPS
+            .iter()
+            .find(|(key, _, _)| *key == name)
+            .map(|(key, values, source)| Sweep {
+                key,
+                values: values.to_vec(),
+                source,
+            })
+            .ok_or_else(|| {
+                let known: Vec<&str> = SWEEPS.iter().map(|(k, _, _)| *k).collect();
+                format!(
+                    "--sweep: unknown parameter `{name}` (known: {})",
+                    known.join(", ")
+                )
+            })
+    }
+
+    /// The variant name of one point: `misp@beta=0.3`.
+    pub fn variant(&self, value: &str) -> String {
+        format!("misp@{}={value}", self.key)
+    }
+
+    /// Most negatives a point needs (the misp file is mined with at least this many).
+    pub fn max_k(&self) -> Option<usize> {
+        (self.key == "k").then(|| {
+            self.values
+                .iter()
+                .filter_map(|v| v.parse().ok())
+                .max()
+                .unwrap_or(0)
+        })
+    }
+}
+
+/// Mean and 95% t interval over seeds of one sweep point's metric (points, x100); not paired.
+pub fn point_interval(variants: &Value, variant: &str, m: &Metric) -> Option<stats::Interval> {
+    let vals: Vec<f64> = seed_values(variants, variant, m)
+        .into_iter()
+        .map(|(_, v)| 100.0 * v)
+        .collect();
+    match vals.as_slice() {
+        [] => None,
+        [one] => Some(stats::Interval {
+            n: 1,
+            mean: *one,
+            lo: *one,
+            hi: *one,
+        }),
+        _ => stats::t_interval(&vals, stats::LEVEL),
+    }
+}
+
+/// The report's section of a sweep: a table and a chart per headline metric (`out/sweep-KEY-*.png`).
+fn sweep_section(out: &Path, variants: &Value, sweep: &Sweep, md: &mut String) {
+    let _ = writeln!(
+        md,
+        "## Sweep of {} ({})\n\nmisp trained with `{}` set to each value, the other settings as above; mean over seeds with a 95% t interval over seeds (not paired; points).\n",
+        sweep.key, sweep.source, sweep.key
+    );
+    let headline = &METRICS[..2];
+    let _ = writeln!(
+        md,
+        "| {} | {} | seeds |\n|---|---|---|---|",
+        sweep.key,
+        headline
+            .iter()
+            .map(|m| m.label)
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    for value in &sweep.values {
+        let v = sweep.variant(value);
+        let cells: Vec<String> = headline
+            .iter()
+            .map(|m| match point_interval(variants, &v, m) {
+                Some(iv) if iv.n > 1 => {
+                    format!("{:.1} [{:.1}, {:.1}]", iv.mean, iv.lo, iv.hi)
+                }
+                Some(iv) => format!("{:.1}", iv.mean),
+                None => "-".into(),
+            })
+            .collect();
+        let n = seed_values(variants, &v, &METRICS[0]).len();
+        let _ = writeln!(md, "| {value} | {} | {n} |", cells.join(" | "));
+    }
+    for m in headline {
+        let mut pts = Vec::new();
+        let mut ivs = Vec::new();
+        for value in &sweep.values {
+            let (Ok(x), Some(iv)) = (
+                value.parse::<f64>(),
+                point_interval(variants, &sweep.variant(value), m),
+            ) else {
+                continue;
+            };
+            pts.push((x, iv.mean));
+            ivs.push((iv.lo, iv.hi));
+        }
+        let file = format!("sweep-{}-{}.png", sweep.key, m.key);
+        if !pts.is_empty()
+            && interval_chart(
+                &out.join(&file),
+                &format!("misp: {} vs {} (95% CI over seeds)", m.label, sweep.key),
+                &[("misp".to_string(), pts)],
+                &[ivs],
+                sweep.key,
+                &format!("{} (points)", m.label),
+            )
+            .is_ok()
+        {
+            let _ = writeln!(md, "\n![{} vs {}]({file})", m.label, sweep.key);
+        }
+    }
+    let _ = writeln!(md);
+}
+
+/// How the demo's training settings were chosen: the committed table of the search on the
+/// validation split (bench/demo_tune/tune.sh writes it).
+pub const TUNING: &str = include_str!("../../../bench/demo_tune/results.md");
 
 /// The negatives file a variant trains on (`None`: it needs none).
 pub fn negatives_for(variant: &str) -> Option<&'static str> {
@@ -922,6 +1095,11 @@ pub fn write_report(
     for (title, file) in &figures {
         let _ = writeln!(md, "### {title}\n\n![{title}]({file})\n");
     }
+    if let Some(sweep) = &plan.sweep {
+        sweep_section(out, &results, sweep, &mut md);
+    }
+    let _ = writeln!(md, "## How the training settings were chosen\n");
+    let _ = writeln!(md, "{}\n", TUNING.trim());
     let _ = writeln!(md, "## Time per stage\n\n| stage | seconds |\n|---|---|");
     for (name, secs) in timings {
         let _ = writeln!(md, "| {name} | {secs:.1} |");

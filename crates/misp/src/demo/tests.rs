@@ -230,3 +230,55 @@ fn negative_validity_counts_negatives_that_contradict_the_chosen_answer() {
     assert!(negative_validity(&dir, &dir.join("missing.jsonl")).is_none());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn sweeps_are_the_papers_and_an_unknown_one_lists_the_known() {
+    let beta = Sweep::parse("beta").unwrap();
+    assert_eq!(beta.values, vec!["0.1", "0.3", "0.5", "1.0"]);
+    assert_eq!(beta.variant("0.3"), "misp@beta=0.3");
+    assert_eq!(beta.max_k(), None);
+    let k = Sweep::parse("k").unwrap();
+    assert_eq!(k.values, vec!["1", "2", "3", "5"]);
+    assert_eq!(k.max_k(), Some(5));
+    let err = Sweep::parse("lr").unwrap_err();
+    assert!(err.contains("unknown parameter `lr`"), "{err}");
+    assert!(err.contains("known: beta, k"), "{err}");
+}
+
+#[test]
+fn a_sweep_point_gets_the_mean_and_t_interval_of_its_seeds() {
+    let v = aggregate_metrics(&[
+        run("misp@beta=0.1", Some(0), 0.80, 0.30),
+        run("misp@beta=0.1", Some(1), 0.82, 0.28),
+        run("misp@beta=0.1", Some(2), 0.81, 0.29),
+        run("misp@beta=1.0", Some(0), 0.70, 0.40),
+    ]);
+    // 80, 82, 81 points: mean 81, sd 1, se 1/sqrt(3), t_{0.975,2} = 4.3026527.
+    let iv = point_interval(&v, "misp@beta=0.1", &F1).unwrap();
+    let half = 4.302_652_73 / 3.0_f64.sqrt();
+    assert!((iv.mean - 81.0).abs() < 1e-9);
+    assert!((iv.lo - (81.0 - half)).abs() < 1e-6 && (iv.hi - (81.0 + half)).abs() < 1e-6);
+    // One seed: the value, no width.
+    let one = point_interval(&v, "misp@beta=1.0", &F1).unwrap();
+    assert_eq!((one.n, one.lo, one.hi), (1, 70.0, 70.0));
+    assert!(point_interval(&v, "misp@beta=0.5", &F1).is_none());
+}
+
+#[test]
+fn variants_must_be_shipped_configs() {
+    let plan = DemoPlan::new(true, None, false);
+    let err = plan
+        .clone()
+        .with_variants(&["misp".into(), "chip".into()])
+        .unwrap_err();
+    assert!(err.contains("unknown variant `chip`"), "{err}");
+    assert!(err.contains("text+noise"), "{err}");
+    let plan = plan.with_variants(&["dpo".into()]).unwrap();
+    assert_eq!(plan.variants, vec!["dpo".to_string()]);
+    // --set overrides come after the demo's own, so they win.
+    let plan = plan.with_sets(&["lr=1e-3".into()]);
+    let sets = plan.train_sets(4);
+    let lr: Vec<&String> = sets.iter().filter(|s| s.starts_with("lr=")).collect();
+    assert_eq!(lr.last().map(|s| s.as_str()), Some("lr=1e-3"));
+    assert_eq!(sets.last().map(|s| s.as_str()), Some("seed=4"));
+}
