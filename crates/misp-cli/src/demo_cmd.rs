@@ -21,13 +21,14 @@ pub struct DemoArgs {
     /// Output folder (world, embeddings, SAE, negatives, runs, evaluations, report).
     #[arg(long, default_value = "demo-out")]
     out: PathBuf,
-    /// The small version (one seed, fewer records and questions, no `similarity`): <= 3 min.
+    /// The small version (one seed, four variants, fewer records and questions): <= 60 s.
     #[arg(long)]
     quick: bool,
     /// Folder holding the shipped checkpoints `shapes-clip/` and `shapes-llava/`.
     #[arg(long, default_value = "models")]
     models: PathBuf,
-    /// Seeds of every trained variant (default: 3 seeds, 1 with --quick).
+    /// Seeds of every trained variant (default: 0-4, only 0 with --quick); a seed fixes the
+    /// LoRA initialisation, record order and dropout of every variant, so runs pair by seed.
     #[arg(long, value_delimiter = ',')]
     seeds: Option<Vec<u64>>,
     /// Evaluate on the validation split instead of test (for tuning the demo's settings).

@@ -127,7 +127,8 @@ impl DemoPlan {
         Self {
             quick,
             variants,
-            seeds: seeds.unwrap_or_else(|| if quick { vec![0] } else { vec![0, 1, 2] }),
+            // Five seeds: the fewest the paired intervals of the claims are asked for.
+            seeds: seeds.unwrap_or_else(|| if quick { vec![0] } else { (0..5).collect() }),
             k: 3,
             candidates: "knn:64".into(),
             sae_epochs: if quick { 20 } else { 100 },
@@ -796,6 +797,59 @@ pub fn claim_sentence(claim: &PaperClaim, cs: &[&Comparison]) -> String {
     format!("**{}**: {}; {held}.", claim.text, parts.join("; "))
 }
 
+/// Mean over groups of the mean pairwise cosine distance `1 - cos(u, v)` within a group (groups
+/// of fewer than two rows are left out): how spread out one record's K negatives are.
+pub fn mean_pairwise_distance(groups: &[Vec<&[f32]>]) -> Option<f64> {
+    let cos = |u: &[f32], v: &[f32]| {
+        let dot: f64 = u
+            .iter()
+            .zip(v)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum();
+        let nu: f64 = u.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>().sqrt();
+        let nv: f64 = v.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>().sqrt();
+        dot / (nu * nv)
+    };
+    let per_group: Vec<f64> = groups
+        .iter()
+        .filter(|g| g.len() >= 2)
+        .map(|g| {
+            let mut sum = 0.0;
+            let mut n = 0usize;
+            for i in 0..g.len() {
+                for j in i + 1..g.len() {
+                    sum += 1.0 - cos(g[i], g[j]);
+                    n += 1;
+                }
+            }
+            sum / n as f64
+        })
+        .filter(|d| d.is_finite())
+        .collect();
+    (!per_group.is_empty()).then(|| per_group.iter().sum::<f64>() / per_group.len() as f64)
+}
+
+/// [`mean_pairwise_distance`] of a negatives file's records, in the pool's CLIP space.
+fn negative_diversity(pool: &PoolEmbeddings, neg_file: &Path) -> Option<f64> {
+    let index: HashMap<&str, usize> = pool
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i))
+        .collect();
+    let negs = crate::mine::negatives::read(neg_file).ok()?;
+    let groups: Vec<Vec<&[f32]>> = negs
+        .iter()
+        .map(|r| {
+            r.negatives
+                .iter()
+                .filter_map(|n| index.get(n.image.as_str()).map(|&i| pool.row(i)))
+                .collect()
+        })
+        .collect();
+    mean_pairwise_distance(&groups)
+}
+
 /// Negative validity: the share of a strategy's selected negatives on which the chosen answer
 /// is in fact wrong (a claim of it fails on the negative's scene graph).
 fn negative_validity(world: &Path, neg_file: &Path) -> Option<(f64, usize)> {
@@ -1085,10 +1139,20 @@ pub fn write_report(
         md,
         "## Negative validity (share of selected negatives on which the chosen answer is wrong)\n"
     );
-    let _ = writeln!(md, "| strategy | validity | negatives |\n|---|---|---|");
+    let _ = writeln!(md, "Diversity: the mean pairwise CLIP cosine distance (1 - cos) among one record's negatives, averaged over records; the paper's sampler is meant to raise it.\n");
+    let _ = writeln!(
+        md,
+        "| strategy | validity | negatives | diversity |\n|---|---|---|---|"
+    );
+    let pool = PoolEmbeddings::load(pool_dir).ok();
     for strategy in plan.strategies() {
-        if let Some((v, n)) = negative_validity(world, &neg_dir.join(format!("{strategy}.jsonl"))) {
-            let _ = writeln!(md, "| {strategy} | {:.1}% | {n} |", 100.0 * v);
+        let file = neg_dir.join(format!("{strategy}.jsonl"));
+        if let Some((v, n)) = negative_validity(world, &file) {
+            let diversity = pool
+                .as_ref()
+                .and_then(|p| negative_diversity(p, &file))
+                .map_or("-".into(), |d| format!("{d:.3}"));
+            let _ = writeln!(md, "| {strategy} | {:.1}% | {n} | {diversity} |", 100.0 * v);
         }
     }
     let _ = writeln!(md, "\n## Figures\n");

@@ -282,3 +282,14 @@ fn variants_must_be_shipped_configs() {
     assert_eq!(lr.last().map(|s| s.as_str()), Some("lr=1e-3"));
     assert_eq!(sets.last().map(|s| s.as_str()), Some("seed=4"));
 }
+
+#[test]
+fn diversity_is_the_mean_pairwise_cosine_distance_by_hand() {
+    let (e1, e2, e3) = ([1.0f32, 0.0], [0.0f32, 2.0], [-3.0f32, 0.0]);
+    // Group 1: e1, e2 orthogonal: distance 1. Group 2: e1, e2, e3: pairs 1 (e1,e2), 2 (e1,e3),
+    // 1 (e2,e3): mean 4/3. A group of one has no pair. Mean over groups: (1 + 4/3) / 2 = 7/6.
+    let groups: Vec<Vec<&[f32]>> = vec![vec![&e1, &e2], vec![&e1, &e2, &e3], vec![&e3]];
+    let d = mean_pairwise_distance(&groups).unwrap();
+    assert!((d - 7.0 / 6.0).abs() < 1e-12, "{d}");
+    assert!(mean_pairwise_distance(&[vec![&e1[..]]]).is_none());
+}
