@@ -5,7 +5,7 @@
 # `--set` overrides on top of the demo's settings, and evaluates POPE and CHAIR on the world's
 # validation split (`misp demo --validation`). The point chosen is the one with the lowest mean
 # validation CHAIR_s whose mean POPE-adversarial F1 is not more than 1 point below the base
-# model's; select.py writes the table to bench/demo_tune/results.md, which the demo's report
+# model's; choose.py writes the table to bench/demo_tune/results.md, which the demo's report
 # includes. The test split is not read here.
 #
 # Usage (from the repository root, after `cargo build --release -p misp-cli`):
@@ -36,5 +36,5 @@ for p in "${points[@]}"; do
     > "$dir.log" 2>&1 || { echo "point $p failed, see $dir.log"; exit 1; }
   echo "$p: $(( $(date +%s) - start )) s"
 done
-python3 "$here/select.py" "$out" "${points[@]}" > "$here/results.md"
+python3 "$here/choose.py" "$out" "${points[@]}" > "$here/results.md"
 cat "$here/results.md"
