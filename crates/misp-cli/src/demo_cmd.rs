@@ -21,18 +21,31 @@ pub struct DemoArgs {
     /// Output folder (world, embeddings, SAE, negatives, runs, evaluations, report).
     #[arg(long, default_value = "demo-out")]
     out: PathBuf,
-    /// The small version (one seed, fewer records and questions, no `similarity`): <= 3 min.
+    /// The small version (one seed, four variants, fewer records and questions): <= 60 s.
     #[arg(long)]
     quick: bool,
     /// Folder holding the shipped checkpoints `shapes-clip/` and `shapes-llava/`.
     #[arg(long, default_value = "models")]
     models: PathBuf,
-    /// Seeds of every trained variant (default: 3 seeds, 1 with --quick).
+    /// Seeds of every trained variant (default: 0-4, only 0 with --quick); a seed fixes the
+    /// LoRA initialisation, record order and dropout of every variant, so runs pair by seed.
     #[arg(long, value_delimiter = ',')]
     seeds: Option<Vec<u64>>,
     /// Evaluate on the validation split instead of test (for tuning the demo's settings).
     #[arg(long)]
     validation: bool,
+    /// Train only these variants (shipped config names, e.g. dpo,misp); default: every
+    /// variant the paper's claims need.
+    #[arg(long, value_delimiter = ',')]
+    variants: Option<Vec<String>>,
+    /// Training override for every run, after the demo's own (repeatable), e.g.
+    /// `--set lr=1e-3`; what bench/demo_tune/tune.sh searches over on the validation split.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Also run one of the paper's sweeps of misp, every value for every seed, with a chart
+    /// with intervals in the report: `beta` (0.1, 0.3, 0.5, 1.0) or `k` (1, 2, 3, 5).
+    #[arg(long, value_name = "PARAM")]
+    sweep: Option<String>,
     /// Passed on to every step that runs a model (embed, train, eval).
     #[command(flatten)]
     runtime: crate::runtime::RuntimeArgs,
@@ -116,7 +129,13 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let plan = DemoPlan::new(a.quick, a.seeds.clone(), a.validation);
+    let mut plan = DemoPlan::new(a.quick, a.seeds.clone(), a.validation).with_sets(&a.sets);
+    if let Some(v) = &a.variants {
+        plan = plan.with_variants(v).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(name) = &a.sweep {
+        plan.sweep = Some(demo::Sweep::parse(name).map_err(anyhow::Error::msg)?);
+    }
     // Checked here, so that a device that cannot be had fails before any work.
     a.runtime.apply()?;
     let model_flags = a.runtime.to_flags();
@@ -219,6 +238,29 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             "--quiet".into(),
         ])?;
     }
+    // The k sweep needs more misp negatives than the variants' K: a file of its own (the first
+    // k of a greedy list are the greedy choice of k).
+    let sweep_k = plan.sweep.as_ref().and_then(|s| s.max_k());
+    if let Some(k) = sweep_k {
+        misp(&[
+            "mine".into(),
+            "--pool".into(),
+            s(&pool),
+            "--records".into(),
+            s(&records),
+            "--sae".into(),
+            s(&sae),
+            "--strategy".into(),
+            "misp".into(),
+            "--k".into(),
+            k.to_string(),
+            "--candidates".into(),
+            plan.candidates.clone(),
+            "--out".into(),
+            s(&neg_dir.join(format!("misp-k{k}.jsonl"))),
+            "--quiet".into(),
+        ])?;
+    }
     timed("sae + mine", t);
 
     // 4. Training runs.
@@ -228,15 +270,38 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     for (name, text) in demo::SHIPPED_CONFIGS {
         misp::files::write_atomic(&configs.join(format!("{name}.toml")), text.as_bytes())?;
     }
+    // (run name, config, extra --set, negatives file) of every trained variant.
+    let mut jobs: Vec<(String, String, Vec<String>, Option<PathBuf>)> = plan
+        .variants
+        .iter()
+        .map(|v| {
+            let negs = demo::negatives_for(v).map(|st| neg_dir.join(format!("{st}.jsonl")));
+            (v.clone(), v.clone(), Vec::new(), negs)
+        })
+        .collect();
+    if let Some(sweep) = &plan.sweep {
+        for value in &sweep.values {
+            let negs = match sweep_k {
+                Some(k) => neg_dir.join(format!("misp-k{k}.jsonl")),
+                None => neg_dir.join("misp.jsonl"),
+            };
+            jobs.push((
+                sweep.variant(value),
+                "misp".into(),
+                vec![format!("{}={value}", sweep.key)],
+                Some(negs),
+            ));
+        }
+    }
     let mut runs: Vec<RunEval> = vec![RunEval::base()];
-    for variant in &plan.variants {
+    for (variant, config, extra, negatives) in &jobs {
         for &seed in &plan.seeds {
             let run_dir = out.join("runs").join(format!("{variant}-s{seed}"));
             if !run_dir.join("adapter/adapter_model.safetensors").is_file() {
                 let mut args = vec![
                     "train".into(),
                     "--config".into(),
-                    s(&configs.join(format!("{variant}.toml"))),
+                    s(&configs.join(format!("{config}.toml"))),
                     "--model".into(),
                     s(&llava),
                     "--data".into(),
@@ -245,10 +310,10 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
                     s(&run_dir),
                     "--quiet".into(),
                 ];
-                if let Some(strategy) = demo::negatives_for(variant) {
+                if let Some(negatives) = negatives {
                     args.extend([
                         "--negatives".into(),
-                        s(&neg_dir.join(format!("{strategy}.jsonl"))),
+                        s(negatives),
                         "--pool".into(),
                         s(&pool),
                     ]);
@@ -256,7 +321,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
                 if run_dir.join("checkpoints").is_dir() {
                     args.push("--resume".into());
                 }
-                for set in plan.train_sets(seed) {
+                for set in plan.train_sets(seed).into_iter().chain(extra.clone()) {
                     args.extend(["--set".into(), set]);
                 }
                 args.extend(model_flags.clone());

@@ -9,7 +9,7 @@ use misp::train::{train, TrainConfig, TrainInputs};
 #[derive(Args, Debug)]
 #[command(
     after_help = "Variants ship as configs in configs/ (misp, misp-exact, misp-sample, random, \
-    similarity, dpo, mdpo, chip, noise+misp, crop+noise+misp). Keys not given take \
+    similarity, dpo, mdpo, text+noise, noise+misp, crop+noise+misp). Keys not given take \
     the paper's settings where it gives them (beta 0.5, lambda 1, K 3, lr 1e-5, LoRA r 64 / alpha \
     128, batch 32) and misp's own otherwise (LoRA dropout 0.05, micro-batch 4, cosine schedule \
     with warmup 0.1, AdamW weight decay 0.05, clipping 1.0, 3 epochs; docs/design.md §9)."

@@ -23,21 +23,29 @@ fn quick_demo_writes_a_complete_report() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let results: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let variants = &results["variants"];
     for variant in ["base", "dpo", "mdpo", "random", "misp"] {
         for bench in ["pope/random", "pope/popular", "pope/adversarial"] {
-            let f1 = results[variant][bench]["f1"]["mean"].as_f64();
+            let f1 = variants[variant][bench]["f1"]["mean"].as_f64();
             assert!(
                 f1.is_some_and(|x| (0.0..=1.0).contains(&x)),
                 "{variant} {bench}"
             );
         }
-        let cs = results[variant]["chair"]["chair_s"]["seeds"].as_array();
+        // Every run's value is kept, with its seed.
+        let cs = variants[variant]["chair"]["chair_s"]["runs"].as_array();
         assert_eq!(cs.map(Vec::len), Some(1), "{variant}");
     }
+    // misp vs random, mDPO and dpo on every metric; one seed: no interval, no verdict.
+    let comps = results["comparisons"].as_array().unwrap();
+    assert_eq!(comps.len(), 3 * 6, "{comps:?}");
+    assert!(comps
+        .iter()
+        .all(|c| c["verdict"].as_str().unwrap().contains("no verdict")));
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     for needle in [
         "Does the base model hallucinate?",
-        "The paper's ordering",
+        "The paper's claims",
         "Negative validity",
     ] {
         assert!(report.contains(needle), "{needle}");

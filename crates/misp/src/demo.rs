@@ -16,7 +16,8 @@ use serde_json::{json, Value};
 
 use crate::embeddings::PoolEmbeddings;
 use crate::files::{read_lines, write_atomic, write_json_atomic, FileError};
-use crate::report::plot::{bar_chart, line_chart, scatter_chart};
+use crate::report::plot::{bar_chart, interval_chart, line_chart, scatter_chart};
+use crate::report::stats;
 use crate::report::tsne::{tsne, TsneConfig};
 use crate::world::scene::Scene;
 use crate::world::text::Claim;
@@ -40,7 +41,10 @@ pub const SHIPPED_CONFIGS: [(&str, &str); 10] = [
     ),
     ("dpo", include_str!("../../../configs/dpo.toml")),
     ("mdpo", include_str!("../../../configs/mdpo.toml")),
-    ("chip", include_str!("../../../configs/chip.toml")),
+    (
+        "text+noise",
+        include_str!("../../../configs/text+noise.toml"),
+    ),
     (
         "noise+misp",
         include_str!("../../../configs/noise+misp.toml"),
@@ -82,16 +86,33 @@ pub struct DemoPlan {
     pub chair_images: usize,
     /// `--set` overrides of every training run (chosen on the validation split).
     pub train: Vec<String>,
+    /// A sweep of misp to run besides the variants (`--sweep`).
+    pub sweep: Option<Sweep>,
 }
 
 impl DemoPlan {
     pub fn new(quick: bool, seeds: Option<Vec<u64>>, _validation: bool) -> Self {
-        let mut variants: Vec<String> =
-            ["dpo", "mdpo", "random", "misp"].map(String::from).to_vec();
-        if !quick {
-            variants.push("similarity".into());
+        // Every variant a claim of the paper needs (see CLAIMS); --quick keeps four.
+        let variants: Vec<String> = if quick {
+            vec!["dpo", "mdpo", "random", "misp"]
+        } else {
+            vec![
+                "dpo",
+                "mdpo",
+                "text+noise",
+                "random",
+                "similarity",
+                "misp",
+                "misp-exact",
+            ]
         }
+        .into_iter()
+        .map(String::from)
+        .collect();
+        // Chosen on the validation split (bench/demo_tune): see TUNING.
         let train = [
+            "epochs=1",
+            "max_records=240",
             "lora_r=16",
             "lora_alpha=32",
             "lora_dropout=0.0",
@@ -106,13 +127,15 @@ impl DemoPlan {
         Self {
             quick,
             variants,
-            seeds: seeds.unwrap_or_else(|| if quick { vec![0] } else { vec![0, 1, 2] }),
+            // Five seeds: the fewest the paired intervals of the claims are asked for.
+            seeds: seeds.unwrap_or_else(|| if quick { vec![0] } else { (0..5).collect() }),
             k: 3,
             candidates: "knn:64".into(),
             sae_epochs: if quick { 20 } else { 100 },
             pope_per_split: if quick { 100 } else { 300 },
             chair_images: if quick { 40 } else { 150 },
             train,
+            sweep: None,
         }
     }
 
@@ -139,13 +162,180 @@ impl DemoPlan {
     pub fn train_sets(&self, seed: u64) -> Vec<String> {
         let mut sets = self.train.clone();
         sets.push(format!("seed={seed}"));
-        // One epoch over 240 records keeps a run near 40 s on two cores, so the full demo's
-        // 15 runs (5 variants x 3 seeds) fit its 15-minute budget.
-        sets.push("epochs=1".into());
-        sets.push("max_records=240".into());
         sets
     }
+
+    /// Trains only `variants` (shipped config names) instead of the plan's own.
+    pub fn with_variants(mut self, variants: &[String]) -> Result<Self, String> {
+        for v in variants {
+            if !SHIPPED_CONFIGS.iter().any(|(name, _)| name == v) {
+                let known: Vec<&str> = SHIPPED_CONFIGS.iter().map(|(n, _)| *n).collect();
+                return Err(format!(
+                    "--variants: unknown variant `{v}` (known: {})",
+                    known.join(", ")
+                ));
+            }
+        }
+        if variants.is_empty() {
+            return Err("--variants: give at least one".into());
+        }
+        self.variants = variants.to_vec();
+        Ok(self)
+    }
+
+    /// Adds `--set KEY=VALUE` overrides after the demo's own (they win).
+    pub fn with_sets(mut self, sets: &[String]) -> Self {
+        self.train.extend(sets.iter().cloned());
+        self
+    }
 }
+
+/// One of the paper's sweeps of misp (`misp demo --sweep NAME`): a training key and its values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sweep {
+    /// The `--set` key swept (`beta`, `k`).
+    pub key: &'static str,
+    pub values: Vec<&'static str>,
+    /// The figure the paper draws it in, for the report.
+    pub source: &'static str,
+}
+
+/// The sweeps `--sweep` knows.
+pub const SWEEPS: [(&str, &[&str], &str); 2] = [
+    (
+        "beta",
+        &["0.1", "0.3", "0.5", "1.0"],
+        "the paper's Figure 4 (beta)",
+    ),
+    (
+        "k",
+        &["1", "2", "3", "5"],
+        "the paper's number-of-negatives study (K)",
+    ),
+];
+
+impl Sweep {
+    /// The sweep called `name`, or an error listing the known ones.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        SWEEPS
+            .iter()
+            .find(|(key, _, _)| *key == name)
+            .map(|(key, values, source)| Sweep {
+                key,
+                values: values.to_vec(),
+                source,
+            })
+            .ok_or_else(|| {
+                let known: Vec<&str> = SWEEPS.iter().map(|(k, _, _)| *k).collect();
+                format!(
+                    "--sweep: unknown parameter `{name}` (known: {})",
+                    known.join(", ")
+                )
+            })
+    }
+
+    /// The variant name of one point: `misp@beta=0.3`.
+    pub fn variant(&self, value: &str) -> String {
+        format!("misp@{}={value}", self.key)
+    }
+
+    /// Most negatives a point needs (the misp file is mined with at least this many).
+    pub fn max_k(&self) -> Option<usize> {
+        (self.key == "k").then(|| {
+            self.values
+                .iter()
+                .filter_map(|v| v.parse().ok())
+                .max()
+                .unwrap_or(0)
+        })
+    }
+}
+
+/// Mean and 95% t interval over seeds of one sweep point's metric (points, x100); not paired.
+pub fn point_interval(variants: &Value, variant: &str, m: &Metric) -> Option<stats::Interval> {
+    let vals: Vec<f64> = seed_values(variants, variant, m)
+        .into_iter()
+        .map(|(_, v)| 100.0 * v)
+        .collect();
+    match vals.as_slice() {
+        [] => None,
+        [one] => Some(stats::Interval {
+            n: 1,
+            mean: *one,
+            lo: *one,
+            hi: *one,
+        }),
+        _ => stats::t_interval(&vals, stats::LEVEL),
+    }
+}
+
+/// The report's section of a sweep: a table and a chart per headline metric (`out/sweep-KEY-*.png`).
+fn sweep_section(out: &Path, variants: &Value, sweep: &Sweep, md: &mut String) {
+    let _ = writeln!(
+        md,
+        "## Sweep of {} ({})\n\nmisp trained with `{}` set to each value, the other settings as above; mean over seeds with a 95% t interval over seeds (not paired; points).\n",
+        sweep.key, sweep.source, sweep.key
+    );
+    let headline = &METRICS[..2];
+    let _ = writeln!(
+        md,
+        "| {} | {} | seeds |\n|---|---|---|---|",
+        sweep.key,
+        headline
+            .iter()
+            .map(|m| m.label)
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    for value in &sweep.values {
+        let v = sweep.variant(value);
+        let cells: Vec<String> = headline
+            .iter()
+            .map(|m| match point_interval(variants, &v, m) {
+                Some(iv) if iv.n > 1 => {
+                    format!("{:.1} [{:.1}, {:.1}]", iv.mean, iv.lo, iv.hi)
+                }
+                Some(iv) => format!("{:.1}", iv.mean),
+                None => "-".into(),
+            })
+            .collect();
+        let n = seed_values(variants, &v, &METRICS[0]).len();
+        let _ = writeln!(md, "| {value} | {} | {n} |", cells.join(" | "));
+    }
+    for m in headline {
+        let mut pts = Vec::new();
+        let mut ivs = Vec::new();
+        for value in &sweep.values {
+            let (Ok(x), Some(iv)) = (
+                value.parse::<f64>(),
+                point_interval(variants, &sweep.variant(value), m),
+            ) else {
+                continue;
+            };
+            pts.push((x, iv.mean));
+            ivs.push((iv.lo, iv.hi));
+        }
+        let file = format!("sweep-{}-{}.png", sweep.key, m.key);
+        if !pts.is_empty()
+            && interval_chart(
+                &out.join(&file),
+                &format!("misp: {} vs {} (95% CI over seeds)", m.label, sweep.key),
+                &[("misp".to_string(), pts)],
+                &[ivs],
+                sweep.key,
+                &format!("{} (points)", m.label),
+            )
+            .is_ok()
+        {
+            let _ = writeln!(md, "\n![{} vs {}]({file})", m.label, sweep.key);
+        }
+    }
+    let _ = writeln!(md);
+}
+
+/// How the demo's training settings were chosen: the committed table of the search on the
+/// validation split (bench/demo_tune/tune.sh writes it).
+pub const TUNING: &str = include_str!("../../../bench/demo_tune/results.md");
 
 /// The negatives file a variant trains on (`None`: it needs none).
 pub fn negatives_for(variant: &str) -> Option<&'static str> {
@@ -296,34 +486,41 @@ fn run_metrics(eval_dir: &Path) -> BTreeMap<String, BTreeMap<String, f64>> {
     out
 }
 
-fn mean_std(xs: &[f64]) -> (f64, f64) {
-    let n = xs.len() as f64;
-    let mean = xs.iter().sum::<f64>() / n.max(1.0);
-    let var = if xs.len() > 1 {
-        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (mean, var.sqrt())
+/// `variant -> benchmark -> metric -> {mean, std, runs: [{seed, value}]}` over the runs (the
+/// base, evaluated once, has one run with seed `null`).
+fn aggregate(out: &Path, runs: &[RunEval]) -> Value {
+    let mut per_run = Vec::new();
+    for run in runs {
+        per_run.push((
+            run.variant.clone(),
+            run.seed,
+            run_metrics(&out.join("eval").join(&run.name)),
+        ));
+    }
+    aggregate_metrics(&per_run)
 }
 
-/// `variant -> benchmark -> metric -> {mean, std, seeds}` over the runs.
-fn aggregate(out: &Path, runs: &[RunEval]) -> Value {
-    let mut acc: BTreeMap<String, BTreeMap<String, BTreeMap<String, Vec<f64>>>> = BTreeMap::new();
+/// One evaluated run: its variant, its seed and `benchmark -> metric -> value`.
+type RunMetrics = (String, Option<u64>, BTreeMap<String, BTreeMap<String, f64>>);
+
+/// [`aggregate`] on metrics already read; variants in the order they first appear.
+fn aggregate_metrics(per_run: &[RunMetrics]) -> Value {
+    type Seeds = Vec<(Option<u64>, f64)>;
+    let mut acc: BTreeMap<String, BTreeMap<String, BTreeMap<String, Seeds>>> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
-    for run in runs {
-        if !order.contains(&run.variant) {
-            order.push(run.variant.clone());
+    for (variant, seed, metrics) in per_run {
+        if !order.contains(variant) {
+            order.push(variant.clone());
         }
-        for (bench, metrics) in run_metrics(&out.join("eval").join(&run.name)) {
-            for (m, v) in metrics {
-                acc.entry(run.variant.clone())
+        for (bench, ms) in metrics {
+            for (m, v) in ms {
+                acc.entry(variant.clone())
                     .or_default()
                     .entry(bench.clone())
                     .or_default()
-                    .entry(m)
+                    .entry(m.clone())
                     .or_default()
-                    .push(v);
+                    .push((*seed, *v));
             }
         }
     }
@@ -333,8 +530,13 @@ fn aggregate(out: &Path, runs: &[RunEval]) -> Value {
         for (bench, metrics) in acc.remove(&variant).unwrap_or_default() {
             let mut ms = serde_json::Map::new();
             for (m, seeds) in metrics {
-                let (mean, std) = mean_std(&seeds);
-                ms.insert(m, json!({"mean": mean, "std": std, "seeds": seeds}));
+                let values: Vec<f64> = seeds.iter().map(|(_, v)| *v).collect();
+                let (mean, std) = stats::mean_std(&values);
+                let runs: Vec<Value> = seeds
+                    .iter()
+                    .map(|(seed, value)| json!({"seed": seed, "value": value}))
+                    .collect();
+                ms.insert(m, json!({"mean": mean, "std": std, "runs": runs}));
             }
             benches.insert(bench, Value::Object(ms));
         }
@@ -343,8 +545,309 @@ fn aggregate(out: &Path, runs: &[RunEval]) -> Value {
     Value::Object(result)
 }
 
-fn get(results: &Value, variant: &str, bench: &str, metric: &str) -> Option<f64> {
-    results[variant][bench][metric]["mean"].as_f64()
+fn get(variants: &Value, variant: &str, bench: &str, metric: &str) -> Option<f64> {
+    variants[variant][bench][metric]["mean"].as_f64()
+}
+
+/// A metric the claims are judged on.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    pub bench: &'static str,
+    pub key: &'static str,
+    pub label: &'static str,
+    pub higher_is_better: bool,
+}
+
+/// The metrics of every comparison, headline first.
+pub const METRICS: [Metric; 6] = [
+    Metric {
+        bench: "pope/adversarial",
+        key: "f1",
+        label: "POPE adv F1",
+        higher_is_better: true,
+    },
+    Metric {
+        bench: "chair",
+        key: "chair_s",
+        label: "CHAIR_s",
+        higher_is_better: false,
+    },
+    Metric {
+        bench: "pope/popular",
+        key: "f1",
+        label: "POPE pop F1",
+        higher_is_better: true,
+    },
+    Metric {
+        bench: "pope/random",
+        key: "f1",
+        label: "POPE rand F1",
+        higher_is_better: true,
+    },
+    Metric {
+        bench: "pope/adversarial",
+        key: "accuracy",
+        label: "POPE adv acc",
+        higher_is_better: true,
+    },
+    Metric {
+        bench: "chair",
+        key: "chair_i",
+        label: "CHAIR_i",
+        higher_is_better: false,
+    },
+];
+
+/// A claim of the paper, as a comparison of two variants.
+#[derive(Debug, Clone, Copy)]
+pub struct PaperClaim {
+    pub a: &'static str,
+    pub b: &'static str,
+    /// The claim in words.
+    pub text: &'static str,
+    /// The paper claims the two are the same (IS ~ exact), not that `a` is better.
+    pub same: bool,
+}
+
+/// The paper's claims the demo tests.
+pub const CLAIMS: [PaperClaim; 6] = [
+    PaperClaim {
+        a: "misp",
+        b: "random",
+        text: "SAE-selected diverse negatives beat random ones (misp > random)",
+        same: false,
+    },
+    PaperClaim {
+        a: "misp",
+        b: "similarity",
+        text: "SAE-selected diverse negatives beat the most CLIP-similar ones (misp > similarity)",
+        same: false,
+    },
+    PaperClaim {
+        a: "misp",
+        b: "mdpo",
+        text: "K = 3 negatives beat one (misp > mDPO)",
+        same: false,
+    },
+    PaperClaim {
+        a: "misp",
+        b: "text+noise",
+        text: "K = 3 negatives beat one (misp > text+noise, the CHiP-like baseline)",
+        same: false,
+    },
+    PaperClaim {
+        a: "misp",
+        b: "dpo",
+        text: "image + text preference beats text only (misp > dpo)",
+        same: false,
+    },
+    PaperClaim {
+        a: "misp",
+        b: "misp-exact",
+        text: "the importance-sampled gradient does as well as the exact one (misp ~ misp-exact)",
+        same: true,
+    },
+];
+
+/// `(seed, value)` of every trained run of `variant` on one metric.
+fn seed_values(variants: &Value, variant: &str, m: &Metric) -> Vec<(u64, f64)> {
+    variants[variant][m.bench][m.key]["runs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| Some((r["seed"].as_u64()?, r["value"].as_f64()?)))
+        .collect()
+}
+
+/// Per-seed differences `a - b` (in points, x100) over the seeds both variants ran, in seed
+/// order: the pairs of a paired comparison.
+pub fn paired_differences(variants: &Value, a: &str, b: &str, m: &Metric) -> Vec<(u64, f64)> {
+    let bs: BTreeMap<u64, f64> = seed_values(variants, b, m).into_iter().collect();
+    let mut out: Vec<(u64, f64)> = seed_values(variants, a, m)
+        .into_iter()
+        .filter_map(|(seed, va)| Some((seed, 100.0 * (va - bs.get(&seed)?))))
+        .collect();
+    out.sort_by_key(|(seed, _)| *seed);
+    out
+}
+
+/// One claim on one metric: the paired differences, their interval and the verdict.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    pub claim: PaperClaim,
+    pub metric: Metric,
+    pub differences: Vec<(u64, f64)>,
+    pub interval: Option<stats::Interval>,
+    pub verdict: stats::Verdict,
+}
+
+impl Comparison {
+    pub fn new(variants: &Value, claim: PaperClaim, metric: Metric) -> Self {
+        let differences = paired_differences(variants, claim.a, claim.b, &metric);
+        let d: Vec<f64> = differences.iter().map(|(_, d)| *d).collect();
+        let interval = stats::t_interval(&d, stats::LEVEL);
+        let verdict = stats::verdict(interval.as_ref(), metric.higher_is_better);
+        Self {
+            claim,
+            metric,
+            differences,
+            interval,
+            verdict,
+        }
+    }
+
+    /// `"+1.2 [-0.3, +2.7]"` (points), or the one difference with no interval.
+    pub fn interval_text(&self) -> String {
+        match (&self.interval, self.differences.as_slice()) {
+            (Some(iv), _) => format!("{:+.2} [{:+.2}, {:+.2}]", iv.mean, iv.lo, iv.hi),
+            (None, [(_, d)]) => format!("{d:+.2} (one seed, no interval)"),
+            _ => "-".into(),
+        }
+    }
+
+    /// The verdict in words, e.g. `misp beats random`.
+    pub fn verdict_text(&self) -> String {
+        let (a, b) = (self.claim.a, self.claim.b);
+        match self.verdict {
+            stats::Verdict::Better => format!("{a} beats {b}"),
+            stats::Verdict::Worse => format!("{a} is worse than {b}"),
+            stats::Verdict::NoDifference => "no difference measurable".into(),
+            stats::Verdict::TooFewSeeds => "fewer than two paired seeds: no verdict".into(),
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "claim": self.claim.text,
+            "a": self.claim.a,
+            "b": self.claim.b,
+            "benchmark": self.metric.bench,
+            "metric": self.metric.key,
+            "higher_is_better": self.metric.higher_is_better,
+            "differences_points": self.differences.iter().map(|(s, d)| json!({"seed": s, "a_minus_b": d})).collect::<Vec<_>>(),
+            "mean": self.interval.map(|i| i.mean),
+            "lo": self.interval.map(|i| i.lo),
+            "hi": self.interval.map(|i| i.hi),
+            "verdict": self.verdict_text(),
+        })
+    }
+}
+
+/// Every claim whose two variants were both run, on every metric.
+pub fn comparisons(variants: &Value) -> Vec<Comparison> {
+    let ran = |v: &str| variants.get(v).is_some();
+    CLAIMS
+        .iter()
+        .filter(|c| ran(c.a) && ran(c.b))
+        .flat_map(|c| METRICS.iter().map(|m| Comparison::new(variants, *c, *m)))
+        .collect()
+}
+
+/// The sentence a claim gets from its comparisons: what the intervals allow, metric by metric.
+pub fn claim_sentence(claim: &PaperClaim, cs: &[&Comparison]) -> String {
+    let list = |v: stats::Verdict| -> Vec<&str> {
+        cs.iter()
+            .filter(|c| c.verdict == v)
+            .map(|c| c.metric.label)
+            .collect()
+    };
+    let (better, worse, none) = (
+        list(stats::Verdict::Better),
+        list(stats::Verdict::Worse),
+        list(stats::Verdict::NoDifference),
+    );
+    if better.is_empty() && worse.is_empty() && none.is_empty() {
+        return format!("{}: fewer than two paired seeds, no verdict.", claim.text);
+    }
+    let mut parts = Vec::new();
+    if !better.is_empty() {
+        parts.push(format!(
+            "{} beats {} on {}",
+            claim.a,
+            claim.b,
+            better.join(", ")
+        ));
+    }
+    if !worse.is_empty() {
+        parts.push(format!(
+            "{} is worse than {} on {}",
+            claim.a,
+            claim.b,
+            worse.join(", ")
+        ));
+    }
+    if !none.is_empty() {
+        parts.push(format!("no difference measurable on {}", none.join(", ")));
+    }
+    let held = if claim.same {
+        if better.is_empty() && worse.is_empty() {
+            "consistent with the claim (no measurable difference; the intervals bound how large one could be)"
+        } else {
+            "the claim does not hold here: the two differ"
+        }
+    } else if !better.is_empty() && worse.is_empty() {
+        "the claim holds here"
+    } else if !worse.is_empty() && better.is_empty() {
+        "the opposite of the claim holds here"
+    } else if better.is_empty() {
+        "the claim is not shown here"
+    } else {
+        "mixed: the claim holds on some metrics and fails on others"
+    };
+    format!("**{}**: {}; {held}.", claim.text, parts.join("; "))
+}
+
+/// Mean over groups of the mean pairwise cosine distance `1 - cos(u, v)` within a group (groups
+/// of fewer than two rows are left out): how spread out one record's K negatives are.
+pub fn mean_pairwise_distance(groups: &[Vec<&[f32]>]) -> Option<f64> {
+    let cos = |u: &[f32], v: &[f32]| {
+        let dot: f64 = u
+            .iter()
+            .zip(v)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum();
+        let nu: f64 = u.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>().sqrt();
+        let nv: f64 = v.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>().sqrt();
+        dot / (nu * nv)
+    };
+    let per_group: Vec<f64> = groups
+        .iter()
+        .filter(|g| g.len() >= 2)
+        .map(|g| {
+            let mut sum = 0.0;
+            let mut n = 0usize;
+            for i in 0..g.len() {
+                for j in i + 1..g.len() {
+                    sum += 1.0 - cos(g[i], g[j]);
+                    n += 1;
+                }
+            }
+            sum / n as f64
+        })
+        .filter(|d| d.is_finite())
+        .collect();
+    (!per_group.is_empty()).then(|| per_group.iter().sum::<f64>() / per_group.len() as f64)
+}
+
+/// [`mean_pairwise_distance`] of a negatives file's records, in the pool's CLIP space.
+fn negative_diversity(pool: &PoolEmbeddings, neg_file: &Path) -> Option<f64> {
+    let index: HashMap<&str, usize> = pool
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i))
+        .collect();
+    let negs = crate::mine::negatives::read(neg_file).ok()?;
+    let groups: Vec<Vec<&[f32]>> = negs
+        .iter()
+        .map(|r| {
+            r.negatives
+                .iter()
+                .filter_map(|n| index.get(n.image.as_str()).map(|&i| pool.row(i)))
+                .collect()
+        })
+        .collect();
+    mean_pairwise_distance(&groups)
 }
 
 /// Negative validity: the share of a strategy's selected negatives on which the chosen answer
@@ -446,7 +949,18 @@ pub fn write_report(
     timings: &[(String, f64)],
 ) -> Result<PathBuf, DemoError> {
     let results = aggregate(out, runs);
-    write_json_atomic(&out.join("results.json"), &results)?;
+    let comps = comparisons(&results);
+    write_json_atomic(
+        &out.join("results.json"),
+        &json!({
+            "split": split,
+            "seeds": plan.seeds,
+            "interval": stats::METHOD,
+            "differences": "a - b in points (x100), per seed; a comparison pairs the runs of a and b with the same seed",
+            "variants": results,
+            "comparisons": comps.iter().map(Comparison::to_json).collect::<Vec<_>>(),
+        }),
+    )?;
     let variants: Vec<String> = results
         .as_object()
         .map(|o| o.keys().cloned().collect())
@@ -577,42 +1091,79 @@ pub fn write_report(
     }
     let _ = writeln!(md, "## The sampler\n");
     let _ = writeln!(md, "{}\n", sae_sentence(&out.join("sae")));
-    let _ = writeln!(md, "## The paper's ordering\n");
-    let score = |v: &str| {
-        let f1 = get(&results, v, "pope/adversarial", "f1")?;
-        let cs = get(&results, v, "chair", "chair_s")?;
-        Some((f1, cs))
-    };
-    let sentence = match (score("misp"), score("random"), score("mdpo")) {
-        (Some(m), Some(r), Some(s)) => format!(
-            "misp vs random: POPE-adversarial F1 {:.1} vs {:.1}, CHAIR_s {:.1} vs {:.1} — misp {} random here. Multi-negative (misp, random) vs single-negative mDPO: adversarial F1 {:.1} / {:.1} vs {:.1} — the multi-negative variants {} here. With {} seed(s), differences within a std are noise.",
-            100.0 * m.0, 100.0 * r.0, 100.0 * m.1, 100.0 * r.1,
-            versus(m, r),
-            100.0 * m.0, 100.0 * r.0, 100.0 * s.0,
-            match (m.0.max(r.0) - s.0) / TIE {
-                d if d >= 1.0 => "do better",
-                d if d > -1.0 => "do no better and no worse",
-                _ => "do worse",
-            },
-            plan.seeds.len()
-        ),
-        _ => "Not all of misp, random and mdpo were evaluated; no ordering to report.".into(),
-    };
-    let _ = writeln!(md, "{sentence}\n");
+    let _ = writeln!(md, "## The paper's claims\n");
+    let _ = writeln!(
+        md,
+        "Each comparison pairs the runs of two variants that share a seed (a seed fixes the LoRA initialisation, the record order and the dropout masks of every variant), takes the per-seed difference a - b in points, and gives its mean with a 95% interval ({}). A verdict says \"beats\" only when the interval excludes 0 on the better side; otherwise \"no difference measurable\". For CHAIR lower is better, so a negative difference is a gain.\n",
+        stats::METHOD
+    );
+    let mut judged = 0;
+    for claim in &CLAIMS {
+        let cs: Vec<&Comparison> = comps
+            .iter()
+            .filter(|c| c.claim.a == claim.a && c.claim.b == claim.b)
+            .collect();
+        if cs.is_empty() {
+            continue;
+        }
+        judged += 1;
+        let _ = writeln!(md, "{}\n", claim_sentence(claim, &cs));
+        let _ = writeln!(
+            md,
+            "| metric | {a} | {b} | {a} - {b} (points), 95% CI | pairs | verdict |\n|---|---|---|---|---|---|",
+            a = claim.a,
+            b = claim.b
+        );
+        for c in cs {
+            let m = c.metric;
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} |",
+                m.label,
+                cell(claim.a, m.bench, m.key),
+                cell(claim.b, m.bench, m.key),
+                c.interval_text(),
+                c.differences.len(),
+                c.verdict_text()
+            );
+        }
+        let _ = writeln!(md);
+    }
+    if judged == 0 {
+        let _ = writeln!(
+            md,
+            "None of the claims' variant pairs were both run; nothing to compare.\n"
+        );
+    }
     let _ = writeln!(
         md,
         "## Negative validity (share of selected negatives on which the chosen answer is wrong)\n"
     );
-    let _ = writeln!(md, "| strategy | validity | negatives |\n|---|---|---|");
+    let _ = writeln!(md, "Diversity: the mean pairwise CLIP cosine distance (1 - cos) among one record's negatives, averaged over records; the paper's sampler is meant to raise it.\n");
+    let _ = writeln!(
+        md,
+        "| strategy | validity | negatives | diversity |\n|---|---|---|---|"
+    );
+    let pool = PoolEmbeddings::load(pool_dir).ok();
     for strategy in plan.strategies() {
-        if let Some((v, n)) = negative_validity(world, &neg_dir.join(format!("{strategy}.jsonl"))) {
-            let _ = writeln!(md, "| {strategy} | {:.1}% | {n} |", 100.0 * v);
+        let file = neg_dir.join(format!("{strategy}.jsonl"));
+        if let Some((v, n)) = negative_validity(world, &file) {
+            let diversity = pool
+                .as_ref()
+                .and_then(|p| negative_diversity(p, &file))
+                .map_or("-".into(), |d| format!("{d:.3}"));
+            let _ = writeln!(md, "| {strategy} | {:.1}% | {n} | {diversity} |", 100.0 * v);
         }
     }
     let _ = writeln!(md, "\n## Figures\n");
     for (title, file) in &figures {
         let _ = writeln!(md, "### {title}\n\n![{title}]({file})\n");
     }
+    if let Some(sweep) = &plan.sweep {
+        sweep_section(out, &results, sweep, &mut md);
+    }
+    let _ = writeln!(md, "## How the training settings were chosen\n");
+    let _ = writeln!(md, "{}\n", TUNING.trim());
     let _ = writeln!(md, "## Time per stage\n\n| stage | seconds |\n|---|---|");
     for (name, secs) in timings {
         let _ = writeln!(md, "| {name} | {secs:.1} |");
@@ -659,11 +1210,12 @@ fn sae_sentence(sae_dir: &Path) -> String {
 /// The results table of `out/results.json` as markdown, for the terminal.
 pub fn results_table(out: &Path) -> Result<String, DemoError> {
     let path = out.join("results.json");
-    let v = read_json(&path).ok_or_else(|| bad(&path, "missing or unreadable"))?;
+    let all = read_json(&path).ok_or_else(|| bad(&path, "missing or unreadable"))?;
+    let v = &all["variants"];
     let mut s = String::from("| variant | POPE rand F1 | POPE pop F1 | POPE adv F1 | CHAIR_s | CHAIR_i |\n|---|---|---|---|---|---|\n");
     for (variant, _) in v.as_object().into_iter().flatten() {
         let c = |b: &str, m: &str| {
-            get(&v, variant, b, m).map_or("-".into(), |x| format!("{:.1}", 100.0 * x))
+            get(v, variant, b, m).map_or("-".into(), |x| format!("{:.1}", 100.0 * x))
         };
         let _ = writeln!(
             s,
@@ -678,41 +1230,5 @@ pub fn results_table(out: &Path) -> Result<String, DemoError> {
     Ok(s)
 }
 
-/// Metric differences smaller than this (0.05 points, half the report's last digit) are ties.
-const TIE: f64 = 5e-4;
-
-/// How `misp` compares with `random` on (POPE-adversarial F1, higher is better; CHAIR_s, lower
-/// is better), ties within [`TIE`] counting as neither.
-fn versus(misp: (f64, f64), random: (f64, f64)) -> &'static str {
-    let sign = |d: f64| {
-        if d >= TIE {
-            1
-        } else if d <= -TIE {
-            -1
-        } else {
-            0
-        }
-    };
-    match (sign(misp.0 - random.0), sign(random.1 - misp.1)) {
-        (0, 0) => "ties with",
-        (a, b) if a >= 0 && b >= 0 => "beats",
-        (a, b) if a <= 0 && b <= 0 => "does not beat",
-        _ => "partly beats",
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::versus;
-
-    #[test]
-    fn ordering_words_follow_both_metrics_and_treat_ties_as_ties() {
-        // (adversarial F1, CHAIR_s): higher F1 and lower CHAIR_s are better.
-        assert_eq!(versus((0.796, 0.35), (0.796, 0.35)), "ties with");
-        assert_eq!(versus((0.80, 0.30), (0.79, 0.31)), "beats");
-        assert_eq!(versus((0.80, 0.31), (0.79, 0.31)), "beats");
-        assert_eq!(versus((0.758, 0.296), (0.754, 0.287)), "partly beats");
-        assert_eq!(versus((0.78, 0.32), (0.79, 0.31)), "does not beat");
-        assert_eq!(versus((0.79, 0.32), (0.79, 0.31)), "does not beat");
-    }
-}
+mod tests;

@@ -4,4 +4,5 @@
 //! so reports need no plotting or font dependency and render the same on every machine.
 
 pub mod plot;
+pub mod stats;
 pub mod tsne;

@@ -566,7 +566,7 @@ pub fn render_line_chart(
     x_label: &str,
     y_label: &str,
 ) -> Result<RgbImage, PlotError> {
-    render_points(size, title, series, x_label, y_label, true)
+    render_points(size, title, series, &[], x_label, y_label, true)
 }
 
 /// A scatter plot: the points of each series as dots, not joined (t-SNE maps).
@@ -577,22 +577,66 @@ pub fn scatter_chart(
     x_label: &str,
     y_label: &str,
 ) -> Result<(), PlotError> {
-    let img = render_points(DEFAULT_SIZE, title, series, x_label, y_label, false)?;
+    let img = render_points(DEFAULT_SIZE, title, series, &[], x_label, y_label, false)?;
     encode(path, &img)
 }
 
-/// Points of each series on shared axes, joined by lines when `connect`.
+/// Renders a line chart whose points carry intervals: `intervals[s][i]` is the `(lo, hi)` of
+/// point `i` of series `s`, drawn as a vertical whisker with caps (a sweep's 95% intervals).
+pub fn render_interval_chart(
+    size: (u32, u32),
+    title: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    intervals: &[Vec<(f64, f64)>],
+    x_label: &str,
+    y_label: &str,
+) -> Result<RgbImage, PlotError> {
+    if intervals.len() != series.len()
+        || series
+            .iter()
+            .zip(intervals)
+            .any(|((_, p), iv)| p.len() != iv.len())
+    {
+        return Err(PlotError::Input(
+            "interval chart: one (lo, hi) per point of every series".into(),
+        ));
+    }
+    render_points(size, title, series, intervals, x_label, y_label, true)
+}
+
+/// Writes an interval chart PNG of [`DEFAULT_SIZE`] to `path` (see [`render_interval_chart`]).
+pub fn interval_chart(
+    path: &Path,
+    title: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    intervals: &[Vec<(f64, f64)>],
+    x_label: &str,
+    y_label: &str,
+) -> Result<(), PlotError> {
+    let img = render_interval_chart(DEFAULT_SIZE, title, series, intervals, x_label, y_label)?;
+    encode(path, &img)
+}
+
+/// Points of each series on shared axes, joined by lines when `connect`, with whiskers where
+/// `intervals` (empty, or one `(lo, hi)` per point) gives them.
 fn render_points(
     size: (u32, u32),
     title: &str,
     series: &[(String, Vec<(f64, f64)>)],
+    intervals: &[Vec<(f64, f64)>],
     x_label: &str,
     y_label: &str,
     connect: bool,
 ) -> Result<RgbImage, PlotError> {
-    let points: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+    let mut points: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).collect();
     if points.is_empty() {
         return Err(PlotError::Input("line chart: no points".into()));
+    }
+    // The y range holds the whiskers too.
+    for (iv, (_, pts)) in intervals.iter().zip(series) {
+        for ((lo, hi), (x, _)) in iv.iter().zip(pts) {
+            points.extend([(*x, *lo), (*x, *hi)]);
+        }
     }
     check_finite(points.iter().flat_map(|(x, y)| [*x, *y]), "line chart")?;
     let (x_lo, x_hi) = points
@@ -660,6 +704,13 @@ fn render_points(
         if connect {
             for pair in px.windows(2) {
                 cv.line(pair[0], pair[1], 2, series_color(s));
+            }
+        }
+        for (p, (lo, hi)) in px.iter().zip(intervals.get(s).into_iter().flatten()) {
+            let (top, bottom) = (frame.y_px(*hi), frame.y_px(*lo));
+            cv.line((p.0, top), (p.0, bottom), 1, series_color(s));
+            for y in [top, bottom] {
+                cv.line((p.0 - 5, y), (p.0 + 5, y), 1, series_color(s));
             }
         }
         for p in &px {
@@ -779,5 +830,24 @@ mod tests {
         assert_eq!(tick_label(0.6000000000000001, 0.2), "0.6");
         assert_eq!(tick_label(40.0, 20.0), "40");
         assert_eq!(text_width("ab", 1), 11);
+    }
+
+    #[test]
+    fn interval_chart_draws_whiskers_at_the_interval_ends() {
+        let series = vec![("misp".to_string(), vec![(0.1, 50.0), (1.0, 60.0)])];
+        let intervals = vec![vec![(40.0, 55.0), (58.0, 62.0)]];
+        let img = render_interval_chart(DEFAULT_SIZE, "sweep", &series, &intervals, "beta", "F1")
+            .unwrap();
+        // The first point's whisker reaches far below its marker: somewhere on its column,
+        // well below the marker, pixels have the series colour.
+        let plain = render_line_chart(DEFAULT_SIZE, "sweep", &series, "beta", "F1").unwrap();
+        let colour = series_color(0);
+        let count = |im: &RgbImage| im.pixels().filter(|p| **p == colour).count();
+        assert!(
+            count(&img) > count(&plain) + 20,
+            "whiskers add coloured pixels"
+        );
+        // Mismatched shapes are an error, not a panic.
+        assert!(render_interval_chart(DEFAULT_SIZE, "x", &series, &[vec![]], "a", "b").is_err());
     }
 }
