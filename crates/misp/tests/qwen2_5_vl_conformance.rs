@@ -3,7 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use misp::model::qwen2_5_vl::image_processor::QwenImageProcessor;
+use candle_core::{DType, Device, Tensor};
+use misp::kernels::{Kernels, ThreadKernels};
+use misp::model::llama::token_logprobs;
+use misp::model::qwen2_5_vl::image_processor::{ImagePatches, QwenImageProcessor};
+use misp::model::qwen2_5_vl::Qwen2_5Vl;
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -110,5 +114,190 @@ fn pixel_values_and_grids_match_transformers() {
                 "{name}: sum_sq {sum_sq} vs {wq}"
             );
         }
+    }
+}
+
+fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn model(dir: &Path) -> Qwen2_5Vl {
+    Qwen2_5Vl::load_dir(dir, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn patches(p: &QwenImageProcessor, name: &str) -> ImagePatches {
+    p.patches(&p.decode_file(&image(name)).unwrap()).unwrap()
+}
+
+/// Per-token log-probs `log p(ids[t] | ids[<t])`, `t >= 1`, of each row (its own length).
+fn logprobs(m: &Qwen2_5Vl, rows: &[Vec<u32>], images: &[&ImagePatches], pad: u32) -> Vec<Vec<f64>> {
+    let width = rows.iter().map(Vec::len).max().unwrap();
+    let ids: Vec<Vec<u32>> = rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad, width - r.len()))
+                .collect()
+        })
+        .collect();
+    let mask: Vec<Vec<bool>> = rows
+        .iter()
+        .map(|r| (0..width).map(|t| t < r.len()).collect())
+        .collect();
+    let imgs: Vec<Vec<&ImagePatches>> = images.iter().map(|i| vec![*i]).collect();
+    let logits = m.forward(&ids, &mask, &imgs, &Device::Cpu).unwrap();
+    let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+    let labels = Tensor::from_vec(flat, (rows.len(), width), &Device::Cpu).unwrap();
+    let lp: Vec<Vec<f32>> = token_logprobs(&logits, &labels).unwrap().to_vec2().unwrap();
+    lp.into_iter()
+        .zip(rows)
+        .map(|(l, r)| l[..r.len() - 1].iter().map(|&v| v as f64).collect())
+        .collect()
+}
+
+fn close(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (t, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (a - b).abs() < tol,
+            "{what}: token {} log-prob {a} vs {b}",
+            t + 1
+        );
+    }
+}
+
+/// Multimodal RoPE positions and every token's log-prob (prompt, image tokens, response and
+/// `<|im_end|>`) within 1e-4 of transformers, for four image sizes.
+#[test]
+fn positions_and_logprobs_match_transformers() {
+    positions_and_logprobs_match_transformers_with(Kernels::Fused);
+}
+
+/// The same on candle's ordinary ops (`--kernels generic`): the op graph a GPU runs.
+#[test]
+fn positions_and_logprobs_match_transformers_on_the_generic_path() {
+    positions_and_logprobs_match_transformers_with(Kernels::Generic);
+}
+
+fn positions_and_logprobs_match_transformers_with(kernels: Kernels) {
+    let _kernels = ThreadKernels::set(kernels);
+    let dir = fixture().join("tiny");
+    let m = model(&dir);
+    let p = QwenImageProcessor::from_dir(&dir).unwrap();
+    let want = expected();
+    for case in want["score"].as_array().unwrap() {
+        let name = case["image"].as_str().unwrap();
+        let img = patches(&p, name);
+        let ids: Vec<u32> = [u32s(&case["prompt_ids"]), u32s(&case["response_ids"])].concat();
+        let mask = vec![true; ids.len()];
+        let pos = m
+            .mrope_positions(&ids, &mask, &[(img.grid_h, img.grid_w)])
+            .unwrap();
+        for (axis, want_axis) in case["position_ids"].as_array().unwrap().iter().enumerate() {
+            let w: Vec<i64> = want_axis
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect();
+            assert_eq!(pos.axes[axis], w, "{name}: position axis {axis}");
+        }
+        let got = &logprobs(&m, std::slice::from_ref(&ids), &[&img], 0)[0];
+        close(got, &floats(&case["token_logprobs"]), 1e-4, name);
+    }
+}
+
+/// The same log-probs from a checkpoint in transformers 5's module names (`model.visual.*`,
+/// `model.language_model.*`): the fixture's tensors renamed into one file.
+#[test]
+fn nested_key_layout_loads_to_the_same_logprobs() {
+    let src = fixture().join("tiny");
+    let tmp = std::env::temp_dir().join(format!("misp-qwen-nested-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut all = std::collections::HashMap::new();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "safetensors") {
+            for (k, v) in candle_core::safetensors::load(&path, &Device::Cpu).unwrap() {
+                let k = if let Some(r) = k.strip_prefix("visual.") {
+                    format!("model.visual.{r}")
+                } else if let Some(r) = k.strip_prefix("model.") {
+                    format!("model.language_model.{r}")
+                } else {
+                    k
+                };
+                all.insert(k, v);
+            }
+        }
+    }
+    assert!(all.contains_key("model.visual.merger.ln_q.weight"));
+    candle_core::safetensors::save(&all, tmp.join("model.safetensors")).unwrap();
+    std::fs::copy(src.join("config.json"), tmp.join("config.json")).unwrap();
+    let m = model(&tmp);
+    let p = QwenImageProcessor::from_dir(&src).unwrap();
+    let case = &expected()["score"][2];
+    let img = patches(&p, case["image"].as_str().unwrap());
+    let ids: Vec<u32> = [u32s(&case["prompt_ids"]), u32s(&case["response_ids"])].concat();
+    let got = &logprobs(&m, &[ids], &[&img], 0)[0];
+    close(got, &floats(&case["token_logprobs"]), 1e-4, "nested layout");
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+/// A right-padded batch of two image sizes (36 and 24 patches, 9 and 6 image tokens) gives
+/// each row the log-probs it has alone.
+#[test]
+fn batch_mixing_image_sizes_equals_each_sample_alone() {
+    let dir = fixture().join("tiny");
+    let m = model(&dir);
+    let p = QwenImageProcessor::from_dir(&dir).unwrap();
+    let want = expected();
+    let cases = [&want["score"][1], &want["score"][3]];
+    let imgs: Vec<ImagePatches> = cases
+        .iter()
+        .map(|c| patches(&p, c["image"].as_str().unwrap()))
+        .collect();
+    assert_ne!(imgs[0].patches(), imgs[1].patches());
+    let rows: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| [u32s(&c["prompt_ids"]), u32s(&c["response_ids"])].concat())
+        .collect();
+    let pad = want["special_ids"]["<|endoftext|>"].as_u64().unwrap() as u32;
+    let batch = logprobs(&m, &rows, &[&imgs[0], &imgs[1]], pad);
+    for (i, row) in rows.iter().enumerate() {
+        let alone = &logprobs(&m, std::slice::from_ref(row), &[&imgs[i]], pad)[0];
+        close(&batch[i], alone, 1e-5, "batch vs alone");
+    }
+}
+
+/// Greedy tokens of a left-padded batch of three image sizes equal transformers' `generate`.
+#[test]
+fn greedy_generation_matches_transformers() {
+    let dir = fixture().join("tiny");
+    let m = model(&dir);
+    let p = QwenImageProcessor::from_dir(&dir).unwrap();
+    let want = expected();
+    let ids = &want["special_ids"];
+    let eos = [
+        ids["<|im_end|>"].as_u64().unwrap() as u32,
+        ids["<|endoftext|>"].as_u64().unwrap() as u32,
+    ];
+    let cases = want["generate"].as_array().unwrap();
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| u32s(&c["prompt_ids"])).collect();
+    let imgs: Vec<ImagePatches> = cases
+        .iter()
+        .map(|c| patches(&p, c["image"].as_str().unwrap()))
+        .collect();
+    let images: Vec<Vec<&ImagePatches>> = imgs.iter().map(|i| vec![i]).collect();
+    let max_new = want["max_new_tokens"].as_u64().unwrap() as usize;
+    let got = m
+        .greedy(&prompts, &images, &eos, eos[1], max_new, &Device::Cpu)
+        .unwrap();
+    for (g, c) in got.iter().zip(cases) {
+        assert_eq!(g, &u32s(&c["new_ids"]), "{}", c["image"]);
     }
 }
