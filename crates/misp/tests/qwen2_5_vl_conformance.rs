@@ -301,3 +301,130 @@ fn greedy_generation_matches_transformers() {
         assert_eq!(g, &u32s(&c["new_ids"]), "{}", c["image"]);
     }
 }
+
+/// PEFT's adapter (LoRA on the language model's seven projections) loads onto misp's model and
+/// gives PEFT's log-probs; saved back by misp it is the same file for PEFT: the same keys,
+/// shapes and values, and a config naming the same base class and targets.
+#[test]
+fn peft_adapter_loads_with_peft_logprobs_and_saves_in_peft_layout() {
+    use misp::model::adapter::{load_peft_adapter_into, save_peft_adapter_of, PeftBase};
+    let dir = fixture().join("tiny");
+    let mut m = model(&dir);
+    let peft_dir = fixture().join("peft_saved");
+    let cfg = load_peft_adapter_into(&peft_dir, m.language_model_mut()).unwrap();
+    assert_eq!((cfg.r, cfg.lora_alpha), (4, 8.0));
+    assert_eq!(m.language_model().lora_layers().len(), 14);
+    let p = QwenImageProcessor::from_dir(&dir).unwrap();
+    let want = expected();
+    for case in want["score"].as_array().unwrap() {
+        let name = case["image"].as_str().unwrap();
+        let img = patches(&p, name);
+        let ids: Vec<u32> = [u32s(&case["prompt_ids"]), u32s(&case["response_ids"])].concat();
+        let got = &logprobs(&m, &[ids], &[&img], 0)[0];
+        close(got, &floats(&case["peft_token_logprobs"]), 1e-4, name);
+    }
+
+    let out = std::env::temp_dir().join(format!("misp-qwen-peft-{}", std::process::id()));
+    save_peft_adapter_of(&out, m.language_model(), &cfg, "tiny", PeftBase::QWEN2_5_VL).unwrap();
+    let file = "adapter_model.safetensors";
+    let ours = candle_core::safetensors::load(out.join(file), &Device::Cpu).unwrap();
+    let theirs = candle_core::safetensors::load(peft_dir.join(file), &Device::Cpu).unwrap();
+    let mut keys: Vec<_> = ours.keys().collect();
+    keys.sort();
+    let mut want_keys: Vec<_> = theirs.keys().collect();
+    want_keys.sort();
+    assert_eq!(keys, want_keys);
+    for (k, t) in &ours {
+        let diff: f32 = (t - &theirs[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{k}");
+    }
+    let read = |d: &Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
+            .unwrap()
+    };
+    let (ours, theirs) = (read(&out), read(&peft_dir));
+    for key in [
+        "auto_mapping",
+        "target_modules",
+        "r",
+        "lora_alpha",
+        "peft_type",
+    ] {
+        assert_eq!(ours[key], theirs[key], "adapter_config.json `{key}`");
+    }
+    std::fs::remove_dir_all(&out).ok();
+}
+
+/// The chat template rendered and tokenised as `apply_chat_template` + the processor, responses
+/// scored with `<|im_end|>`, generations decoded as the tokenizer decodes them, and the hub's
+/// `chat_template.json` read as well as transformers 5's `chat_template.jinja`.
+#[test]
+fn chat_template_ids_and_decoding_match_transformers() {
+    use misp::model::qwen2_5_vl::processor::QwenProcessor;
+    use misp::model::qwen2_5_vl::Qwen2_5VlConfig;
+    let dir = fixture().join("tiny");
+    let cfg = Qwen2_5VlConfig::from_dir(&dir).unwrap();
+    let proc = QwenProcessor::from_dir(&dir, &cfg).unwrap();
+    let want = expected();
+    let special = &want["special_ids"];
+    let id = |k: &str| special[k].as_u64().unwrap() as u32;
+    assert_eq!(proc.eos(), id("<|im_end|>"));
+    assert_eq!(proc.pad(), id("<|endoftext|>"));
+    assert_eq!(proc.stop(), &[id("<|im_end|>"), id("<|endoftext|>")]);
+    for case in want["score"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        assert_eq!(
+            QwenProcessor::render(prompt),
+            case["text"].as_str().unwrap()
+        );
+        let n = case["image_tokens"].as_u64().unwrap() as usize;
+        assert_eq!(
+            proc.prompt_ids(prompt, n).unwrap(),
+            u32s(&case["prompt_ids"]),
+            "{prompt}"
+        );
+        let response = case["response"].as_str().unwrap();
+        assert_eq!(
+            proc.response_ids(response).unwrap(),
+            u32s(&case["response_ids"])
+        );
+    }
+    for case in want["generate"].as_array().unwrap() {
+        assert_eq!(
+            proc.decode(&u32s(&case["new_ids"])).unwrap(),
+            case["text"].as_str().unwrap()
+        );
+    }
+    assert!(proc.prompt_ids("<|image_pad|> twice", 4).is_err());
+
+    // The hub's layout: chat_template.json; another template is refused, naming its file.
+    let tmp = std::env::temp_dir().join(format!("misp-qwen-template-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json", "config.json"] {
+        std::fs::copy(dir.join(f), tmp.join(f)).unwrap();
+    }
+    std::fs::copy(
+        fixture().join("hub/chat_template.json"),
+        tmp.join("chat_template.json"),
+    )
+    .unwrap();
+    assert!(QwenProcessor::from_dir(&tmp, &cfg).is_ok());
+    std::fs::write(
+        tmp.join("chat_template.json"),
+        r#"{"chat_template": "{{ messages }}"}"#,
+    )
+    .unwrap();
+    let err = QwenProcessor::from_dir(&tmp, &cfg).unwrap_err().to_string();
+    assert!(
+        err.contains("chat_template.json") && err.contains("not Qwen2.5-VL's"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&tmp).ok();
+}

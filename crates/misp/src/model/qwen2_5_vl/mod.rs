@@ -4,6 +4,7 @@
 //! tables).
 
 pub mod image_processor;
+pub mod processor;
 pub mod vision;
 
 use std::path::Path;
