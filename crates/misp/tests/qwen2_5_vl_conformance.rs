@@ -428,3 +428,26 @@ fn chat_template_ids_and_decoding_match_transformers() {
     );
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+/// A Qwen2.5-VL folder given to the LLaVA path (the commands) is refused naming its
+/// `model_type`, not with a serde error about some field; a LLaVA folder is refused by the
+/// Qwen2.5-VL loader the same way.
+#[test]
+fn other_architectures_are_named() {
+    use misp::model::llava::LlavaConfig;
+    use misp::model::qwen2_5_vl::Qwen2_5VlConfig;
+    let err = LlavaConfig::from_dir(&fixture().join("tiny"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("\"qwen2_5_vl\""),
+        "{err}"
+    );
+    let err = Qwen2_5VlConfig::from_dir(&root().join("fixtures/llava/tiny"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("\"llava\""),
+        "{err}"
+    );
+}
