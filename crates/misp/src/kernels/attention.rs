@@ -127,11 +127,14 @@ fn attention_as<T: Real + WithDType>(
         );
     }
     let (cos, sin) = (data::<T>(a.cos)?, data::<T>(a.sin)?);
-    if cos.len() != t * d.hd || sin.len() != t * d.hd {
+    // Tables shared by every row (`[T, hd]`) or one per row (`[B, 1, T, hd]`, Qwen2.5-VL's
+    // multimodal RoPE); `rope_data` tells them apart by length.
+    let sizes = [t * d.hd, b * t * d.hd];
+    if !sizes.contains(&cos.len()) || sin.len() != cos.len() {
         candle_core::bail!(
-            "attention: RoPE tables {:?}, expected [{t}, {}]",
+            "attention: RoPE tables {:?}, expected [{t}, {hd}] or [{b}, 1, {t}, {hd}]",
             a.cos.dims(),
-            d.hd
+            hd = d.hd
         );
     }
     let qr = with_data(q, |q| {

@@ -175,7 +175,7 @@ impl Kernel<2> for SoftmaxGrad {
 /// (`backward = false`): one pass instead of a transpose, a copy and seven element-wise ops.
 /// With `backward = true`, its transpose: a gradient `[B, N, T, hd]` mapped back to
 /// `[B, T, N * hd]` as `g * cos + rotate_half^T(g * sin)`, `rotate_half^T(y) = cat(y2, -y1)`.
-/// `cos`, `sin` are `[T, hd]` in `x`'s type.
+/// `cos`, `sin` are `[T, hd]` (every row) or `[B, T, hd]` (one table per row) in `x`'s type.
 pub(crate) fn rope_data<T: Real>(
     x: &[T],
     cos: &[T],
@@ -206,6 +206,12 @@ impl Kernel<3> for Rope {
     const NAME: &'static str = "rope";
     fn run<T: Real>(&self, [x, cos, sin]: [&[T]; 3]) -> Vec<T> {
         let (t, n, hd, half) = (self.t, self.heads, self.hd, self.hd / 2);
+        // Tables `[T, hd]` serve every row; `[B, T, hd]` hold one table per row.
+        let row_stride = if cos.len() == self.b * t * hd {
+            t * hd
+        } else {
+            0
+        };
         let mut out = vec![T::ZERO; x.len()];
         debug_assert_eq!(x.len(), self.b * t * n * hd);
         if !self.backward {
@@ -217,7 +223,8 @@ impl Kernel<3> for Rope {
                         let (bi, h) = (bn / n, bn % n);
                         for (p, o) in o.chunks_mut(hd).enumerate() {
                             let src = &x[((bi * t + p) * n + h) * hd..][..hd];
-                            let (c, s) = (&cos[p * hd..][..hd], &sin[p * hd..][..hd]);
+                            let at = bi * row_stride + p * hd;
+                            let (c, s) = (&cos[at..][..hd], &sin[at..][..hd]);
                             for i in 0..half {
                                 o[i] = src[i] * c[i] - src[i + half] * s[i];
                                 o[i + half] = src[i + half] * c[i + half] + src[i] * s[i + half];
@@ -233,7 +240,8 @@ impl Kernel<3> for Rope {
                     #[inline(always)]
                     || {
                         let (bi, p) = (bp / t, bp % t);
-                        let (c, s) = (&cos[p * hd..][..hd], &sin[p * hd..][..hd]);
+                        let at = bi * row_stride + p * hd;
+                        let (c, s) = (&cos[at..][..hd], &sin[at..][..hd]);
                         for (h, o) in o.chunks_mut(hd).enumerate() {
                             let g = &x[((bi * n + h) * t + p) * hd..][..hd];
                             for i in 0..half {

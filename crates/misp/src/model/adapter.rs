@@ -23,6 +23,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::llama::Llama;
 use super::llava::Llava;
 use super::lora::LoraConfig;
 use crate::checkpoint::{ModelError, TensorProblem};
@@ -70,6 +71,42 @@ pub fn save_peft_adapter(
     cfg: &LoraConfig,
     base_model_name_or_path: &str,
 ) -> Result<(), ModelError> {
+    save_peft_adapter_of(
+        dir,
+        model.language_model(),
+        cfg,
+        base_model_name_or_path,
+        PeftBase::LLAVA,
+    )
+}
+
+/// The transformers class PEFT records in `auto_mapping` for the base model.
+#[derive(Debug, Clone, Copy)]
+pub struct PeftBase {
+    pub class: &'static str,
+    pub library: &'static str,
+}
+
+impl PeftBase {
+    pub const LLAVA: Self = Self {
+        class: "LlavaForConditionalGeneration",
+        library: "transformers.models.llava.modeling_llava",
+    };
+    pub const QWEN2_5_VL: Self = Self {
+        class: "Qwen2_5_VLForConditionalGeneration",
+        library: "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+    };
+}
+
+/// [`save_peft_adapter`] of any vision-language model whose language model is `lm` (LLaVA's
+/// LLaMA, Qwen2.5-VL's Qwen2: both under `model.language_model.` in PEFT's keys).
+pub fn save_peft_adapter_of(
+    dir: &Path,
+    lm: &Llama,
+    cfg: &LoraConfig,
+    base_model_name_or_path: &str,
+    base: PeftBase,
+) -> Result<(), ModelError> {
     let config_path = dir.join(CONFIG_FILE);
     let bad = |message: String| ModelError::Config {
         path: config_path.clone(),
@@ -83,7 +120,6 @@ pub fn save_peft_adapter(
             )));
         }
     }
-    let lm = model.language_model();
     let adapted: BTreeMap<String, _> = lm
         .lora_layers()
         .into_iter()
@@ -133,7 +169,7 @@ pub fn save_peft_adapter(
     .map_err(io_error)?;
     write_json_atomic(
         &config_path,
-        &peft_config_json(cfg, base_model_name_or_path),
+        &peft_config_json(cfg, base_model_name_or_path, base),
     )
     .map_err(io_error)?;
     Ok(())
@@ -168,7 +204,7 @@ pub fn target_regex(cfg: &LoraConfig) -> String {
 /// `adapter_config.json` with the fields peft 0.21.2 writes for a plain LoRA on
 /// `LlavaForConditionalGeneration` (no task type, so PEFT records `auto_mapping` instead). Keys
 /// come out sorted, as PEFT writes them.
-fn peft_config_json(cfg: &LoraConfig, base_model_name_or_path: &str) -> Value {
+fn peft_config_json(cfg: &LoraConfig, base_model_name_or_path: &str, base: PeftBase) -> Value {
     // PEFT writes an integral alpha as an int; keep that so the files diff cleanly.
     let alpha = if cfg.lora_alpha.fract() == 0.0 && cfg.lora_alpha.abs() < 1e15 {
         json!(cfg.lora_alpha as i64)
@@ -181,8 +217,8 @@ fn peft_config_json(cfg: &LoraConfig, base_model_name_or_path: &str) -> Value {
     json!({
         "alpha_pattern": {},
         "auto_mapping": {
-            "base_model_class": "LlavaForConditionalGeneration",
-            "parent_library": "transformers.models.llava.modeling_llava"
+            "base_model_class": base.class,
+            "parent_library": base.library
         },
         "base_model_name_or_path": base_model_name_or_path,
         "bias": "none",
@@ -381,6 +417,11 @@ fn parse_key(key: &str) -> Result<(String, bool), String> {
 /// adapters silently is never what a caller wants. Tensors are converted to f32 (f64 over an
 /// f64 base), as [`super::lora::LoraLinear::attach`] makes them.
 pub fn load_peft_adapter(dir: &Path, model: &mut Llava) -> Result<LoraConfig, ModelError> {
+    load_peft_adapter_into(dir, model.language_model_mut())
+}
+
+/// [`load_peft_adapter`] onto any vision-language model's language model `lm`.
+pub fn load_peft_adapter_into(dir: &Path, lm: &mut Llama) -> Result<LoraConfig, ModelError> {
     let config_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io {
         path: config_path.clone(),
@@ -439,7 +480,6 @@ pub fn load_peft_adapter(dir: &Path, model: &mut Llava) -> Result<LoraConfig, Mo
         return Err(bad_weights("no LoRA tensors".into()));
     }
 
-    let lm = model.language_model_mut();
     let mut problems = Vec::new();
     let mut pairs = Vec::new();
     for (path, f) in found {

@@ -184,17 +184,33 @@ impl Lora {
     }
 }
 
-/// A bias-free linear layer (`x W^T`) with an optional LoRA adapter.
+/// A linear layer (`x W^T`, plus a frozen bias where the checkpoint has one: Qwen2's q, k, v)
+/// with an optional LoRA adapter. As in PEFT, the adapter's output adds to the base layer's
+/// output, bias included.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
     weight: Tensor,
+    bias: Option<Tensor>,
     lora: Option<Lora>,
 }
 
 impl LoraLinear {
     /// The frozen base layer alone; `weight` is `[out, in]` as `nn.Linear` stores it.
     pub fn new(weight: Tensor) -> Self {
-        Self { weight, lora: None }
+        Self {
+            weight,
+            bias: None,
+            lora: None,
+        }
+    }
+
+    /// The frozen base layer with a bias `[out]`.
+    pub fn with_bias(weight: Tensor, bias: Tensor) -> Self {
+        Self {
+            weight,
+            bias: Some(bias),
+            lora: None,
+        }
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -257,6 +273,14 @@ impl LoraLinear {
 
     /// `x [.., in] -> [.., out]` in `x`'s dtype; the LoRA path runs in f32.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.forward_without_bias(x)?;
+        match &self.bias {
+            None => Ok(y),
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+        }
+    }
+
+    fn forward_without_bias(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let Some(l) = self.lora.as_ref().filter(|l| l.switch.enabled()) else {
             return linear(x, &self.weight);
         };

@@ -13,6 +13,7 @@ pub mod generate;
 pub mod llama;
 pub mod llava;
 pub mod lora;
+pub mod qwen2_5_vl;
 pub mod resample;
 pub mod vlm;
 

@@ -73,6 +73,10 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<serde_json::Value>,
     pub pad_token_id: Option<u32>,
+    /// Biases on q, k and v only (Qwen2's attention; not a `config.json` key of LLaMA, set by
+    /// the Qwen2.5-VL loader).
+    #[serde(skip)]
+    pub qkv_bias: bool,
 }
 
 impl Default for LlamaConfig {
@@ -97,6 +101,7 @@ impl Default for LlamaConfig {
             bos_token_id: Some(1),
             eos_token_id: Some(serde_json::json!(2)),
             pad_token_id: None,
+            qkv_bias: false,
         }
     }
 }
@@ -224,8 +229,17 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Ten
     x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?
 }
 
+/// RoPE tables a caller computed for each row and position (Qwen2.5-VL's multimodal RoPE, whose
+/// angles differ per row): `cos, sin [B, 1, T, head_dim]`, f32.
+#[derive(Debug, Clone)]
+pub struct RopeTables {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
 /// What every layer of one forward shares: RoPE tables and the additive attention bias.
 struct Context {
+    /// `[T, hd]` shared by every row, or `[B, 1, T, hd]` per row.
     cos: Tensor,
     sin: Tensor,
     /// `[B, 1, T, T]`, 0 where a query may attend, a large negative number elsewhere.
@@ -247,14 +261,30 @@ fn proj(vb: VarBuilder, inp: usize, out: usize) -> candle_core::Result<LoraLinea
     Ok(LoraLinear::new(vb.get((out, inp), "weight")?))
 }
 
+/// [`proj`] with a bias when `bias` (Qwen2's q, k, v).
+fn proj_bias(
+    vb: VarBuilder,
+    inp: usize,
+    out: usize,
+    bias: bool,
+) -> candle_core::Result<LoraLinear> {
+    if !bias {
+        return proj(vb, inp, out);
+    }
+    Ok(LoraLinear::with_bias(
+        vb.get((out, inp), "weight")?,
+        vb.get(out, "bias")?,
+    ))
+}
+
 impl LlamaAttention {
     fn load(vb: VarBuilder, c: &LlamaConfig) -> candle_core::Result<Self> {
         let (d, hd) = (c.hidden_size, c.head_dim());
         let (h, kv) = (c.num_attention_heads, c.kv_heads());
         Ok(Self {
-            q_proj: proj(vb.pp("q_proj"), d, h * hd)?,
-            k_proj: proj(vb.pp("k_proj"), d, kv * hd)?,
-            v_proj: proj(vb.pp("v_proj"), d, kv * hd)?,
+            q_proj: proj_bias(vb.pp("q_proj"), d, h * hd, c.qkv_bias)?,
+            k_proj: proj_bias(vb.pp("k_proj"), d, kv * hd, c.qkv_bias)?,
+            v_proj: proj_bias(vb.pp("v_proj"), d, kv * hd, c.qkv_bias)?,
             o_proj: proj(vb.pp("o_proj"), h * hd, d)?,
             heads: h,
             kv_heads: kv,
@@ -508,6 +538,16 @@ impl Llama {
         self.head(&self.hidden_states(inputs_embeds, attention_mask)?)
     }
 
+    /// [`Self::forward_embeds`] with the caller's RoPE tables (`None`: positions `0..T`).
+    pub fn forward_embeds_with_rope(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        rope: Option<&RopeTables>,
+    ) -> candle_core::Result<Tensor> {
+        self.head(&self.hidden_states_with_rope(inputs_embeds, attention_mask, rope)?)
+    }
+
     /// The decoder layers alone: `inputs_embeds [B, T, D]` -> hidden states `[B, T, D]` before
     /// the final norm.
     pub fn hidden_states(
@@ -515,7 +555,17 @@ impl Llama {
         inputs_embeds: &Tensor,
         attention_mask: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let ctx = self.context(inputs_embeds, attention_mask)?;
+        self.hidden_states_with_rope(inputs_embeds, attention_mask, None)
+    }
+
+    /// [`Self::hidden_states`] with the caller's RoPE tables (`None`: positions `0..T`).
+    pub fn hidden_states_with_rope(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        rope: Option<&RopeTables>,
+    ) -> candle_core::Result<Tensor> {
+        let ctx = self.context_with(inputs_embeds, attention_mask, rope)?;
         let mut x = inputs_embeds.to_dtype(self.dtype())?;
         for (i, layer) in self.layers.iter().enumerate() {
             self.switch.begin_layer(i);
@@ -530,9 +580,32 @@ impl Llama {
         inputs_embeds: &Tensor,
         attention_mask: &Tensor,
     ) -> candle_core::Result<Context> {
+        self.context_with(inputs_embeds, attention_mask, None)
+    }
+
+    /// [`Self::context`] with the caller's tables when given.
+    fn context_with(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        rope: Option<&RopeTables>,
+    ) -> candle_core::Result<Context> {
         let (b, t, _) = inputs_embeds.dims3()?;
         let dev = inputs_embeds.device();
-        let (cos, sin) = rope_tables(t, self.config.head_dim(), self.config.rope_theta(), dev)?;
+        let hd = self.config.head_dim();
+        let (cos, sin) = match rope {
+            None => rope_tables(t, hd, self.config.rope_theta(), dev)?,
+            Some(r) => {
+                if r.cos.dims() != [b, 1, t, hd] || r.sin.dims() != [b, 1, t, hd] {
+                    candle_core::bail!(
+                        "RoPE tables {:?} / {:?} for a [{b}, {t}] batch of head_dim {hd}",
+                        r.cos.dims(),
+                        r.sin.dims()
+                    );
+                }
+                (r.cos.clone(), r.sin.clone())
+            }
+        };
         let bias = attention_bias(attention_mask, b, t, 0)?;
         Ok(Context { cos, sin, bias })
     }
@@ -600,6 +673,7 @@ impl Llama {
             layers: (0..self.layers.len()).map(|_| None).collect(),
             mask: None,
             seen: vec![0; batch],
+            offsets: vec![0; batch],
         }
     }
 
@@ -615,7 +689,7 @@ impl Llama {
         attention_mask: &Tensor,
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
-        let x = self.decode_step(inputs_embeds, attention_mask, cache)?;
+        let x = self.decode_step(inputs_embeds, attention_mask, cache, None)?;
         self.head(&x)
     }
 
@@ -628,7 +702,19 @@ impl Llama {
         attention_mask: &Tensor,
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
-        let x = self.decode_step(inputs_embeds, attention_mask, cache)?;
+        self.forward_cached_last_with_rope(inputs_embeds, attention_mask, cache, None)
+    }
+
+    /// [`Self::forward_cached_last`] with the caller's RoPE tables for these `t` positions
+    /// (`[B, 1, t, head_dim]`; a multimodal prompt's first pass); `None`: counted positions.
+    pub fn forward_cached_last_with_rope(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        cache: &mut KvCache,
+        rope: Option<&RopeTables>,
+    ) -> candle_core::Result<Tensor> {
+        let x = self.decode_step(inputs_embeds, attention_mask, cache, rope)?;
         let t = x.dim(1)?;
         self.head(&x.narrow(1, t - 1, 1)?.contiguous()?)
     }
@@ -639,6 +725,7 @@ impl Llama {
         inputs_embeds: &Tensor,
         attention_mask: &Tensor,
         cache: &mut KvCache,
+        rope: Option<&RopeTables>,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = inputs_embeds.dims3()?;
         let dev = inputs_embeds.device();
@@ -651,18 +738,35 @@ impl Llama {
         }
         let new_mask: Vec<Vec<f32>> = attention_mask.to_dtype(DType::F32)?.to_vec2()?;
         let mut positions = Vec::with_capacity(b * t);
-        for (row, seen) in new_mask.iter().zip(cache.seen.iter_mut()) {
+        for ((row, seen), off) in new_mask
+            .iter()
+            .zip(cache.seen.iter_mut())
+            .zip(&cache.offsets)
+        {
             for &m in row {
                 if m != 0.0 {
                     *seen += 1;
                 }
-                positions.push(seen.saturating_sub(1) as f32);
+                positions.push((seen.saturating_sub(1) as i64 + off) as f32);
             }
         }
-        let positions = Tensor::from_vec(positions, b * t, dev)?;
-        let (cos, sin) = rope_at(&positions, self.config.head_dim(), self.config.rope_theta())?;
         let hd = self.config.head_dim();
-        let (cos, sin) = (cos.reshape((b, 1, t, hd))?, sin.reshape((b, 1, t, hd))?);
+        let (cos, sin) = match rope {
+            Some(r) => {
+                if r.cos.dims() != [b, 1, t, hd] || r.sin.dims() != [b, 1, t, hd] {
+                    candle_core::bail!(
+                        "RoPE tables {:?} for a [{b}, {t}] step of head_dim {hd}",
+                        r.cos.dims()
+                    );
+                }
+                (r.cos.clone(), r.sin.clone())
+            }
+            None => {
+                let positions = Tensor::from_vec(positions, b * t, dev)?;
+                let (cos, sin) = rope_at(&positions, hd, self.config.rope_theta())?;
+                (cos.reshape((b, 1, t, hd))?, sin.reshape((b, 1, t, hd))?)
+            }
+        };
         let step_mask = attention_mask.to_dtype(DType::F32)?;
         let mask = match cache.mask.take() {
             None => step_mask,
@@ -883,6 +987,24 @@ pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     mask: Option<Tensor>,
     seen: Vec<usize>,
+    /// Added to each row's position count (Qwen2.5-VL's `rope_deltas`: text after an image
+    /// continues from the image's largest position, not from its token count).
+    offsets: Vec<i64>,
+}
+
+impl KvCache {
+    /// Sets each row's position offset for the steps that follow.
+    pub fn set_position_offsets(&mut self, offsets: Vec<i64>) -> candle_core::Result<()> {
+        if offsets.len() != self.seen.len() {
+            candle_core::bail!(
+                "{} position offsets for a cache of {} rows",
+                offsets.len(),
+                self.seen.len()
+            );
+        }
+        self.offsets = offsets;
+        Ok(())
+    }
 }
 
 /// One layer's cached keys and values: `[B, kv, capacity, hd]` buffers filled along dim 2 up to

@@ -62,7 +62,24 @@ impl LlavaConfig {
 
     /// A LLaVA `config.json` under any name (a model config without weights).
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let (cfg, path): (Self, _) = checkpoint::read_config_file(path)?;
+        // Another architecture would fail below on some field of its own ("unknown variant
+        // `silu`" for Qwen2.5-VL); name it instead.
+        let (raw, path): (serde_json::Value, _) = checkpoint::read_config_file(path)?;
+        match raw.get("model_type").and_then(serde_json::Value::as_str) {
+            Some("llava") | None => {}
+            Some(other) => {
+                return Err(ModelError::Config {
+                    path,
+                    message: format!(
+                        "model_type {other:?} is not one this command runs (known: \"llava\"; \"qwen2_5_vl\" loads through misp::model::qwen2_5_vl, not yet through the commands)"
+                    ),
+                })
+            }
+        }
+        let cfg: Self = serde_json::from_value(raw).map_err(|source| ModelError::Json {
+            path: path.clone(),
+            source,
+        })?;
         if let Err(message) = cfg.validate() {
             return Err(ModelError::Config { path, message });
         }
