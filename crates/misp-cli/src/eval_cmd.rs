@@ -30,6 +30,9 @@ pub enum EvalCommand {
     /// One table (compare.md, compare.json) and bar chart (compare.png) of several runs'
     /// metrics.json.
     Compare(CompareArgs),
+    /// MMHal-Bench with an LLM judge (0-6 ratings): answers.jsonl, metrics.json (average
+    /// score, hallucination rate, per question type), excluded.json and config.json in --out.
+    Mmhal(crate::eval_judged_cmd::MmhalArgs),
 }
 
 #[derive(Args)]
@@ -117,6 +120,7 @@ pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
         EvalCommand::Pope(args) => run_pope(args),
         EvalCommand::Chair(args) => run_chair(args),
         EvalCommand::ScoreOnly(args) => score_only(args),
+        EvalCommand::Mmhal(args) => crate::eval_judged_cmd::run_mmhal(args),
         EvalCommand::Compare(args) => {
             let runs = compare::compare(&args.runs, &args.out)?;
             print!("{}", compare::markdown_table(&runs));
@@ -154,7 +158,7 @@ fn detect(path: &Path) -> anyhow::Result<Kind> {
 /// The model as the batched generator `misp::eval` runs: each `(image, prompt)` is prepared
 /// (an undecodable image or an unencodable prompt fails the run, naming the item), then the
 /// batch is answered greedily in one call.
-fn generator(
+pub(crate) fn generator(
     vlm: &Vlm,
     max_new_tokens: usize,
 ) -> impl FnMut(&[(PathBuf, String)]) -> Result<Vec<String>, String> + '_ {

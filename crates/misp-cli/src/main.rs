@@ -10,6 +10,7 @@ mod bench_model;
 mod demo_cmd;
 mod embed_cmd;
 mod eval_cmd;
+mod eval_judged_cmd;
 mod malloc;
 mod mine_cmd;
 mod pretrain_cmd;

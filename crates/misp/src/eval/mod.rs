@@ -4,6 +4,8 @@
 //!   recall, F1, yes-ratio per split and overall), answers parsed as the official script does.
 //! - [`chair`]: captions -> CHAIR_i, CHAIR_s and object recall against COCO instance
 //!   annotations (or any per-image object sets), through the reference synonym table.
+//! - [`judge`]: an LLM judge over the OpenAI chat API (cache, retries, concurrency).
+//! - [`mmhal`]: MMHal-Bench, 0-6 ratings by the judge -> average score, hallucination rate.
 //! - [`compare`]: several runs' `metrics.json` -> one markdown table and a bar chart.
 //!
 //! Nothing here loads a model: generation is a caller-given batched function
@@ -12,6 +14,8 @@
 
 pub mod chair;
 pub mod compare;
+pub mod judge;
+pub mod mmhal;
 pub mod pope;
 pub mod words;
 
