@@ -33,6 +33,9 @@ pub enum EvalCommand {
     /// MMHal-Bench with an LLM judge (0-6 ratings): answers.jsonl, metrics.json (average
     /// score, hallucination rate, per question type), excluded.json and config.json in --out.
     Mmhal(crate::eval_judged_cmd::MmhalArgs),
+    /// WildVision-Bench: pairwise LLM judgements against a baseline's answers (both orders):
+    /// answers.jsonl, metrics.json (score, win rate, reward), excluded.json and config.json.
+    Wildvision(crate::eval_judged_cmd::WildvisionArgs),
 }
 
 #[derive(Args)]
@@ -121,6 +124,7 @@ pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
         EvalCommand::Chair(args) => run_chair(args),
         EvalCommand::ScoreOnly(args) => score_only(args),
         EvalCommand::Mmhal(args) => crate::eval_judged_cmd::run_mmhal(args),
+        EvalCommand::Wildvision(args) => crate::eval_judged_cmd::run_wildvision(args),
         EvalCommand::Compare(args) => {
             let runs = compare::compare(&args.runs, &args.out)?;
             print!("{}", compare::markdown_table(&runs));

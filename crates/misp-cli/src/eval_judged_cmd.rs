@@ -173,3 +173,104 @@ pub fn run_mmhal(args: MmhalArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[derive(Args)]
+pub struct WildvisionArgs {
+    #[command(flatten)]
+    model: Option<ModelArgs>,
+    /// Questions, JSON Lines `{question_id, instruction, image}` (the bench's question ids and
+    /// instructions, each image saved under --images).
+    #[arg(long)]
+    questions: PathBuf,
+    /// The baseline model's answers, JSON Lines `{question_id, output, model}` (the bench's
+    /// model_answers/claude-3-sonnet-20240229.jsonl).
+    #[arg(long)]
+    reference_answers: PathBuf,
+    /// Folder the questions' images are in (sent to the judge, and to the model).
+    #[arg(long)]
+    images: PathBuf,
+    /// Judge saved answers instead of running a model: misp's answers.jsonl or the bench's
+    /// answer format (`question_id` with `model_answer` or `output`).
+    #[arg(long, conflicts_with = "model")]
+    answers: Option<PathBuf>,
+    /// Folder for answers.jsonl, metrics.json, excluded.json and config.json.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    judge: JudgeArgs,
+    /// Judge the baseline-first order only (the shipped judge config, `pairwise: False`)
+    /// instead of both orders.
+    #[arg(long)]
+    single_game: bool,
+    /// Stop after this many new tokens (or at EOS).
+    #[arg(long, default_value_t = 1024)]
+    max_new_tokens: usize,
+}
+
+pub fn run_wildvision(args: WildvisionArgs) -> anyhow::Result<()> {
+    use misp::eval::wildvision as wv;
+    let questions = wv::read_questions(&args.questions)?;
+    let (reference, baseline) = wv::read_reference(&args.reference_answers)?;
+    let judge = args.judge.judge(&args.out)?;
+    let games = if args.single_game { 1 } else { 2 };
+    let mut extra = args.judge.to_json(&args.out);
+    extra["questions"] = json!(args.questions);
+    extra["reference_answers"] = json!(args.reference_answers);
+    extra["baseline"] = json!(baseline);
+    extra["images"] = json!(args.images);
+    extra["answers"] = json!(args.answers);
+    extra["games"] = json!(games);
+    extra["max_new_tokens"] = json!(args.max_new_tokens);
+    write_json_atomic(
+        &args.out.join("config.json"),
+        &config_with(args.model.as_ref(), "eval wildvision", extra),
+    )?;
+    let image_root = args.model.as_ref().and_then(|m| m.image_root.as_deref());
+    let images = Images::new(&args.images, image_root)?;
+    let (asked, mut excluded) = wv::askable(&questions, &reference, &images);
+    anyhow::ensure!(
+        !asked.is_empty(),
+        "none of the {} questions has both its image under {} and a baseline answer",
+        questions.len(),
+        args.images.display()
+    );
+    let answers = match (&args.answers, &args.model) {
+        (Some(path), _) => wv::read_answers(path)?,
+        (None, Some(model)) => {
+            model.runtime.apply()?;
+            let vlm = model.load()?;
+            let mut generate = crate::eval_cmd::generator(&vlm, args.max_new_tokens);
+            wv::answer(&asked, model.batch_size, &mut generate)?
+        }
+        (None, None) => {
+            anyhow::bail!("give --model DIR to answer the questions, or --answers FILE")
+        }
+    };
+    let (rows, more) = wv::judge_answers(&asked, &answers, &reference, games, &judge)?;
+    excluded.extend(more);
+    let stats = judge.stats();
+    let metrics = wv::write_outputs(&args.out, &rows, &excluded)?;
+    let m = &metrics["wildvision"];
+    let pct = |k: &str| m[k].as_f64().unwrap_or(f64::NAN) * 100.0;
+    println!("| vs {baseline} | n | score (%) | win rate (%) | win or tie (%) | reward |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| wildvision | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        m["n"],
+        pct("score"),
+        pct("win_rate"),
+        pct("win_or_tie_rate"),
+        m["reward"].as_f64().unwrap_or(f64::NAN)
+    );
+    eprintln!(
+        "{} questions judged in {games} game(s) each ({} replies from the cache, {} requests, {} retried), {} games without a verdict, {} questions excluded; wrote {}",
+        rows.len(),
+        stats.cached,
+        stats.requested,
+        stats.retried,
+        m["games_without_verdict"],
+        excluded.len(),
+        args.out.display()
+    );
+    Ok(())
+}

@@ -6,6 +6,8 @@
 //!   annotations (or any per-image object sets), through the reference synonym table.
 //! - [`judge`]: an LLM judge over the OpenAI chat API (cache, retries, concurrency).
 //! - [`mmhal`]: MMHal-Bench, 0-6 ratings by the judge -> average score, hallucination rate.
+//! - [`wildvision`]: WildVision-Bench, pairwise judgements against a baseline's answers -> the
+//!   Elo-derived score, reward and win rates.
 //! - [`compare`]: several runs' `metrics.json` -> one markdown table and a bar chart.
 //!
 //! Nothing here loads a model: generation is a caller-given batched function
@@ -17,6 +19,7 @@ pub mod compare;
 pub mod judge;
 pub mod mmhal;
 pub mod pope;
+pub mod wildvision;
 pub mod words;
 
 use std::path::{Component, Path, PathBuf};
