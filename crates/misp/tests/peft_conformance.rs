@@ -213,7 +213,8 @@ fn misp_saved_is_reproducible_and_peft_agrees_with(kernels: Kernels) {
     let _kernels = ThreadKernels::set(kernels);
     let e = expected();
     let committed = fixtures().join("peft/misp_saved");
-    let dir = std::env::temp_dir().join(format!("misp-peft-{}", std::process::id()));
+    // One folder per kernel path: the two tests run in parallel and each removes its own.
+    let dir = std::env::temp_dir().join(format!("misp-peft-{}-{kernels:?}", std::process::id()));
     save_peft_adapter(&dir, &misp_adapter(MISP_SEED), &lora_config(), BASE).unwrap();
     let fresh = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &Device::Cpu).unwrap();
     let config_fresh = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
