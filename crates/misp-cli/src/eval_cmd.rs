@@ -45,6 +45,12 @@ pub enum EvalCommand {
     /// One table (compare.md, compare.json) and bar chart (compare.png) of several runs'
     /// metrics.json.
     Compare(CompareArgs),
+    /// MMHal-Bench with an LLM judge (0-6 ratings): answers.jsonl, metrics.json (average
+    /// score, hallucination rate, per question type), excluded.json and config.json in --out.
+    Mmhal(crate::eval_judged_cmd::MmhalArgs),
+    /// WildVision-Bench: pairwise LLM judgements against a baseline's answers (both orders):
+    /// answers.jsonl, metrics.json (score, win rate, reward), excluded.json and config.json.
+    Wildvision(crate::eval_judged_cmd::WildvisionArgs),
 }
 
 #[derive(Args)]
@@ -147,6 +153,8 @@ pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
         EvalCommand::Hallusionbench(args) => crate::eval_hallusionbench::run(args),
         EvalCommand::Mmvp(args) => crate::eval_mmvp::run(args),
         EvalCommand::Amber(args) => crate::eval_amber::run(args),
+        EvalCommand::Mmhal(args) => crate::eval_judged_cmd::run_mmhal(args),
+        EvalCommand::Wildvision(args) => crate::eval_judged_cmd::run_wildvision(args),
         EvalCommand::Compare(args) => {
             let runs = compare::compare(&args.runs, &args.out)?;
             print!("{}", compare::markdown_table(&runs));

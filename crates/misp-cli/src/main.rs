@@ -14,12 +14,14 @@ mod eval_amber;
 mod eval_cmd;
 mod eval_hallusionbench;
 mod eval_mmvp;
+mod eval_judged_cmd;
 mod malloc;
 mod mine_cmd;
 mod pretrain_cmd;
 mod runtime;
 mod sae_cmd;
 mod score_cmd;
+mod serve_cmd;
 mod train_cmd;
 mod world_cmd;
 
@@ -56,6 +58,9 @@ enum Command {
     Generate(score_cmd::GenerateArgs),
     /// Stage 2: train LoRA on a LLaVA checkpoint with the MISP-DPO objective (Eq. 6-10).
     Train(train_cmd::TrainArgs),
+    /// An OpenAI-compatible chat API over a LLaVA model (+ adapter), for VLMEvalKit,
+    /// lmms-eval and other harnesses: POST /v1/chat/completions, GET /v1/models, GET /health.
+    Serve(serve_cmd::ServeArgs),
     /// Stage 3: hallucination benchmarks (POPE, CHAIR) with per-item audit files.
     #[command(subcommand)]
     Eval(eval_cmd::EvalCommand),
@@ -91,6 +96,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo_cmd::run(args),
         Command::Generate(args) => score_cmd::generate(args),
         Command::Eval(cmd) => eval_cmd::run(cmd),
+        Command::Serve(args) => serve_cmd::run(args),
         Command::World(cmd) => world_cmd::run(cmd),
         Command::Bench(BenchCommand::Mine(args)) => bench_mine::run(args),
         Command::Bench(BenchCommand::Model(args)) => bench_model::run(args),

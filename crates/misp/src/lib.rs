@@ -15,6 +15,7 @@
 //! | train | [`train`], [`optim`] | model + records + negatives -> LoRA adapter (PEFT layout), metrics, checkpoints |
 //! | score / eval | [`infer`] | JSONL rows -> log-probs or generations through [`model::vlm::Vlm`] |
 //! | eval | [`eval`] | answers / captions (from a caller's generator) -> POPE and CHAIR metrics + audit files |
+//! | serve | [`serve`] | a checkpoint (+ adapter) -> an OpenAI-compatible chat API over HTTP, batched |
 //! | world | [`world`] | seed + config -> ShapesWorld: images, scene graphs, SFT text, preference records, pool, POPE, CHAIR |
 //! | world | [`pretrain`] | world -> tiny CLIP (contrastive) and LLaVA (SFT) in HF layouts + base-model POPE / CHAIR |
 //! | demo | [`demo`], [`report`] | every stage on ShapesWorld -> report, results, PNG charts |
@@ -44,5 +45,6 @@ pub mod progress;
 pub mod report;
 pub mod rss;
 pub mod sae;
+pub mod serve;
 pub mod train;
 pub mod world;

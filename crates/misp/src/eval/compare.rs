@@ -34,6 +34,9 @@ const FIELDS: [&str; 15] = [
     "cog",
 ];
 
+/// Fraction-valued fields of the judged benchmarks (MMHal-Bench, WildVision-Bench).
+const JUDGED_FIELDS: [&str; 4] = ["hallucination_rate", "score", "win_rate", "win_or_tie_rate"];
+
 /// One run's comparable metrics: `(label, value)` in display order, e.g. `("overall f1", 0.87)`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunMetrics {
@@ -83,7 +86,7 @@ pub fn read_run(dir: &Path) -> Result<RunMetrics, EvalError> {
                 "not an object of metrics",
             ));
         };
-        for field in FIELDS {
+        for field in FIELDS.into_iter().chain(JUDGED_FIELDS) {
             if let Some(v) = metrics.get(field) {
                 let v = v.as_f64().ok_or_else(|| {
                     EvalError::record(&path, 0, &format!("{section}.{field}"), "not a number")

@@ -9,6 +9,10 @@
 //! - [`mmvp`]: two-option questions on image pairs -> question and pair accuracy.
 //! - [`amber`]: AMBER's descriptions (CHAIR, Cover, Hal, Cog) and yes/no questions (accuracy,
 //!   precision, recall, F1 per dimension).
+//! - [`judge`]: an LLM judge over the OpenAI chat API (cache, retries, concurrency).
+//! - [`mmhal`]: MMHal-Bench, 0-6 ratings by the judge -> average score, hallucination rate.
+//! - [`wildvision`]: WildVision-Bench, pairwise judgements against a baseline's answers -> the
+//!   Elo-derived score, reward and win rates.
 //! - [`compare`]: several runs' `metrics.json` -> one markdown table and a bar chart.
 //!
 //! Nothing here loads a model: generation is a caller-given batched function
@@ -21,7 +25,10 @@ pub mod compare;
 pub mod extract;
 pub mod hallusionbench;
 pub mod mmvp;
+pub mod judge;
+pub mod mmhal;
 pub mod pope;
+pub mod wildvision;
 pub mod words;
 
 use std::path::{Component, Path, PathBuf};

@@ -1,0 +1,326 @@
+//! `misp serve` end to end on the tiny random LLaVA of `fixtures/llava_chat/tiny`, loopback
+//! only: concurrent chat requests get the same greedy answers as `misp generate` on the same
+//! inputs; bad requests get the documented statuses; and `misp eval mmhal` / `wildvision` talk
+//! to it as their judge (the tiny model's 64-position context cannot hold a judge prompt, so
+//! the server refuses it with 400 and the run stops with that error, nothing scored).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+const MODEL: &str = "fixtures/llava_chat/tiny";
+const IMAGES: &str = "fixtures/clip/images";
+
+fn root() -> PathBuf {
+    PathBuf::from(ROOT)
+}
+
+fn misp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_misp"))
+        .args(args)
+        .current_dir(ROOT)
+        .output()
+        .expect("run misp")
+}
+
+/// A `misp serve` child, killed when dropped.
+struct Served {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(extra: &[&str]) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_misp"))
+        .args([
+            "serve",
+            "--model",
+            MODEL,
+            "--port",
+            "0",
+            "--image-root",
+            IMAGES,
+        ])
+        .args(extra)
+        .current_dir(ROOT)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start misp serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|s| s.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    Served { child, port }
+}
+
+/// One raw HTTP request; `(status, body)`.
+fn request(port: u16, method: &str, path: &str, headers: &str, body: &[u8]) -> (u16, Value) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let _ = s.write_all(body);
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+fn data_url(name: &str) -> String {
+    let bytes = std::fs::read(root().join(IMAGES).join(name)).unwrap();
+    let mime = if name.ends_with(".png") {
+        "image/png"
+    } else {
+        "image/jpeg"
+    };
+    // Base64 by hand: the test must not reuse the server's decoder to check it.
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for k in 0..4 {
+            if k <= c.len() {
+                out.push(A[(n >> (18 - 6 * k) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    format!("data:{mime};base64,{out}")
+}
+
+fn chat(image_url: &str, prompt: &str, max_tokens: usize) -> Vec<u8> {
+    json!({"model": "tiny", "temperature": 0, "max_tokens": max_tokens, "messages": [
+        {"role": "user", "content": [
+            {"type": "text", "text": prompt},
+            {"type": "image_url", "image_url": {"url": image_url}},
+        ]}
+    ]})
+    .to_string()
+    .into_bytes()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("misp-serve-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn concurrent_requests_get_the_greedy_answers_of_misp_generate() {
+    let cases = [
+        ("hopper.jpg", "Is there a person?"),
+        ("camera_gray.png", "What is this?"),
+        ("astronaut_small.png", "Describe it."),
+        ("coffee_cmyk.jpg", "Is there a cup?"),
+        ("chelsea_rgba.png", "Is there a cat?"),
+        ("hopper.jpg", "What colour?"),
+    ];
+    let dir = tmp("generate");
+    let rows: String = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (img, p))| {
+            format!(
+                "{}\n",
+                json!({"id": i, "image": root().join(IMAGES).join(img), "prompt": p})
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("in.jsonl"), rows).unwrap();
+    let out = dir.join("out.jsonl");
+    let o = misp(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--data",
+        dir.join("in.jsonl").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-new-tokens",
+        "6",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want: Vec<String> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+
+    let served = serve(&["--batch-size", "4", "--batch-wait-ms", "50"]);
+    let port = served.port;
+    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (img, p))| {
+                // Half as data: URLs, half as paths under --image-root.
+                let url = if i % 2 == 0 {
+                    data_url(img)
+                } else {
+                    img.to_string()
+                };
+                s.spawn(move || {
+                    request(port, "POST", "/v1/chat/completions", "", &chat(&url, p, 6))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, ((status, body), want)) in answers.iter().zip(&want).enumerate() {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(
+            body["choices"][0]["message"]["content"],
+            *want.as_str(),
+            "request {i}"
+        );
+        assert_eq!(body["object"], "chat.completion");
+        assert!(body["usage"]["completion_tokens"].as_u64().unwrap() <= 6);
+    }
+    let (status, models) = request(port, "GET", "/v1/models", "", b"");
+    assert_eq!(
+        (status, models["data"][0]["id"].as_str()),
+        (200, Some("tiny"))
+    );
+    assert_eq!(request(port, "GET", "/health", "", b"").0, 200);
+}
+
+#[test]
+fn bad_requests_get_clear_statuses() {
+    let served = serve(&["--max-body-mb", "1"]);
+    let port = served.port;
+    let (status, body) = request(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        "",
+        b"{\"messages\": [",
+    );
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not JSON"),
+        "{body}"
+    );
+    // Over the body limit: refused on the header, before the body is read.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    let (status, body) = request(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        "",
+        &chat("../../Cargo.toml", "Hi?", 2),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("escapes"),
+        "{body}"
+    );
+    let (status, _) = request(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        "",
+        &chat("missing.png", "Hi?", 2),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(request(port, "GET", "/nope", "", b"").0, 404);
+    let long = "word ".repeat(200);
+    let (status, body) = request(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        "",
+        &chat(&data_url("hopper.jpg"), &long, 2),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("context"),
+        "{body}"
+    );
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn judged_runs_talk_to_misp_serve_and_stop_on_its_errors() {
+    let served = serve(&[]);
+    let url = format!("http://127.0.0.1:{}/v1", served.port);
+    let dir = tmp("judged");
+    let fixture = root().join("fixtures/mmhal/response.json");
+    let out = dir.join("mmhal");
+    let o = misp(&[
+        "eval",
+        "mmhal",
+        "--questions",
+        s(&fixture),
+        "--answers",
+        s(&fixture),
+        "--out",
+        s(&out),
+        "--judge-url",
+        &url,
+        "--judge-model",
+        "tiny",
+        "--judge-retries",
+        "1",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("16 of 16 judge requests failed")
+            && err.contains("HTTP 400")
+            && err.contains("context"),
+        "{err}"
+    );
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["command"], "eval mmhal");
+    assert_eq!(config["judge_url"], url.as_str());
+}

@@ -1,0 +1,188 @@
+//! Just enough HTTP/1.1 for `misp serve`: one request per connection (the reply closes it),
+//! bodies by `Content-Length` only, limits on the head and the body.
+
+use std::io::{BufRead, Write};
+
+/// Most bytes of a request line plus headers.
+pub const MAX_HEAD: usize = 64 * 1024;
+
+/// One parsed request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub method: String,
+    /// The path without the query string.
+    pub path: String,
+    pub body: Vec<u8>,
+}
+
+/// A request that cannot be served: the HTTP status and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl HttpError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+/// Reads one request; `Ok(None)` when the client closed the connection before sending one.
+/// A body over `max_body` bytes is refused (413) before it is read.
+pub fn read_request(r: &mut impl BufRead, max_body: usize) -> Result<Option<Request>, HttpError> {
+    let mut head = 0usize;
+    let mut line = String::new();
+    let n = r
+        .read_line(&mut line)
+        .map_err(|e| HttpError::new(400, format!("reading the request: {e}")))?;
+    if n == 0 {
+        return Ok(None);
+    }
+    head += n;
+    let mut parts = line.split_whitespace();
+    let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
+        return Err(HttpError::new(400, "malformed request line"));
+    };
+    let method = method.to_string();
+    let path = target.split('?').next().unwrap_or("").to_string();
+    let mut length: Option<usize> = None;
+    loop {
+        let mut h = String::new();
+        let n = r
+            .read_line(&mut h)
+            .map_err(|e| HttpError::new(400, format!("reading the headers: {e}")))?;
+        head += n;
+        if head > MAX_HEAD {
+            return Err(HttpError::new(431, "request headers are too large"));
+        }
+        if n == 0 || h == "\r\n" || h == "\n" {
+            break;
+        }
+        let Some((name, value)) = h.split_once(':') else {
+            return Err(HttpError::new(
+                400,
+                format!("malformed header: {}", h.trim_end()),
+            ));
+        };
+        let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
+        if name == "content-length" {
+            length = Some(value.parse().map_err(|_| {
+                HttpError::new(400, format!("Content-Length is not a number: {value}"))
+            })?);
+        } else if name == "transfer-encoding" && !value.eq_ignore_ascii_case("identity") {
+            return Err(HttpError::new(
+                411,
+                "chunked bodies are not accepted; send Content-Length",
+            ));
+        }
+    }
+    let len = length.unwrap_or(0);
+    if len > max_body {
+        return Err(HttpError::new(
+            413,
+            format!(
+                "request body of {len} bytes is over the limit of {max_body} bytes (--max-body-mb)"
+            ),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)
+        .map_err(|e| HttpError::new(400, format!("body shorter than its Content-Length: {e}")))?;
+    Ok(Some(Request { method, path, body }))
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
+/// Writes a JSON response and asks the client to close.
+pub fn write_json(
+    w: &mut impl Write,
+    status: u16,
+    body: &serde_json::Value,
+) -> std::io::Result<()> {
+    let text = body.to_string();
+    write!(
+        w,
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        reason(status),
+        text.len()
+    )?;
+    w.flush()
+}
+
+/// An OpenAI-style error body.
+pub fn error_body(status: u16, message: &str) -> serde_json::Value {
+    let kind = match status {
+        500..=599 => "server_error",
+        _ => "invalid_request_error",
+    };
+    serde_json::json!({"error": {"message": message, "type": kind, "code": status}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufReader;
+
+    fn parse(raw: &str, max: usize) -> Result<Option<Request>, HttpError> {
+        read_request(&mut BufReader::new(raw.as_bytes()), max)
+    }
+
+    #[test]
+    fn requests_parse_and_limits_hold() {
+        let r = parse(
+            "POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nabcdXX",
+            10,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (r.method.as_str(), r.path.as_str()),
+            ("POST", "/v1/chat/completions")
+        );
+        assert_eq!(r.body, b"abcd");
+        assert_eq!(parse("", 10).unwrap(), None);
+        assert_eq!(
+            parse("POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n", 10)
+                .unwrap_err()
+                .status,
+            413
+        );
+        assert_eq!(
+            parse("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 10)
+                .unwrap_err()
+                .status,
+            411
+        );
+        assert_eq!(
+            parse("POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 10)
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            parse("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab", 10)
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(parse("garbage\r\n\r\n", 10).unwrap_err().status, 400);
+    }
+}
