@@ -18,12 +18,12 @@
 //! are listed in `excluded.json`; answers to them from elsewhere (`--answers`) are scored.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::extract::{yes_no, YesNo};
-use super::{generate_all, EvalError, GenerateFn, Images};
+use super::{ask_all, EvalError, GenerateFn, Images};
 use crate::files::{read_lines, write_atomic, write_json_atomic};
 
 /// Appended to every question by default: VLMEvalKit's instruction for yes/no benchmarks.
@@ -403,47 +403,31 @@ pub fn run(
     batch: usize,
     generate: &mut GenerateFn<'_>,
 ) -> Result<HbRun, EvalError> {
-    let mut asked = Vec::new();
-    let mut items: Vec<(PathBuf, String)> = Vec::new();
-    let mut excluded = Vec::new();
-    for q in questions {
-        let resolved = match &q.filename {
+    let (asked, left_out) = ask_all(
+        questions,
+        images,
+        "hallusionbench",
+        "no figure or missing image",
+        batch,
+        generate,
+        |q| match &q.filename {
             None => Err(
                 "no figure: misp answers about an image, text-only questions are not asked"
                     .to_string(),
             ),
-            Some(f) => images.resolve(f),
-        };
-        match resolved {
-            Ok(p) => {
-                items.push((p, format!("{}{suffix}", q.question)));
-                asked.push(q);
-            }
-            Err(reason) => excluded.push(HbExcluded {
-                key: q.key(),
-                filename: q.filename.clone(),
-                reason,
-            }),
-        }
-    }
-    if !excluded.is_empty() {
-        tracing::warn!(
-            "{} of {} HallusionBench questions not asked (no figure or missing image; listed in excluded.json)",
-            excluded.len(),
-            questions.len()
-        );
-    }
-    if items.is_empty() {
-        return Err(EvalError::Input(format!(
-            "none of the {} questions has its image under {}",
-            questions.len(),
-            images.dir().display()
-        )));
-    }
-    let texts = generate_all(&items, batch, "hallusionbench", generate)?;
+            Some(f) => Ok((images.resolve(f)?, format!("{}{suffix}", q.question))),
+        },
+    )?;
+    let excluded = left_out
+        .into_iter()
+        .map(|(q, reason)| HbExcluded {
+            key: q.key(),
+            filename: q.filename.clone(),
+            reason,
+        })
+        .collect();
     let answers = asked
         .into_iter()
-        .zip(texts)
         .map(|(q, a)| HbAnswer::new(q.clone(), a))
         .collect();
     Ok(HbRun { answers, excluded })

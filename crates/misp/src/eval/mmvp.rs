@@ -10,12 +10,12 @@
 //! a reply naming no option or both is "unknown", counted wrong and listed.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::extract::option;
-use super::{generate_all, EvalError, GenerateFn, Images};
+use super::{ask_all, EvalError, GenerateFn, Images};
 use crate::files::{read_lines, write_atomic, write_json_atomic, FileError};
 
 /// Column names that may carry a visual pattern (the official file has none; annotated copies
@@ -406,40 +406,30 @@ pub fn run(
     batch: usize,
     generate: &mut GenerateFn<'_>,
 ) -> Result<MmvpRun, EvalError> {
-    let mut asked = Vec::new();
-    let mut items: Vec<(PathBuf, String)> = Vec::new();
-    let mut excluded = Vec::new();
-    for q in questions {
-        match images.resolve(&q.image()) {
-            Ok(p) => {
-                items.push((p, format!("{}{suffix}", q.prompt())));
-                asked.push(q);
-            }
-            Err(reason) => excluded.push(MmvpExcluded {
-                index: q.index,
-                image: q.image(),
-                reason,
-            }),
-        }
-    }
-    if !excluded.is_empty() {
-        tracing::warn!(
-            "{} of {} MMVP questions excluded (missing images; listed in excluded.json)",
-            excluded.len(),
-            questions.len()
-        );
-    }
-    if items.is_empty() {
-        return Err(EvalError::Input(format!(
-            "none of the {} questions has its image under {}",
-            questions.len(),
-            images.dir().display()
-        )));
-    }
-    let texts = generate_all(&items, batch, "mmvp", generate)?;
+    let (asked, left_out) = ask_all(
+        questions,
+        images,
+        "mmvp",
+        "missing images",
+        batch,
+        generate,
+        |q| {
+            Ok((
+                images.resolve(&q.image())?,
+                format!("{}{suffix}", q.prompt()),
+            ))
+        },
+    )?;
+    let excluded = left_out
+        .into_iter()
+        .map(|(q, reason)| MmvpExcluded {
+            index: q.index,
+            image: q.image(),
+            reason,
+        })
+        .collect();
     let answers = asked
         .into_iter()
-        .zip(texts)
         .map(|(q, a)| MmvpAnswer::new(q.clone(), a))
         .collect();
     Ok(MmvpRun { answers, excluded })

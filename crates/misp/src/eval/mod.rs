@@ -161,6 +161,53 @@ pub(crate) fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// What [`ask_all`] returns: each asked question with its reply, in question order, and each
+/// question left out with the reason.
+pub(crate) type Asked<'q, Q> = (Vec<(&'q Q, String)>, Vec<(&'q Q, String)>);
+
+/// The shared loop of the runners that ask one question per image: `item` gives a question's
+/// image path and prompt, or why it cannot be asked. Warns about the questions left out (`why`
+/// says what they have in common), refuses a set where none can be asked, and answers the rest
+/// `batch` at a time.
+pub(crate) fn ask_all<'q, Q>(
+    questions: &'q [Q],
+    images: &Images,
+    what: &str,
+    why: &str,
+    batch: usize,
+    generate: &mut GenerateFn<'_>,
+    item: impl Fn(&Q) -> Result<(PathBuf, String), String>,
+) -> Result<Asked<'q, Q>, EvalError> {
+    let mut asked = Vec::new();
+    let mut items = Vec::new();
+    let mut left_out = Vec::new();
+    for q in questions {
+        match item(q) {
+            Ok(it) => {
+                items.push(it);
+                asked.push(q);
+            }
+            Err(reason) => left_out.push((q, reason)),
+        }
+    }
+    if !left_out.is_empty() {
+        tracing::warn!(
+            "{} of {} {what} questions not asked ({why}; listed in excluded.json)",
+            left_out.len(),
+            questions.len()
+        );
+    }
+    if items.is_empty() {
+        return Err(EvalError::Input(format!(
+            "none of the {} questions has its image under {}",
+            questions.len(),
+            images.dir().display()
+        )));
+    }
+    let texts = generate_all(&items, batch, what, generate)?;
+    Ok((asked.into_iter().zip(texts).collect(), left_out))
+}
+
 /// Runs `generate` over `items` in batches of `batch`, with a progress bar; checks that every
 /// batch returns one text per item.
 pub(crate) fn generate_all(

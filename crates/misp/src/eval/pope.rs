@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{generate_all, EvalError, GenerateFn, Images};
+use super::{ask_all, EvalError, GenerateFn, Images};
 use crate::files::{read_lines, write_atomic, write_json_atomic};
 
 /// The suffix LLaVA's own POPE evaluation appends to every question (its `model_vqa_loader`
@@ -369,42 +369,26 @@ pub fn run_pope(
     batch: usize,
     generate: &mut GenerateFn<'_>,
 ) -> Result<PopeRun, EvalError> {
-    let mut asked = Vec::new();
-    let mut items = Vec::new();
-    let mut excluded = Vec::new();
-    for q in questions {
-        match images.resolve(&q.image) {
-            Ok(p) => {
-                items.push((p, format!("{}{suffix}", q.text)));
-                asked.push(q);
-            }
-            Err(reason) => excluded.push(Excluded {
-                question_id: q.question_id.clone(),
-                split: q.split.clone(),
-                image: q.image.clone(),
-                reason,
-            }),
-        }
-    }
-    if !excluded.is_empty() {
-        tracing::warn!(
-            "{} of {} POPE questions excluded from the metrics (missing images; listed in excluded.json), first: {}",
-            excluded.len(),
-            questions.len(),
-            excluded[0].image
-        );
-    }
-    if items.is_empty() {
-        return Err(EvalError::Input(format!(
-            "none of the {} questions has its image under {}",
-            questions.len(),
-            images.dir().display()
-        )));
-    }
-    let texts = generate_all(&items, batch, "pope", generate)?;
+    let (asked, left_out) = ask_all(
+        questions,
+        images,
+        "pope",
+        "missing images",
+        batch,
+        generate,
+        |q| Ok((images.resolve(&q.image)?, format!("{}{suffix}", q.text))),
+    )?;
+    let excluded = left_out
+        .into_iter()
+        .map(|(q, reason)| Excluded {
+            question_id: q.question_id.clone(),
+            split: q.split.clone(),
+            image: q.image.clone(),
+            reason,
+        })
+        .collect();
     let answers = asked
-        .iter()
-        .zip(texts)
+        .into_iter()
         .map(|(q, answer)| PopeAnswer {
             question_id: q.question_id.clone(),
             split: q.split.clone(),
