@@ -7,6 +7,7 @@
 
 use candle_core::{DType, Tensor, D};
 
+use super::llama::{KvCache, Llama};
 use super::llava::Llava;
 pub use crate::checkpoint::ModelError;
 
@@ -22,7 +23,7 @@ pub fn greedy(
     max_new_tokens: usize,
 ) -> Result<Vec<Vec<u32>>, ModelError> {
     let b = prompts.len();
-    let mut out = vec![Vec::new(); b];
+    let out = vec![Vec::new(); b];
     if b == 0 || max_new_tokens == 0 {
         return Ok(out);
     }
@@ -40,9 +41,27 @@ pub fn greedy(
     let lm = model.language_model();
     let mut cache = lm.new_cache(b);
     let embeds = model.input_embeds(&ids, pixels)?;
-    let mut logits = lm.forward_cached_last(&embeds, &mask, &mut cache)?;
+    let logits = lm.forward_cached_last(&embeds, &mask, &mut cache)?;
+    decode_from(lm, &mut cache, logits, eos, pad, max_new_tokens, out)
+}
+
+/// The decoding loop after the prompt's pass, shared by every model on misp's LLaMA decoder:
+/// `logits` are the prompt pass's (each row's next token at the last column) and `cache` holds
+/// the prompt. Each step appends every unfinished row's argmax to `out`, feeds the pad token to
+/// finished rows, and stops when all rows have produced an `eos` id or after `max_new_tokens`.
+pub(crate) fn decode_from(
+    lm: &Llama,
+    cache: &mut KvCache,
+    mut logits: Tensor,
+    eos: &[u32],
+    pad: u32,
+    max_new_tokens: usize,
+    mut out: Vec<Vec<u32>>,
+) -> Result<Vec<Vec<u32>>, ModelError> {
+    let b = out.len();
+    let dev = logits.device().clone();
     let mut done = vec![false; b];
-    let ones = Tensor::ones((b, 1), DType::U8, dev)?;
+    let ones = Tensor::ones((b, 1), DType::U8, &dev)?;
     for step in 0..max_new_tokens {
         let t = logits.dim(1)?;
         let next: Vec<u32> = logits
@@ -65,8 +84,8 @@ pub fn greedy(
         if done.iter().all(|&d| d) || step + 1 == max_new_tokens {
             break;
         }
-        let fed = Tensor::from_vec(fed, (b, 1), dev)?;
-        logits = lm.forward_cached_last(&lm.embed_tokens(&fed)?, &ones, &mut cache)?;
+        let fed = Tensor::from_vec(fed, (b, 1), &dev)?;
+        logits = lm.forward_cached_last(&lm.embed_tokens(&fed)?, &ones, cache)?;
     }
     Ok(out)
 }

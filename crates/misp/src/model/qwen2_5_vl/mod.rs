@@ -9,7 +9,7 @@ pub mod vision;
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 use serde_json::Value;
@@ -534,7 +534,7 @@ impl Qwen2_5Vl {
         dev: &Device,
     ) -> Result<Vec<Vec<u32>>, ModelError> {
         let b = prompts.len();
-        let mut out = vec![Vec::new(); b];
+        let out = vec![Vec::new(); b];
         if b == 0 || max_new_tokens == 0 {
             return Ok(out);
         }
@@ -566,36 +566,8 @@ impl Qwen2_5Vl {
             .collect::<Result<Vec<_>, ModelError>>()?;
         let lm = &self.language_model;
         let mut cache = lm.new_cache(b);
-        let mut logits =
-            lm.forward_cached_last_with_rope(&embeds, &mask_t, &mut cache, Some(&rope))?;
+        let logits = lm.forward_cached_last_with_rope(&embeds, &mask_t, &mut cache, Some(&rope))?;
         cache.set_position_offsets(deltas)?;
-        let mut done = vec![false; b];
-        let ones = Tensor::ones((b, 1), DType::U8, dev)?;
-        for step in 0..max_new_tokens {
-            let t = logits.dim(1)?;
-            let next: Vec<u32> = logits
-                .narrow(1, t - 1, 1)?
-                .squeeze(1)?
-                .argmax(D::Minus1)?
-                .to_vec1()?;
-            let mut fed = Vec::with_capacity(b);
-            for (row, &tok) in next.iter().enumerate() {
-                if done[row] {
-                    fed.push(pad);
-                    continue;
-                }
-                out[row].push(tok);
-                if eos.contains(&tok) {
-                    done[row] = true;
-                }
-                fed.push(tok);
-            }
-            if done.iter().all(|&d| d) || step + 1 == max_new_tokens {
-                break;
-            }
-            let fed = Tensor::from_vec(fed, (b, 1), dev)?;
-            logits = lm.forward_cached_last(&lm.embed_tokens(&fed)?, &ones, &mut cache)?;
-        }
-        Ok(out)
+        crate::model::generate::decode_from(lm, &mut cache, logits, eos, pad, max_new_tokens, out)
     }
 }
