@@ -14,6 +14,31 @@ pub enum Resample {
     Bicubic,
 }
 
+impl Resample {
+    /// A config's `resample` (PIL's filter number; absent means bicubic, the processors'
+    /// default), or the reason it cannot be used.
+    pub fn from_pil(code: Option<u32>) -> Result<Self, String> {
+        match code {
+            None | Some(3) => Ok(Resample::Bicubic),
+            Some(2) => Ok(Resample::Bilinear),
+            Some(r) => Err(format!(
+                "PIL filter {r} is not supported (2 bilinear and 3 bicubic are)"
+            )),
+        }
+    }
+}
+
+/// A per-channel config value (`image_mean`, `image_std`): three values, or one for all three
+/// channels; absent means `default`.
+pub fn channel_values(v: Option<Vec<f32>>, default: [f32; 3]) -> Result<[f32; 3], String> {
+    match v {
+        None => Ok(default),
+        Some(v) if v.len() == 3 => Ok([v[0], v[1], v[2]]),
+        Some(v) if v.len() == 1 => Ok([v[0]; 3]),
+        Some(v) => Err(format!("expected 3 values, got {}", v.len())),
+    }
+}
+
 /// PIL's `Image.resize(size, filter)` for 8-bit RGB: separable, horizontal pass first, each pass
 /// rounded to `u8` (PIL `ImagingResample`, 8 bits per channel path).
 pub fn resize(img: &RgbImage, out_w: u32, out_h: u32, filter: Resample) -> RgbImage {

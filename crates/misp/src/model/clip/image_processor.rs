@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use image::{DynamicImage, ImageReader, Limits, RgbImage};
 use serde::Deserialize;
 
+use crate::model::resample::channel_values;
 use crate::model::resample::resize_window;
 pub use crate::model::resample::{resize, Resample};
 
@@ -239,24 +240,11 @@ impl ImageProcessor {
         p.do_rescale = raw.do_rescale.unwrap_or(p.do_rescale);
         p.rescale_factor = raw.rescale_factor.unwrap_or(p.rescale_factor);
         p.do_normalize = raw.do_normalize.unwrap_or(p.do_normalize);
-        let triple = |name: &'static str, v: Option<Vec<f32>>, default: [f32; 3]| match v {
-            None => Ok(default),
-            Some(v) if v.len() == 3 => Ok([v[0], v[1], v[2]]),
-            Some(v) if v.len() == 1 => Ok([v[0]; 3]),
-            Some(v) => Err(field(name, format!("expected 3 values, got {}", v.len()))),
-        };
-        p.image_mean = triple("image_mean", raw.image_mean, p.image_mean)?;
-        p.image_std = triple("image_std", raw.image_std, p.image_std)?;
-        p.resample = match raw.resample {
-            None | Some(3) => Resample::Bicubic,
-            Some(2) => Resample::Bilinear,
-            Some(r) => {
-                return Err(field(
-                    "resample",
-                    format!("PIL filter {r} is not supported (2 bilinear and 3 bicubic are)"),
-                ))
-            }
-        };
+        p.image_mean =
+            channel_values(raw.image_mean, p.image_mean).map_err(|m| field("image_mean", m))?;
+        p.image_std =
+            channel_values(raw.image_std, p.image_std).map_err(|m| field("image_std", m))?;
+        p.resample = Resample::from_pil(raw.resample).map_err(|m| field("resample", m))?;
         if p.shortest_edge == 0 || p.crop.0 == 0 || p.crop.1 == 0 {
             return Err(field("size", "sizes must be positive".into()));
         }
