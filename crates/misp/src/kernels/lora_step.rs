@@ -103,11 +103,29 @@ struct LoraStep {
     saved: Mutex<Option<Saved>>,
 }
 
-/// `z = h A^T [n, r]`, and with dropout the dropped input `h [n, in]` and which elements were
-/// kept (without dropout `h` is the node's input `x` itself).
+/// `z = h A^T [n, r]`, all the node keeps: with dropout the backward draws the mask again from
+/// its seed and drops `x` again (the graph keeps `x`, the node's input, anyway), where keeping
+/// the dropped copy and the mask cost 5 bytes (f32) per input element and projection.
 struct Saved {
     z: candle_core::CpuStorage,
-    dropped: Option<(candle_core::CpuStorage, Vec<bool>)>,
+}
+
+/// `x` dropped out with the mask of `(p, seed)`, survivors scaled by `1 / (1 - p)`.
+fn dropped<T: Real>(x: &[T], p: f32, seed: u64) -> Vec<T> {
+    let draw = MaskDraw::new(p, seed);
+    let scale = T::from_f64(1.0 / (1.0 - p as f64));
+    let mut h = vec![T::ZERO; x.len()];
+    h.par_chunks_mut(MASK_CHUNK)
+        .zip(x.par_chunks(MASK_CHUNK))
+        .enumerate()
+        .for_each(|(c, (h, x))| {
+            for (i, (h, &x)) in h.iter_mut().zip(x).enumerate() {
+                if draw.keep(c * MASK_CHUNK + i) {
+                    *h = x * scale;
+                }
+            }
+        });
+    h
 }
 
 /// `(rows, features)` of a `[.., features]` shape.
@@ -148,27 +166,10 @@ impl LoraStep {
             candle_core::bail!("lora-step: weight is not on the CPU")
         };
         let w = data_of::<T>(ws, wl)?;
-        let dropped = self.dropout.map(|(p, seed)| {
-            let draw = MaskDraw::new(p, seed);
-            let scale = T::from_f64(1.0 / (1.0 - p as f64));
-            let mut h = vec![T::ZERO; x.len()];
-            let mut keep = vec![false; x.len()];
-            h.par_chunks_mut(MASK_CHUNK)
-                .zip(keep.par_chunks_mut(MASK_CHUNK))
-                .zip(x.par_chunks(MASK_CHUNK))
-                .enumerate()
-                .for_each(|(c, ((h, k), x))| {
-                    for (i, ((h, k), &x)) in h.iter_mut().zip(k).zip(x).enumerate() {
-                        *k = draw.keep(c * MASK_CHUNK + i);
-                        if *k {
-                            *h = x * scale;
-                        }
-                    }
-                });
-            (h, keep)
-        });
-        let h = dropped.as_ref().map_or(x, |(h, _)| h.as_slice());
+        let dropped = self.dropout.map(|(p, seed)| dropped(x, p, seed));
+        let h = dropped.as_deref().unwrap_or(x);
         let z = gemm::product(Mat::new(h, n, inp), Mat::new(a, r, inp).t(), T::ONE);
+        drop(dropped);
         let mut y = gemm::product(Mat::new(x, n, inp), Mat::new(w, out, inp).t(), T::ONE);
         gemm::add_product(
             &mut y,
@@ -176,10 +177,7 @@ impl LoraStep {
             Mat::new(b, out, r).t(),
             T::from_f64(self.scaling),
         );
-        *self.lock()? = Some(Saved {
-            z: T::wrap(z),
-            dropped: dropped.map(|(h, keep)| (T::wrap(h), keep)),
-        });
+        *self.lock()? = Some(Saved { z: T::wrap(z) });
         Ok(y)
     }
 
@@ -198,29 +196,26 @@ impl LoraStep {
         let w = data_of::<T>(ws, wl)?;
         let s = T::from_f64(self.scaling);
         let z = T::slice(&saved.z).ok_or_else(|| candle_core::Error::Msg("lora-step: z".into()))?;
-        let h = match &saved.dropped {
-            Some((h, _)) => {
-                T::slice(h).ok_or_else(|| candle_core::Error::Msg("lora-step: h".into()))?
-            }
-            None => x,
-        };
+        let dropped = self.dropout.map(|(p, seed)| dropped(x, p, seed));
+        let h = dropped.as_deref().unwrap_or(x);
         let g = Mat::new(g, n, out);
         let dz = gemm::product(g, Mat::new(b, out, r), s);
         let db = gemm::product(g.t(), Mat::new(z, n, r), s);
         let da = gemm::product(Mat::new(&dz, n, r).t(), Mat::new(h, n, inp), T::ONE);
+        drop(dropped);
         let mut dx = gemm::product(g, Mat::new(w, out, inp), T::ONE);
-        match &saved.dropped {
+        match self.dropout {
             None => gemm::add_product(&mut dx, Mat::new(&dz, n, r), Mat::new(a, r, inp), T::ONE),
-            Some((_, keep)) => {
-                let p = self.dropout.map_or(0.0, |(p, _)| p as f64);
-                let scale = T::from_f64(1.0 / (1.0 - p));
+            Some((p, seed)) => {
+                let draw = MaskDraw::new(p, seed);
+                let scale = T::from_f64(1.0 / (1.0 - p as f64));
                 let dh = gemm::product(Mat::new(&dz, n, r), Mat::new(a, r, inp), scale);
                 dx.par_chunks_mut(MASK_CHUNK)
                     .zip(dh.par_chunks(MASK_CHUNK))
-                    .zip(keep.par_chunks(MASK_CHUNK))
-                    .for_each(|((dx, dh), keep)| {
-                        for ((dx, &dh), &k) in dx.iter_mut().zip(dh).zip(keep) {
-                            if k {
+                    .enumerate()
+                    .for_each(|(c, (dx, dh))| {
+                        for (i, (dx, &dh)) in dx.iter_mut().zip(dh).enumerate() {
+                            if draw.keep(c * MASK_CHUNK + i) {
                                 *dx = *dx + dh;
                             }
                         }

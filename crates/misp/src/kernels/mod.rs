@@ -16,7 +16,8 @@
 //! - [`linear`] / [`Linear`]: `nn.Linear` whose frozen weight gets no gradient;
 //! - LLaMA's causal attention core from `q, k, v` to merged heads ([`attention`]), CLIP's
 //!   bidirectional attention at inference ([`encoder_attention`]);
-//! - LoRA's training step and its dropout masks ([`lora_step`]);
+//! - LoRA's training step and its dropout masks ([`lora_step`] on the CPU, [`lora_branch`]
+//!   from candle ops for every device and dtype);
 //! - [`fusable`]: whether a tensor runs on a kernel here (CPU, `f32` / `f64`, [`Kernels::Fused`]
 //!   in force); [`set_kernels`] / [`with_kernels`] choose the generic composition instead.
 //!
@@ -29,6 +30,7 @@ mod elementwise;
 pub(crate) mod encoder_attention;
 pub(crate) mod gemm;
 mod linear;
+pub(crate) mod lora_branch;
 pub(crate) mod lora_step;
 mod op;
 pub(crate) mod real;

@@ -12,6 +12,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::kernels::lora_branch::lora_branch;
 use crate::kernels::{fusable, linear, lora_step};
 use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -293,17 +294,26 @@ impl LoraLinear {
             // The node computes `x W^T` itself.
             return l.train_forward(x, &self.weight, grad);
         }
-        let base = linear(x, &self.weight)?;
-        let mut h = x.to_dtype(l.a.dtype())?;
-        if l.switch.training() && l.dropout > 0.0 {
-            h = lora_step::dropout(&h, l.dropout, l.switch.next_mask_seed())?;
-        }
+        let dropout = (l.switch.training() && l.dropout > 0.0)
+            .then(|| (l.dropout, l.switch.next_mask_seed()));
         // Without gradients the adapter's values enter as constants: no graph is recorded.
         let (a, b) = if grad {
             (l.a.as_tensor().clone(), l.b.as_tensor().clone())
         } else {
             (l.a.as_tensor().detach(), l.b.as_tensor().detach())
         };
+        if !self.weight.is_variable() {
+            // One node that keeps `x A^T` only (no f32 copy of `x`, no mask): every device
+            // and dtype, and the CPU's bf16 (module docs of `lora_branch`).
+            return lora_branch(x, &self.weight, &a, &b, l.scaling, dropout);
+        }
+        // A trained base weight (the world's pretraining trains the whole LLaMA): the plain
+        // composition, whose graph gives the weight its gradient.
+        let base = linear(x, &self.weight)?;
+        let mut h = x.to_dtype(l.a.dtype())?;
+        if let Some((p, seed)) = dropout {
+            h = lora_step::dropout(&h, p, seed)?;
+        }
         let delta = linear(&linear(&h, &a)?, &b)?;
         base + (delta * l.scaling)?.to_dtype(x.dtype())?
     }

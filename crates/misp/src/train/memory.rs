@@ -248,15 +248,13 @@ fn layer_graph(m: &Dims, s: &StepShape, n: f64, g: f64, t: f64) -> f64 {
     // RMSNorm (statistics in f32): x as f32, its square, the normalised f32 rows, their cast
     // back and the product with the weight. Two per layer.
     let rms = 3.0 * n * m.d * F32 + 2.0 * n * m.d * w;
-    // A LoRA projection: the frozen product's output; the input cast to f32 for the adapter
-    // (with dropout its mask and the dropped copy too), `x A^T`, `(x A^T) B^T`, its scaling,
-    // the cast back, and the sum with the frozen product.
-    let drop = if s.lora_dropout { 3.0 } else { 1.0 };
+    // A LoRA projection is one node (`kernels::lora_branch`): it keeps `x A^T` (f32) and its
+    // output; the input is the previous op's, the dropout mask is drawn again in backward.
     let r = s.lora_rank as f64;
     let lora: f64 = m
         .targets()
         .iter()
-        .map(|(inp, out)| n * inp * F32 * drop + n * r * F32 + n * out * (2.0 * F32 + 3.0 * w))
+        .map(|(_, out)| n * r * F32 + n * out * w)
         .sum();
     // RoPE of q and k written out: x cos, the negated half, the rotated copy, its product with
     // sin, the sum (4.5 head-sized tensors each); v made contiguous.
@@ -280,21 +278,19 @@ const SCORE_GRADIENTS_IN_FLIGHT: f64 = 6.3;
 
 /// What a layer's backward holds beyond its graph at its busiest:
 /// - gradients candle computes for the constants the graph multiplies or adds (the store keeps
-///   them to the end, as they are not graph nodes): the dropout masks (`[n, in]` f32 per
-///   projection), the attention bias broadcast to `[G, H, T, T]` (f32), the RoPE tables
-///   broadcast to q and k (cos and sin), the norms' weights broadcast to the rows, the
-///   incoming gradient; and the adapters' own gradients;
-/// - gradients in flight: the softmax's ([`SCORE_GRADIENTS_IN_FLIGHT`]) and, with dropout, the
-///   dropped inputs' (`[n, in]` f32 per projection).
+///   them to the end, as they are not graph nodes): the attention bias broadcast to
+///   `[G, H, T, T]` (f32), the RoPE tables broadcast to q and k (cos and sin), the norms'
+///   weights broadcast to the rows, the incoming gradient; and the adapters' own gradients;
+/// - gradients in flight: the softmax's ([`SCORE_GRADIENTS_IN_FLIGHT`]). A LoRA node's backward
+///   (its input dropped again, `[n, in]` f32) runs one projection at a time, after the
+///   softmax's gradients are gone, so it does not add to this peak.
 fn layer_backward(m: &Dims, s: &StepShape, n: f64, g: f64, t: f64) -> f64 {
     let w = s.weights.bytes();
-    let inputs: f64 = m.targets().iter().map(|(i, _)| n * i * F32).sum();
-    let dropout = if s.lora_dropout { 2.0 * inputs } else { 0.0 };
     let constants = g * m.h * t * t * F32 // attention bias
         + 2.0 * n * (m.h + m.kv) * m.hd * w // cos and sin at q and k
         + 3.0 * n * m.d * w; // two norm weights, the incoming gradient
     let adapters = s.lora_rank as f64 * m.targets().iter().map(|(i, o)| i + o).sum::<f64>() * F32;
-    dropout + constants + adapters + SCORE_GRADIENTS_IN_FLIGHT * g * m.h * t * t * F32
+    constants + adapters + SCORE_GRADIENTS_IN_FLIGHT * g * m.h * t * t * F32
 }
 
 /// A forward without a graph at its busiest: the attention's scores at the end of the composed
@@ -425,8 +421,11 @@ pub fn predict(cfg: &LlavaConfig, shape: &StepShape) -> Prediction {
                 item(
                     "decoder layer, no graph",
                     no_graph_forward(&m, s, n, group, t)
-                        + m.targets().iter().map(|(i, _)| n * i * F32).sum::<f64>(),
-                    "as the reference pass, plus the adapters' f32 inputs",
+                        + m.targets()
+                            .iter()
+                            .map(|(i, _)| n * i * F32)
+                            .fold(0.0, f64::max),
+                    "as the reference pass, plus one adapter's f32 input",
                 ),
             ],
         });
@@ -452,10 +451,8 @@ pub fn predict(cfg: &LlavaConfig, shape: &StepShape) -> Prediction {
                     "that backward: constants' gradients, adapters', in flight",
                     // Without checkpointing the store holds every layer's constants' gradients
                     // until the whole backward is done.
-                    layers * (layer_backward(&m, s, n, group, t) - in_flight)
-                        + in_flight
-                        + grads,
-                    "layers x (masks 2 x 7 G T in x 4, bias G H T^2 x 4, RoPE 2 G T (H + KV) hd w) + 6.3 G H T^2 x 4",
+                    layers * (layer_backward(&m, s, n, group, t) - in_flight) + in_flight + grads,
+                    "layers x (bias G H T^2 x 4, RoPE 2 G T (H + KV) hd w) + 6.3 G H T^2 x 4",
                 ),
             ],
         });
@@ -495,7 +492,7 @@ pub fn predict(cfg: &LlavaConfig, shape: &StepShape) -> Prediction {
                     m.l * (layer_backward(&m, s, n, seqs, t)
                         - SCORE_GRADIENTS_IN_FLIGHT * seqs * m.h * t * t * F32)
                         + SCORE_GRADIENTS_IN_FLIGHT * seqs * m.h * t * t * F32,
-                    "L x (masks, bias, RoPE, adapters) + 6.3 S H T^2 x 4",
+                    "L x (bias, RoPE, adapters) + 6.3 S H T^2 x 4",
                 ),
             ],
         });
