@@ -362,6 +362,115 @@ fn peft_adapter_loads_with_peft_logprobs_and_saves_in_peft_layout() {
     std::fs::remove_dir_all(&out).ok();
 }
 
+/// The seed of the committed `misp_saved/` adapter.
+const MISP_SEED: u64 = 21;
+
+/// The adapter misp writes to `misp_saved/`: LoRA r 4 / alpha 8 on the seven projections,
+/// initialised from [`MISP_SEED`], every `B` then drawn in `[-0.3, 0.3)` from the same seed (a
+/// fresh `B = 0` adapter would leave the log-probs unchanged and prove nothing).
+fn misp_adapter() -> (Qwen2_5Vl, misp::model::lora::LoraConfig) {
+    use misp::model::lora::{init_rng, LoraConfig};
+    use rand::Rng;
+    let cfg = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        ..LoraConfig::default()
+    };
+    let mut m = model(&fixture().join("tiny"));
+    let mut rng = init_rng(MISP_SEED);
+    let lm = m.language_model_mut();
+    lm.attach_lora(&cfg, &mut rng).unwrap();
+    for b in lm.trainable_vars().iter().skip(1).step_by(2) {
+        let v: Vec<f32> = (0..b.elem_count())
+            .map(|_| rng.random_range(-0.3f32..0.3))
+            .collect();
+        b.set(&Tensor::from_vec(v, b.dims(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    (m, cfg)
+}
+
+fn save_misp_adapter(dir: &Path) {
+    use misp::model::adapter::{save_peft_adapter_of, PeftBase};
+    let (m, cfg) = misp_adapter();
+    save_peft_adapter_of(
+        dir,
+        m.language_model(),
+        &cfg,
+        "../tiny",
+        PeftBase::QWEN2_5_VL,
+    )
+    .unwrap();
+}
+
+/// misp's adapter file as PEFT reads it: `check_misp_saved.py` loads the committed
+/// `misp_saved/` with `PeftModel.from_pretrained` on transformers' model (no missing or
+/// unexpected keys, the 14 projections wrapped, every tensor as in the file) and records PEFT's
+/// per-token log-probs in `misp_saved.json`. Here: the adapter is what misp writes today (same
+/// tensors, same config), and misp with it gives PEFT's log-probs within 1e-4.
+#[test]
+fn misp_saved_adapter_loads_in_peft_with_the_same_logprobs() {
+    use misp::model::adapter::{load_peft_adapter_into, WEIGHTS_FILE};
+    let committed = fixture().join("misp_saved");
+    let fresh = std::env::temp_dir().join(format!("misp-qwen-saved-{}", std::process::id()));
+    save_misp_adapter(&fresh);
+    let a = candle_core::safetensors::load(fresh.join(WEIGHTS_FILE), &Device::Cpu).unwrap();
+    let b = candle_core::safetensors::load(committed.join(WEIGHTS_FILE), &Device::Cpu).unwrap();
+    let mut keys: Vec<_> = a.keys().collect();
+    keys.sort();
+    let mut committed_keys: Vec<_> = b.keys().collect();
+    committed_keys.sort();
+    assert_eq!(keys, committed_keys);
+    for k in keys {
+        let x: Vec<f32> = a[k].flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = b[k].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(x, y, "{k} differs from the committed misp_saved");
+    }
+    let config = |d: &Path| std::fs::read_to_string(d.join("adapter_config.json")).unwrap();
+    assert_eq!(config(&fresh), config(&committed), "adapter_config.json");
+    std::fs::remove_dir_all(&fresh).ok();
+
+    let text = std::fs::read_to_string(fixture().join("misp_saved.json")).unwrap();
+    let peft: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(peft["wrapped_modules"].as_array().unwrap().len(), 14);
+    let mut m = model(&fixture().join("tiny"));
+    load_peft_adapter_into(&committed, m.language_model_mut()).unwrap();
+    let p = QwenImageProcessor::from_dir(&fixture().join("tiny")).unwrap();
+    let want = expected();
+    let cases = want["score"].as_array().unwrap();
+    let recorded = peft["token_logprobs"].as_array().unwrap();
+    assert_eq!(recorded.len(), cases.len());
+    for (case, peft_lp) in cases.iter().zip(recorded) {
+        let name = case["image"].as_str().unwrap();
+        let img = patches(&p, name);
+        let ids: Vec<u32> = [u32s(&case["prompt_ids"]), u32s(&case["response_ids"])].concat();
+        let got = &logprobs(&m, &[ids], &[&img], 0)[0];
+        close(got, &floats(peft_lp), 1e-4, name);
+        // The adapter moves the log-probs well past the tolerance: it is really applied.
+        let base = floats(&case["token_logprobs"]);
+        let moved = got
+            .iter()
+            .zip(&base)
+            .fold(0f64, |w, (a, b)| w.max((a - b).abs()));
+        assert!(
+            moved > 1e-2,
+            "{name}: the adapter moved log-probs by {moved}"
+        );
+    }
+}
+
+/// Writes `fixtures/qwen2_5_vl/misp_saved/` for `check_misp_saved.py`. Run it, then the
+/// script, whenever misp's adapter format or initialisation changes:
+/// `cargo test -p misp --test qwen2_5_vl_conformance -- --ignored write_misp_saved`.
+#[test]
+#[ignore]
+fn write_misp_saved() {
+    let dir = fixture().join("misp_saved");
+    save_misp_adapter(&dir);
+    eprintln!("wrote {} with seed {MISP_SEED}", dir.display());
+}
+
 /// The chat template rendered and tokenised as `apply_chat_template` + the processor, responses
 /// scored with `<|im_end|>`, generations decoded as the tokenizer decodes them, and the hub's
 /// `chat_template.json` read as well as transformers 5's `chat_template.jinja`.

@@ -2,8 +2,10 @@
 //! caller gets the sequences' log-probs from a forward that keeps no graph, turns them into
 //! the loss's coefficients, then asks for the gradient of `sum_s c_s * log p_s` in pieces.
 //!
-//! - [`Llama::forward_detached`]: the decoder layers with each layer's graph dropped as soon as
-//!   its output is taken, keeping (with activation checkpointing) each layer's input.
+//! - [`Llama::forward_detached`] / [`Llama::forward_detached_with_rope`]: the decoder layers
+//!   with each layer's graph dropped as soon as its output is taken, keeping (with activation
+//!   checkpointing) each layer's input; the RoPE tables (LLaVA's `0..T` or Qwen2.5-VL's
+//!   multimodal ones) are kept with it for the backward.
 //! - [`Llama::head_backward`]: the gradient of `sum_b c_b * log p_b` with respect to the final
 //!   hidden states, `chunk` scored rows at a time, each piece's graph (`[rows, vocab]` logits
 //!   and log-softmax) freed before the next.
@@ -20,7 +22,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
-use super::{Context, Llama, Scored};
+use super::{Context, Llama, Pass, RopeTables, Scored};
 
 /// A forward of the decoder layers that kept no graph.
 pub struct DetachedForward {
@@ -45,36 +47,37 @@ impl DetachedForward {
 }
 
 impl Llama {
-    /// The decoder layers on `inputs_embeds [B, T, D]` without keeping a graph; with
-    /// `keep_inputs`, each layer's input is kept for [`Llama::backward_from`].
+    /// The decoder layers on `inputs_embeds [B, T, D]` at positions `0..T` without keeping a
+    /// graph; with `keep_inputs`, each layer's input is kept for [`Llama::backward_from`].
     pub fn forward_detached(
         &self,
         inputs_embeds: &Tensor,
         attention_mask: &Tensor,
         keep_inputs: bool,
     ) -> candle_core::Result<DetachedForward> {
-        let ctx = self.context(inputs_embeds, attention_mask)?;
+        self.forward_detached_with_rope(inputs_embeds, attention_mask, None, keep_inputs)
+    }
+
+    /// [`Llama::forward_detached`] with the caller's RoPE tables (`[B, 1, T, head_dim]`,
+    /// Qwen2.5-VL's multimodal positions; `None`: positions `0..T`). The tables stay with the
+    /// result, so [`Llama::backward_from`] recomputes the layers at the same positions.
+    pub fn forward_detached_with_rope(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        rope: Option<&RopeTables>,
+        keep_inputs: bool,
+    ) -> candle_core::Result<DetachedForward> {
+        let ctx = self.context(inputs_embeds, attention_mask, rope)?;
         let embeds = inputs_embeds.to_dtype(self.dtype())?.detach();
         let mut inputs = keep_inputs.then(Vec::new);
-        let mut x = embeds.clone();
         // No graph through the adapters: the layers' intermediates go as soon as they are used.
         let grad = self.switch.grad();
         self.switch.set_grad(false);
-        let mut layers = || -> candle_core::Result<Tensor> {
-            for (i, layer) in self.layers.iter().enumerate() {
-                if let Some(kept) = inputs.as_mut() {
-                    kept.push(x.clone());
-                }
-                self.switch.begin_layer(i);
-                x = layer.forward(&x, &ctx, None)?.detach();
-            }
-            Ok(x.clone())
-        };
-        let done = layers();
+        let done = self.run_layers(embeds.clone(), &ctx, Pass::Detached(inputs.as_mut()));
         self.switch.set_grad(grad);
-        let x = done?;
         Ok(DetachedForward {
-            hidden: x,
+            hidden: done?,
             inputs,
             embeds,
             ctx,
@@ -117,11 +120,7 @@ impl Llama {
     ) -> candle_core::Result<()> {
         let Some(inputs) = &fwd.inputs else {
             // No kept inputs: the whole stack again, with a graph, and one backward.
-            let mut x = fwd.embeds.clone();
-            for (i, layer) in self.layers.iter().enumerate() {
-                self.switch.begin_layer(i);
-                x = layer.forward(&x, &fwd.ctx, None)?;
-            }
+            let x = self.run_layers(fwd.embeds.clone(), &fwd.ctx, Pass::Graph)?;
             let grads = (x * grad_h)?.sum_all()?.backward()?;
             return on_grads(&grads);
         };

@@ -19,7 +19,10 @@
 //! Positions are `0..T` for every row in [`Llama::forward`], as `LlamaForCausalLM.forward` uses
 //! without explicit `position_ids`: scoring batches are right-padded, so padding never shifts a
 //! sequence. [`Llama::forward_cached`] (generation, left-padded prompts) counts positions per
-//! row from the attention mask, as transformers' `generate` does.
+//! row from the attention mask, as transformers' `generate` does. The `*_with_rope` variants take
+//! a caller's per-row tables instead (Qwen2.5-VL's multimodal RoPE): each cache-free forward
+//! (scoring, training, the detached pieces of [`backward`]) is one path, [`Llama::run_layers`],
+//! whichever tables it is given.
 
 use std::path::Path;
 
@@ -235,6 +238,28 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Ten
 pub struct RopeTables {
     pub cos: Tensor,
     pub sin: Tensor,
+}
+
+impl RopeTables {
+    /// `(cos, sin)` if both are `[b, 1, t, head_dim]`; else an error naming the shapes.
+    fn checked(&self, b: usize, t: usize, hd: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let want = [b, 1, t, hd];
+        if self.cos.dims() != want || self.sin.dims() != want {
+            candle_core::bail!(
+                "RoPE tables {:?} / {:?} for a [{b}, {t}] batch of head_dim {hd}",
+                self.cos.dims(),
+                self.sin.dims()
+            );
+        }
+        Ok((self.cos.clone(), self.sin.clone()))
+    }
+}
+
+/// How [`Llama::run_layers`] runs: with a graph through every layer, or dropping each layer's
+/// graph as soon as its output is taken (keeping each layer's input when given a list).
+enum Pass<'a> {
+    Graph,
+    Detached(Option<&'a mut Vec<Tensor>>),
 }
 
 /// What every layer of one forward shares: RoPE tables and the additive attention bias.
@@ -529,13 +554,13 @@ impl Llama {
     }
 
     /// `inputs_embeds [B, T, D]` and `attention_mask [B, T]` (1 = token, 0 = padding, any
-    /// numeric dtype) -> logits `[B, T, V]` in f32 (f64 for an f64 model).
+    /// numeric dtype) -> logits `[B, T, V]` in f32 (f64 for an f64 model), at positions `0..T`.
     pub fn forward_embeds(
         &self,
         inputs_embeds: &Tensor,
         attention_mask: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        self.head(&self.hidden_states(inputs_embeds, attention_mask)?)
+        self.forward_embeds_with_rope(inputs_embeds, attention_mask, None)
     }
 
     /// [`Self::forward_embeds`] with the caller's RoPE tables (`None`: positions `0..T`).
@@ -549,7 +574,7 @@ impl Llama {
     }
 
     /// The decoder layers alone: `inputs_embeds [B, T, D]` -> hidden states `[B, T, D]` before
-    /// the final norm.
+    /// the final norm, at positions `0..T`.
     pub fn hidden_states(
         &self,
         inputs_embeds: &Tensor,
@@ -565,46 +590,47 @@ impl Llama {
         attention_mask: &Tensor,
         rope: Option<&RopeTables>,
     ) -> candle_core::Result<Tensor> {
-        let ctx = self.context_with(inputs_embeds, attention_mask, rope)?;
-        let mut x = inputs_embeds.to_dtype(self.dtype())?;
+        let ctx = self.context(inputs_embeds, attention_mask, rope)?;
+        let x = inputs_embeds.to_dtype(self.dtype())?;
+        self.run_layers(x, &ctx, Pass::Graph)
+    }
+
+    /// Every decoder layer on `x`, each announced to the LoRA switch (its dropout masks are
+    /// numbered by layer): the one loop of the cache-free forwards, with a graph or without.
+    fn run_layers(
+        &self,
+        mut x: Tensor,
+        ctx: &Context,
+        mut pass: Pass<'_>,
+    ) -> candle_core::Result<Tensor> {
         for (i, layer) in self.layers.iter().enumerate() {
             self.switch.begin_layer(i);
-            x = layer.forward(&x, &ctx, None)?;
+            x = match &mut pass {
+                Pass::Graph => layer.forward(&x, ctx, None)?,
+                Pass::Detached(kept) => {
+                    if let Some(kept) = kept.as_mut() {
+                        kept.push(x.clone());
+                    }
+                    layer.forward(&x, ctx, None)?.detach()
+                }
+            };
         }
         Ok(x)
     }
 
-    /// RoPE tables and the attention bias of a cache-free forward.
+    /// RoPE tables and the attention bias of a cache-free forward: the caller's tables
+    /// (`[B, 1, T, head_dim]`) when given, else positions `0..T` shared by every row.
     fn context(
-        &self,
-        inputs_embeds: &Tensor,
-        attention_mask: &Tensor,
-    ) -> candle_core::Result<Context> {
-        self.context_with(inputs_embeds, attention_mask, None)
-    }
-
-    /// [`Self::context`] with the caller's tables when given.
-    fn context_with(
         &self,
         inputs_embeds: &Tensor,
         attention_mask: &Tensor,
         rope: Option<&RopeTables>,
     ) -> candle_core::Result<Context> {
         let (b, t, _) = inputs_embeds.dims3()?;
-        let dev = inputs_embeds.device();
         let hd = self.config.head_dim();
         let (cos, sin) = match rope {
-            None => rope_tables(t, hd, self.config.rope_theta(), dev)?,
-            Some(r) => {
-                if r.cos.dims() != [b, 1, t, hd] || r.sin.dims() != [b, 1, t, hd] {
-                    candle_core::bail!(
-                        "RoPE tables {:?} / {:?} for a [{b}, {t}] batch of head_dim {hd}",
-                        r.cos.dims(),
-                        r.sin.dims()
-                    );
-                }
-                (r.cos.clone(), r.sin.clone())
-            }
+            None => rope_tables(t, hd, self.config.rope_theta(), inputs_embeds.device())?,
+            Some(r) => r.checked(b, t, hd)?,
         };
         let bias = attention_bias(attention_mask, b, t, 0)?;
         Ok(Context { cos, sin, bias })
@@ -752,15 +778,7 @@ impl Llama {
         }
         let hd = self.config.head_dim();
         let (cos, sin) = match rope {
-            Some(r) => {
-                if r.cos.dims() != [b, 1, t, hd] || r.sin.dims() != [b, 1, t, hd] {
-                    candle_core::bail!(
-                        "RoPE tables {:?} for a [{b}, {t}] step of head_dim {hd}",
-                        r.cos.dims()
-                    );
-                }
-                (r.cos.clone(), r.sin.clone())
-            }
+            Some(r) => r.checked(b, t, hd)?,
             None => {
                 let positions = Tensor::from_vec(positions, b * t, dev)?;
                 let (cos, sin) = rope_at(&positions, hd, self.config.rope_theta())?;

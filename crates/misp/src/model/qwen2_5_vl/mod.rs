@@ -217,6 +217,17 @@ pub struct MropePositions {
     pub delta: i64,
 }
 
+/// A batch as the language model takes it ([`Qwen2_5Vl::lm_inputs`]).
+#[derive(Debug, Clone)]
+pub struct LmInputs {
+    /// `[B, T, hidden]`: token embeddings with each image's embeddings over its image tokens.
+    pub embeds: Tensor,
+    /// Every row's multimodal RoPE tables, `[B, 1, T, head_dim]`.
+    pub rope: RopeTables,
+    /// `[B, T]` u8, 1 for a token and 0 for padding.
+    pub mask: Tensor,
+}
+
 /// `Qwen2_5_VLForConditionalGeneration`: vision tower and Qwen2 language model.
 #[derive(Debug, Clone)]
 pub struct Qwen2_5Vl {
@@ -478,20 +489,24 @@ impl Qwen2_5Vl {
         images: &[Vec<&ImagePatches>],
         dev: &Device,
     ) -> Result<Tensor, ModelError> {
-        let (embeds, rope, mask_t) = self.prepare(ids, mask, images, dev)?;
+        let x = self.lm_inputs(ids, mask, images, dev)?;
         Ok(self
             .language_model
-            .forward_embeds_with_rope(&embeds, &mask_t, Some(&rope))?)
+            .forward_embeds_with_rope(&x.embeds, &x.mask, Some(&x.rope))?)
     }
 
-    /// Embeddings, RoPE tables and the mask tensor of a batch.
-    fn prepare(
+    /// What the language model takes for a batch of rows of equal length (right- or
+    /// left-padded; `mask[b][t]` marks tokens, `images[b]` the images of row `b`, of any sizes):
+    /// the embeddings with the images written in, every row's multimodal RoPE tables and the
+    /// mask as a tensor. The training path's forward without a graph is
+    /// `language_model().forward_detached_with_rope(&x.embeds, &x.mask, Some(&x.rope), keep)`.
+    pub fn lm_inputs(
         &self,
         ids: &[Vec<u32>],
         mask: &[Vec<bool>],
         images: &[Vec<&ImagePatches>],
         dev: &Device,
-    ) -> Result<(Tensor, RopeTables, Tensor), ModelError> {
+    ) -> Result<LmInputs, ModelError> {
         if mask.len() != ids.len() || images.len() != ids.len() {
             return Err(ModelError::Input {
                 field: "input_ids",
@@ -516,8 +531,8 @@ impl Qwen2_5Vl {
         let rope = self.mrope_tables(&rows, dev)?;
         let (b, t) = (ids.len(), ids.first().map_or(0, Vec::len));
         let m: Vec<u8> = mask.iter().flatten().map(|&x| u8::from(x)).collect();
-        let mask_t = Tensor::from_vec(m, (b, t), dev)?;
-        Ok((embeds, rope, mask_t))
+        let mask = Tensor::from_vec(m, (b, t), dev)?;
+        Ok(LmInputs { embeds, rope, mask })
     }
 
     /// Greedy continuation of left-padded prompts (each with its images): the new ids of every
@@ -554,7 +569,7 @@ impl Qwen2_5Vl {
                     .collect::<Vec<_>>(),
             );
         }
-        let (embeds, rope, mask_t) = self.prepare(&ids, &mask, images, dev)?;
+        let x = self.lm_inputs(&ids, &mask, images, dev)?;
         let deltas = ids
             .iter()
             .zip(&mask)
@@ -566,7 +581,8 @@ impl Qwen2_5Vl {
             .collect::<Result<Vec<_>, ModelError>>()?;
         let lm = &self.language_model;
         let mut cache = lm.new_cache(b);
-        let logits = lm.forward_cached_last_with_rope(&embeds, &mask_t, &mut cache, Some(&rope))?;
+        let logits =
+            lm.forward_cached_last_with_rope(&x.embeds, &x.mask, &mut cache, Some(&x.rope))?;
         cache.set_position_offsets(deltas)?;
         crate::model::generate::decode_from(lm, &mut cache, logits, eos, pad, max_new_tokens, out)
     }

@@ -15,9 +15,9 @@
 //!
 //! The scoring convention (docs/design.md, "Qwen2.5-VL"): the prompt is the rendered template
 //! with the generation prompt (`<|im_start|>assistant\n`), encoded as the processor encodes it;
-//! the response is encoded without special tokens and the tokenizer's EOS (`<|im_end|>`, the
-//! token that closes an assistant turn) appended, as misp does for LLaVA (TRL's
-//! `+ [eos_token_id]`).
+//! the scored response is TRL's DPO completion of a conversational sample: the assistant turn
+//! the template renders after that prompt, `{response}<|im_end|>\n`, encoded without special
+//! tokens (the response's tokens, `<|im_end|>` and the newline).
 
 use std::path::{Path, PathBuf};
 
@@ -31,13 +31,15 @@ pub use crate::checkpoint::ModelError;
 pub const QWEN_VL_TEMPLATE: &str = "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
 const IMAGE_PAD: &str = "<|image_pad|>";
+/// What [`QWEN_VL_TEMPLATE`] writes after an assistant turn's text.
+const TURN_END: &str = "<|im_end|>\n";
 
 /// Tokenizer, template and special ids of a Qwen2.5-VL checkpoint.
 #[derive(Debug, Clone)]
 pub struct QwenProcessor {
     tokenizer: Tokenizer,
     image_token: u32,
-    /// The tokenizer's EOS, appended to a scored response.
+    /// The tokenizer's EOS (`<|im_end|>` in the Instruct checkpoints).
     eos: u32,
     /// Ids that end generation (`generation_config.json`, else EOS).
     stop: Vec<u32>,
@@ -65,6 +67,10 @@ impl QwenProcessor {
                     config.image_token_id
                 )))
             }
+        }
+        // A scored response ends with the turn's `<|im_end|>`: it must be one token.
+        if tokenizer.token_to_id("<|im_end|>").is_none() {
+            return Err(tok_err("`<|im_end|>` is not a token".into()));
         }
         let tc_path = dir.join("tokenizer_config.json");
         let tc = read_json(&tc_path)?.unwrap_or(Value::Null);
@@ -150,14 +156,14 @@ impl QwenProcessor {
         self.encode(&text, true)
     }
 
-    /// The scored ids of a response: its text without special tokens, then EOS.
+    /// The scored ids of a response, as TRL's DPO scores a conversational sample: the template's
+    /// assistant turn after the prompt (`{response}<|im_end|>\n`) encoded without special tokens,
+    /// so the response's tokens, `<|im_end|>` and the newline (docs/design.md, "Qwen2.5-VL").
     pub fn response_ids(&self, response: &str) -> Result<Vec<u32>, String> {
         if response.is_empty() {
             return Err("the response is empty".into());
         }
-        let mut ids = self.encode(response, false)?;
-        ids.push(self.eos);
-        Ok(ids)
+        self.encode(&format!("{response}{TURN_END}"), false)
     }
 
     /// Text of generated ids, special tokens skipped.
