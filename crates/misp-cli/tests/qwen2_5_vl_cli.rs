@@ -1,0 +1,390 @@
+//! The commands on a Qwen2.5-VL folder, as a user runs them: the tiny checkpoint of
+//! `fixtures/qwen2_5_vl` (whose expected values come from transformers and PEFT), chosen by its
+//! `config.json`'s `model_type` with no flag saying so.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{json, Value};
+
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+const MODEL: &str = "fixtures/qwen2_5_vl/tiny";
+
+fn root() -> PathBuf {
+    PathBuf::from(ROOT)
+}
+
+fn misp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_misp"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("run misp")
+}
+
+fn ok(out: Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "misp failed:\n{err}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("misp-qwen-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn expected() -> Value {
+    let text = std::fs::read_to_string(root().join("fixtures/qwen2_5_vl/expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A fixture photo: the fixture script's own `hopper.png`, the others CLIP's.
+fn image(name: &str) -> PathBuf {
+    let own = root().join("fixtures/qwen2_5_vl/images").join(name);
+    if own.exists() {
+        own
+    } else {
+        root().join("fixtures/clip/images").join(name)
+    }
+}
+
+fn jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn write_jsonl(path: &Path, rows: &[Value]) {
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+/// The fixture's scored response log-prob: the sum of transformers' per-token log-probs over
+/// the response ids (the last ones of each case's `key` list).
+fn fixture_logp(case: &Value, key: &str) -> f64 {
+    let all: Vec<f64> = case[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let n = case["response_ids"].as_array().unwrap().len();
+    all[all.len() - n..].iter().sum()
+}
+
+/// The four fixture cases (four image sizes) as `misp score` input.
+fn score_input(dir: &Path) -> PathBuf {
+    let rows: Vec<Value> = expected()["score"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            json!({"id": format!("s{i}"), "image": image(c["image"].as_str().unwrap()),
+                   "prompt": c["prompt"], "response": c["response"]})
+        })
+        .collect();
+    let path = dir.join("score.jsonl");
+    write_jsonl(&path, &rows);
+    path
+}
+
+fn score(dir: &Path, adapter: Option<&Path>, out: &str) -> Vec<Value> {
+    let data = score_input(dir);
+    let out = dir.join(out);
+    let mut args = vec![
+        "score",
+        "--model",
+        MODEL,
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        // Two images of different sizes per forward: rows with different image-token counts.
+        "--batch-size",
+        "2",
+        "--quiet",
+    ];
+    if let Some(a) = adapter {
+        args.extend(["--adapter", s(a)]);
+    }
+    ok(misp(&args));
+    jsonl(&out)
+}
+
+fn assert_logps(rows: &[Value], key: &str) {
+    let want = expected();
+    let cases = want["score"].as_array().unwrap();
+    assert_eq!(rows.len(), cases.len());
+    for (r, c) in rows.iter().zip(cases) {
+        let (got, want) = (r["logp"].as_f64().unwrap(), fixture_logp(c, key));
+        assert!(
+            (got - want).abs() < 1e-4,
+            "{}: {key} log-prob {got} vs transformers {want}",
+            c["image"]
+        );
+        assert_eq!(
+            r["tokens"].as_u64().unwrap() as usize,
+            c["response_ids"].as_array().unwrap().len()
+        );
+    }
+}
+
+#[test]
+fn score_gives_transformers_logprobs_with_and_without_a_peft_adapter() {
+    let dir = tmp("score");
+    assert_logps(&score(&dir, None, "base.jsonl"), "token_logprobs");
+    // The adapter PEFT saved (LoRA on the seven projections) loads and gives PEFT's numbers.
+    let peft = root().join("fixtures/qwen2_5_vl/peft_saved");
+    assert_logps(
+        &score(&dir, Some(&peft), "peft.jsonl"),
+        "peft_token_logprobs",
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn generate_gives_transformers_greedy_text() {
+    let dir = tmp("generate");
+    let want = expected();
+    let cases = want["generate"].as_array().unwrap();
+    let rows: Vec<Value> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| json!({"id": i, "image": image(c["image"].as_str().unwrap()), "prompt": c["prompt"]}))
+        .collect();
+    let data = dir.join("gen.jsonl");
+    write_jsonl(&data, &rows);
+    let out = dir.join("answers.jsonl");
+    let max_new = want["max_new_tokens"].to_string();
+    ok(misp(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--max-new-tokens",
+        &max_new,
+        "--batch-size",
+        "3",
+        "--quiet",
+    ]));
+    let got = jsonl(&out);
+    assert_eq!(got.len(), cases.len());
+    for (r, c) in got.iter().zip(cases) {
+        assert_eq!(r["text"], c["text"], "{}", c["image"]);
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn pope_runs_on_a_qwen_folder() {
+    let dir = tmp("pope");
+    let q = |id: i64, image: &str, object: &str, label: &str| json!({"question_id": id, "image": image, "text": format!("Is there a {object}?"), "label": label});
+    let random = dir.join("random_val.jsonl");
+    write_jsonl(
+        &random,
+        &[
+            q(1, "hopper.jpg", "cat", "yes"),
+            q(2, "camera_gray.png", "dog", "no"),
+            q(3, "rocket_rgb16.png", "rocket", "yes"),
+        ],
+    );
+    let out = dir.join("run");
+    let stdout = ok(misp(&[
+        "eval",
+        "pope",
+        "--model",
+        MODEL,
+        "--questions",
+        s(&random),
+        "--images",
+        "fixtures/clip/images",
+        "--out",
+        s(&out),
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "3",
+    ]));
+    assert!(stdout.contains("| overall | 3 |"), "{stdout}");
+    let answers = jsonl(&out.join("answers.jsonl"));
+    assert_eq!(answers.len(), 3);
+    for a in &answers {
+        // The tiny random model says no real word: every answer is parsed to yes or no.
+        let pred = a["pred"].as_str().unwrap();
+        assert!(pred == "yes" || pred == "no", "{a}");
+        assert!(a["answer"].is_string(), "{a}");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// Three records, each with two pool negatives of other sizes than its positive (so a record's
+/// four sequences carry 6 to 9 image tokens), for the `misp` variant.
+fn train_world(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let names = ["astronaut_small.png", "camera_gray.png", "rocket_rgb16.png"];
+    let answers = [
+        ("The astronaut stands.", "The dog stands."),
+        ("A man with a camera.", "A cat on a sofa."),
+        ("Yes, there is a rocket.", "No, there is a car."),
+    ];
+    let mut records = Vec::new();
+    let mut negatives = Vec::new();
+    for (i, (chosen, rejected)) in answers.iter().enumerate() {
+        let id = format!("r{i}");
+        records.push(
+            json!({"id": id, "image": image(names[i]), "prompt": "What is in the image?",
+                            "chosen": chosen, "rejected": rejected}),
+        );
+        let negs: Vec<Value> = (1..=2)
+            .map(|s| {
+                json!({"image": names[(i + s) % names.len()], "strategy": "misp",
+                            "score": 0.5, "recon": 0.1, "l1": 0.2, "q": 0.5})
+            })
+            .collect();
+        negatives.push(json!({"id": id, "negatives": negs}));
+    }
+    let data = dir.join("records.jsonl");
+    write_jsonl(&data, &records);
+    let neg = dir.join("negatives.jsonl");
+    write_jsonl(&neg, &negatives);
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    let ids: Vec<Value> = names
+        .iter()
+        .map(|n| json!({"id": n, "path": image(n)}))
+        .collect();
+    write_jsonl(&pool.join("ids.jsonl"), &ids);
+    (data, neg, pool)
+}
+
+fn train(dir: &Path, out: &str, extra: &[&str]) -> Output {
+    let (data, neg, pool) = train_world(dir);
+    let out = dir.join(out);
+    let mut args = vec![
+        "train",
+        "--config",
+        "configs/misp.toml",
+        "--model",
+        MODEL,
+        "--data",
+        s(&data),
+        "--negatives",
+        s(&neg),
+        "--pool",
+        s(&pool),
+        "--image-root",
+        "/",
+        "--out",
+        s(&out),
+        "--quiet",
+    ];
+    let sets = [
+        "k=2",
+        "epochs=1",
+        "batch_size=3",
+        "micro_batch_size=3",
+        "lr=0.01",
+        "lora_r=4",
+        "lora_alpha=8",
+        "warmup_ratio=0.0",
+    ];
+    for s in sets.iter().chain(extra) {
+        args.extend(["--set", s]);
+    }
+    misp(&args)
+}
+
+#[test]
+fn train_saves_a_peft_adapter_that_score_loads() {
+    let dir = tmp("train");
+    ok(train(&dir, "run", &[]));
+    let run = dir.join("run");
+    let metrics = jsonl(&run.join("metrics.jsonl"));
+    let loss = metrics
+        .iter()
+        .find_map(|m| m["loss"].as_f64())
+        .expect("a loss in metrics.jsonl");
+    assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
+
+    // PEFT's layout for Qwen2.5-VL: its class, and the keys PEFT 0.21.2 writes for it (the
+    // fixture adapter PEFT saved).
+    let adapter = run.join("adapter");
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let peft_dir = root().join("fixtures/qwen2_5_vl/peft_saved");
+    let theirs: Value = serde_json::from_str(
+        &std::fs::read_to_string(peft_dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["auto_mapping"], theirs["auto_mapping"]);
+    assert_eq!(cfg["target_modules"], theirs["target_modules"]);
+    let keys = |d: &Path| -> Vec<String> {
+        let bytes = std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        let mut k: Vec<String> = header
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| *k != "__metadata__")
+            .cloned()
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&adapter), keys(&peft_dir));
+
+    // The trained adapter loads back and moves the log-probs off the base's.
+    let base = score(&dir, None, "base.jsonl");
+    let tuned = score(&dir, Some(&adapter), "tuned.jsonl");
+    for (b, t) in base.iter().zip(&tuned) {
+        let (b, t) = (b["logp"].as_f64().unwrap(), t["logp"].as_f64().unwrap());
+        assert!(
+            t.is_finite() && (t - b).abs() > 1e-6,
+            "base {b} vs tuned {t}"
+        );
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn llava_only_options_are_refused_naming_the_key() {
+    let dir = tmp("refuse");
+    let err = String::from_utf8_lossy(&train(&dir, "gc", &["gradient_checkpointing=true"]).stderr)
+        .into_owned();
+    assert!(err.contains("gradient_checkpointing"), "{err}");
+    let err =
+        String::from_utf8_lossy(&train(&dir, "sg", &["sequence_group=2"]).stderr).into_owned();
+    assert!(err.contains("sequence_group"), "{err}");
+
+    let data = score_input(&dir);
+    let out = misp(&[
+        "score",
+        "--model",
+        MODEL,
+        "--data",
+        s(&data),
+        "--out",
+        s(&dir.join("o.jsonl")),
+        "--template",
+        "USER: <image>\n{prompt} ASSISTANT:!",
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("template"), "{err}");
+    assert!(!dir.join("o.jsonl").exists());
+    std::fs::remove_dir_all(dir).ok();
+}
