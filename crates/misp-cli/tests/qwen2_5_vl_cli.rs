@@ -388,3 +388,52 @@ fn llava_only_options_are_refused_naming_the_key() {
     assert!(!dir.join("o.jsonl").exists());
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn bench_model_times_a_qwen_folder() {
+    let out = ok(misp(&[
+        "bench",
+        "model",
+        "--model",
+        MODEL,
+        "--batch",
+        "2",
+        "--seq-len",
+        "40",
+        "--gen-batch",
+        "2",
+        "--prompt-len",
+        "24",
+        "--new-tokens",
+        "3",
+        "--rank",
+        "4",
+        "--repeat",
+        "1",
+        "--json",
+    ]));
+    // 24 / 2 = 12 tokens for the image: a 3 x 3 square of merge units (6 x 6 patches).
+    assert!(out.contains("Qwen2.5-VL: 2 layers"), "{out}");
+    assert!(
+        out.contains("9 image tokens of a 6 x 6 patch grid"),
+        "{out}"
+    );
+    let json: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    // LoRA r 4 on 7 projections of 2 layers, hidden 64 (from the fixture's config.json).
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join(MODEL).join("config.json")).unwrap(),
+    )
+    .unwrap();
+    let tc = config.get("text_config").unwrap_or(&config);
+    let (d, ff) = (
+        tc["hidden_size"].as_u64().unwrap(),
+        tc["intermediate_size"].as_u64().unwrap(),
+    );
+    let heads = tc["num_attention_heads"].as_u64().unwrap();
+    let kv = tc["num_key_value_heads"].as_u64().unwrap() * (d / heads);
+    // A: r x in, B: out x r, per projection.
+    let per_layer = 4 * ((d + d) + (d + kv) + (d + kv) + (d + d) + 2 * (d + ff) + (ff + d));
+    assert_eq!(json["lora_params"], 2 * per_layer);
+    assert!(json["train_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(json["generate_tokens_per_s"].as_f64().unwrap() > 0.0);
+}

@@ -143,7 +143,7 @@ pub struct Vlm {
 }
 
 /// `config.json`'s `model_type` (absent: `llava`, as the LLaVA loader has always read it).
-fn model_type(dir: &Path) -> Result<String, ModelError> {
+pub fn model_type(dir: &Path) -> Result<String, ModelError> {
     let (raw, path): (serde_json::Value, _) = crate::checkpoint::read_config(dir)?;
     match raw.get("model_type") {
         None | Some(serde_json::Value::Null) => Ok("llava".into()),
@@ -596,34 +596,7 @@ impl Vlm {
 
     /// The right-padded batch of `(prompt ids, response ids)` sequences.
     pub fn score_batch(&self, seqs: &[(&[u32], &[u32])]) -> Result<ScoreBatch, ModelError> {
-        let b = seqs.len();
-        let width = seqs
-            .iter()
-            .map(|(p, r)| p.len() + r.len())
-            .max()
-            .unwrap_or(0);
-        let pad = self.pad_id();
-        let (mut ids, mut mask, mut labels) = (
-            Vec::with_capacity(b * width),
-            Vec::with_capacity(b * width),
-            Vec::with_capacity(b * width),
-        );
-        for (p, r) in seqs {
-            let n = p.len() + r.len();
-            ids.extend(p.iter().chain(r.iter()).copied());
-            ids.extend(std::iter::repeat_n(pad, width - n));
-            mask.extend(std::iter::repeat_n(1u8, n));
-            mask.extend(std::iter::repeat_n(0u8, width - n));
-            labels.extend(std::iter::repeat_n(0f32, p.len()));
-            labels.extend(std::iter::repeat_n(1f32, r.len()));
-            labels.extend(std::iter::repeat_n(0f32, width - n));
-        }
-        let dev = &self.device;
-        Ok(ScoreBatch {
-            ids: Tensor::from_vec(ids, (b, width), dev)?,
-            mask: Tensor::from_vec(mask, (b, width), dev)?,
-            labels: Tensor::from_vec(labels, (b, width), dev)?,
-        })
+        score_batch(seqs, self.pad_id(), &self.device)
     }
 
     /// Summed response log-probs `[B]` and token counts `[B]` of a LLaVA batch whose images
@@ -661,40 +634,7 @@ impl Vlm {
                 model.sequence_logprobs(&batch.ids, &batch.mask, &pixels, &batch.labels)
             }
             Backbone::Qwen2_5Vl { model, .. } => {
-                let width = batch.ids.dim(1)?;
-                let pad = self.pad_id();
-                let rows: Vec<Vec<u32>> = items
-                    .iter()
-                    .map(|i| {
-                        let n = i.prompt_ids.len() + i.response_ids.len();
-                        i.prompt_ids
-                            .iter()
-                            .chain(&i.response_ids)
-                            .copied()
-                            .chain(std::iter::repeat_n(pad, width - n))
-                            .collect()
-                    })
-                    .collect();
-                let mask: Vec<Vec<bool>> = items
-                    .iter()
-                    .map(|i| {
-                        let n = i.prompt_ids.len() + i.response_ids.len();
-                        (0..width).map(|t| t < n).collect()
-                    })
-                    .collect();
-                let patches = items
-                    .iter()
-                    .map(|i| patches_of(&i.pixels, i.grid))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let images: Vec<Vec<&ImagePatches>> = patches.iter().map(|p| vec![p]).collect();
-                let h = qwen_hidden(model, &rows, &mask, &images, &batch.mask, &self.device)?;
-                let lm = model.language_model();
-                let scored = Scored::new(&batch.ids, &batch.labels)?;
-                let sums = lm.scored_logprobs(&h, &scored, 0)?;
-                let counts: Vec<f32> = scored.counts.iter().map(|&c| c as f32).collect();
-                let counts = Tensor::from_vec(counts, scored.counts.len(), sums.device())?
-                    .to_dtype(sums.dtype())?;
-                Ok((sums, counts))
+                qwen_item_logprobs(model, items, self.pad_id(), &self.device)
             }
         }
     }
@@ -814,4 +754,171 @@ fn qwen_hidden(
     Ok(model
         .language_model()
         .hidden_states_with_rope(&embeds, mask_t, Some(&rope))?)
+}
+
+/// The right-padded batch of `(prompt ids, response ids)` sequences, padded with `pad`.
+pub fn score_batch(
+    seqs: &[(&[u32], &[u32])],
+    pad: u32,
+    dev: &Device,
+) -> Result<ScoreBatch, ModelError> {
+    let b = seqs.len();
+    let width = seqs
+        .iter()
+        .map(|(p, r)| p.len() + r.len())
+        .max()
+        .unwrap_or(0);
+    let (mut ids, mut mask, mut labels) = (
+        Vec::with_capacity(b * width),
+        Vec::with_capacity(b * width),
+        Vec::with_capacity(b * width),
+    );
+    for (p, r) in seqs {
+        let n = p.len() + r.len();
+        ids.extend(p.iter().chain(r.iter()).copied());
+        ids.extend(std::iter::repeat_n(pad, width - n));
+        mask.extend(std::iter::repeat_n(1u8, n));
+        mask.extend(std::iter::repeat_n(0u8, width - n));
+        labels.extend(std::iter::repeat_n(0f32, p.len()));
+        labels.extend(std::iter::repeat_n(1f32, r.len()));
+        labels.extend(std::iter::repeat_n(0f32, width - n));
+    }
+    Ok(ScoreBatch {
+        ids: Tensor::from_vec(ids, (b, width), dev)?,
+        mask: Tensor::from_vec(mask, (b, width), dev)?,
+        labels: Tensor::from_vec(labels, (b, width), dev)?,
+    })
+}
+
+/// Summed response log-probs `[B]` and token counts `[B]` of prepared Qwen2.5-VL items (each
+/// with its own image's patches), right-padded with `pad`: differentiable with respect to the
+/// adapter.
+pub fn qwen_item_logprobs(
+    model: &Qwen2_5Vl,
+    items: &[&PreparedScore],
+    pad: u32,
+    dev: &Device,
+) -> Result<(Tensor, Tensor), ModelError> {
+    let seqs: Vec<(&[u32], &[u32])> = items
+        .iter()
+        .map(|i| (i.prompt_ids.as_slice(), i.response_ids.as_slice()))
+        .collect();
+    let batch = score_batch(&seqs, pad, dev)?;
+    let width = batch.ids.dim(1)?;
+    let rows: Vec<Vec<u32>> = items
+        .iter()
+        .map(|i| {
+            let n = i.prompt_ids.len() + i.response_ids.len();
+            i.prompt_ids
+                .iter()
+                .chain(&i.response_ids)
+                .copied()
+                .chain(std::iter::repeat_n(pad, width - n))
+                .collect()
+        })
+        .collect();
+    let mask: Vec<Vec<bool>> = items
+        .iter()
+        .map(|i| {
+            let n = i.prompt_ids.len() + i.response_ids.len();
+            (0..width).map(|t| t < n).collect()
+        })
+        .collect();
+    let patches = items
+        .iter()
+        .map(|i| patches_of(&i.pixels, i.grid))
+        .collect::<Result<Vec<_>, _>>()?;
+    let images: Vec<Vec<&ImagePatches>> = patches.iter().map(|p| vec![p]).collect();
+    let h = qwen_hidden(model, &rows, &mask, &images, &batch.mask, dev)?;
+    let lm = model.language_model();
+    let scored = Scored::new(&batch.ids, &batch.labels)?;
+    let sums = lm.scored_logprobs(&h, &scored, 0)?;
+    let counts: Vec<f32> = scored.counts.iter().map(|&c| c as f32).collect();
+    let counts =
+        Tensor::from_vec(counts, scored.counts.len(), sums.device())?.to_dtype(sums.dtype())?;
+    Ok((sums, counts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures")
+            .join(rel)
+    }
+
+    fn qwen() -> Vlm {
+        Vlm::load(&fixture("qwen2_5_vl/tiny"), None, &VlmOptions::default()).unwrap()
+    }
+
+    /// The reference cache's key moves with every processor setting a log-prob depends on.
+    #[test]
+    fn the_processor_key_changes_with_the_pixel_bounds() {
+        let mut vlm = qwen();
+        assert_eq!(vlm.model_type(), "qwen2_5_vl");
+        let k0 = vlm.processor_key();
+        assert_eq!(k0, qwen().processor_key());
+        let Backbone::Qwen2_5Vl { images, .. } = &mut vlm.backbone else {
+            panic!("not Qwen2.5-VL");
+        };
+        images.max_pixels += 784;
+        let k1 = vlm.processor_key();
+        assert_ne!(k0, k1);
+        let Backbone::Qwen2_5Vl { images, .. } = &mut vlm.backbone else {
+            unreachable!()
+        };
+        images.min_pixels += 784;
+        assert_ne!(k1, vlm.processor_key());
+    }
+
+    /// A prompt's one `<|image_pad|>` widens to the image's merged token count, and a prompt
+    /// prepared from a file equals the template widened by hand.
+    #[test]
+    fn image_tokens_follow_each_image_grid() {
+        let vlm = qwen();
+        let ids = vlm.prompt_template_ids("Is there a cat?").unwrap();
+        let Backbone::Qwen2_5Vl { processor, .. } = &vlm.backbone else {
+            panic!("not Qwen2.5-VL");
+        };
+        let img = processor.image_token();
+        assert_eq!(ids.iter().filter(|&&t| t == img).count(), 1);
+        let small = vlm
+            .load_image(&fixture("clip/images/astronaut_small.png"))
+            .unwrap();
+        let large = vlm
+            .load_image(&fixture("clip/images/camera_gray.png"))
+            .unwrap();
+        for (im, tokens) in [(&small, 6), (&large, 9)] {
+            let (h, w) = im.grid.unwrap();
+            assert_eq!(h * w / 4, tokens, "{:?}", im.grid);
+            let wide = vlm.expand_prompt(&ids, im);
+            assert_eq!(wide.iter().filter(|&&t| t == img).count(), tokens);
+            assert_eq!(wide.len(), ids.len() + tokens - 1);
+        }
+        let p = vlm
+            .prepare_prompt(&fixture("clip/images/camera_gray.png"), "Is there a cat?")
+            .unwrap();
+        assert_eq!(p.prompt_ids, vlm.expand_prompt(&ids, &large));
+        assert_eq!(p.grid, large.grid);
+    }
+
+    /// An architecture misp does not run is named with the ones it does.
+    #[test]
+    fn an_unknown_model_type_names_the_known_ones() {
+        let dir = std::env::temp_dir().join(format!("misp-vlm-type-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), r#"{"model_type": "idefics3"}"#).unwrap();
+        let err = Vlm::load(&dir, None, &VlmOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("config.json")
+                && err.contains("\"idefics3\"")
+                && err.contains("\"llava\", \"qwen2_5_vl\""),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

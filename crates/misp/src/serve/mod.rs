@@ -1,14 +1,15 @@
-//! `misp serve`: a LLaVA checkpoint (+ adapter) behind an OpenAI-compatible HTTP API, so the
-//! established harnesses (VLMEvalKit, lmms-eval: both have OpenAI-API model wrappers) can
-//! evaluate a misp model on any benchmark they know (docs/design.md §5, "Serving").
+//! `misp serve`: a LLaVA or Qwen2.5-VL checkpoint (+ adapter) behind an OpenAI-compatible HTTP
+//! API, so the established harnesses (VLMEvalKit, lmms-eval: both have OpenAI-API model
+//! wrappers) can evaluate a misp model on any benchmark they know (docs/design.md §5,
+//! "Serving").
 //!
 //! - `POST /v1/chat/completions` (non-streaming): the messages' text parts, in order, joined by
 //!   newlines, fill the checkpoint's prompt template; at most one image, as an `image_url`
 //!   `data:` URL (base64) or a file path (or `file://` URL) under `--image-root`. A request
 //!   without an image is answered about a blank image (all pixels at the processor's mean),
-//!   since LLaVA's template holds one. Decoding is greedy whatever `temperature` says (0 is
-//!   what the harnesses send for evaluation); `max_tokens` (or `max_completion_tokens`) caps
-//!   the answer.
+//!   since the prompt template holds one (Qwen2.5-VL's blank is its smallest grid, one image
+//!   token). Decoding is greedy whatever `temperature` says (0 is what the harnesses send for
+//!   evaluation); `max_tokens` (or `max_completion_tokens`) caps the answer.
 //! - `GET /v1/models`, `GET /health`.
 //! - Each connection has its own thread, which parses the request, decodes the image and
 //!   tokenizes the prompt; the model runs on one worker thread that takes up to `max_batch`
@@ -359,7 +360,7 @@ pub fn parse_chat(req: &Value, config: &ServeConfig) -> Result<Chat, HttpError> 
                             }
                             .ok_or_else(|| bad(format!("messages[{i}].content[{j}].image_url.url must be a string")))?;
                             if image.replace(url.to_string()).is_some() {
-                                return Err(bad("one image per request at most (LLaVA's template holds one)".into()));
+                                return Err(bad("one image per request at most (the prompt template holds one)".into()));
                             }
                         }
                         other => {
