@@ -437,3 +437,101 @@ fn bench_model_times_a_qwen_folder() {
     assert!(json["train_tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(json["generate_tokens_per_s"].as_f64().unwrap() > 0.0);
 }
+
+/// `misp serve` on the Qwen2.5-VL folder: concurrent chat requests (one batch, two image
+/// sizes) get transformers' greedy text; a request without an image is answered too.
+#[test]
+fn serve_answers_chat_requests_with_transformers_greedy_text() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpStream;
+    use std::process::Stdio;
+
+    struct Served(std::process::Child);
+    impl Drop for Served {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_misp"))
+        .args([
+            "serve",
+            "--model",
+            MODEL,
+            "--port",
+            "0",
+            "--image-root",
+            "fixtures/clip/images",
+        ])
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start misp serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _served = Served(child);
+    let port: u16 = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|s| s.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    let ask = |body: Value| -> (u16, Value) {
+        let body = body.to_string();
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(120)))
+            .unwrap();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body.as_bytes()).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let status = text[9..12].parse().unwrap();
+        let json = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        (status, serde_json::from_str(json).unwrap_or(Value::Null))
+    };
+    let want = expected();
+    let cases: Vec<&Value> = want["generate"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["image"] != "hopper.png") // the fixture's own copy: not under the root
+        .collect();
+    assert_eq!(cases.len(), 2);
+    let max = want["max_new_tokens"].as_u64().unwrap();
+    let answers: Vec<(u16, Value)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|c| {
+                let body = json!({"model": "tiny", "temperature": 0, "max_tokens": max,
+                    "messages": [{"role": "user", "content": [
+                        {"type": "image_url", "image_url": {"url": c["image"]}},
+                        {"type": "text", "text": c["prompt"]}]}]});
+                let ask = &ask;
+                sc.spawn(move || ask(body))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for ((status, body), c) in answers.iter().zip(&cases) {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(
+            body["choices"][0]["message"]["content"], c["text"],
+            "{}",
+            c["image"]
+        );
+    }
+    let (status, body) = ask(json!({"max_tokens": 2, "messages": [
+        {"role": "user", "content": "Hello?"}]}));
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["choices"][0]["message"]["content"].is_string(),
+        "{body}"
+    );
+}
