@@ -535,3 +535,54 @@ fn serve_answers_chat_requests_with_transformers_greedy_text() {
         "{body}"
     );
 }
+
+/// `misp eval chair` captions with the Qwen2.5-VL folder: the caption of the fixture's photo
+/// under the fixture's prompt is transformers' greedy text.
+#[test]
+fn chair_captions_are_transformers_greedy_text() {
+    let dir = tmp("chair");
+    let want = expected();
+    let case = want["generate"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["image"] == "astronaut_small.png")
+        .unwrap();
+    let annotations = dir.join("instances.json");
+    let instances = json!({
+        "images": [{"id": 1, "file_name": "astronaut_small.png"},
+                   {"id": 2, "file_name": "camera_gray.png"}],
+        "annotations": [{"id": 10, "image_id": 1, "category_id": 1},
+                        {"id": 11, "image_id": 2, "category_id": 1}],
+        "categories": [{"id": 1, "name": "person"}],
+    });
+    std::fs::write(&annotations, instances.to_string()).unwrap();
+    let out = dir.join("run");
+    let max = want["max_new_tokens"].to_string();
+    ok(misp(&[
+        "eval",
+        "chair",
+        "--model",
+        MODEL,
+        "--images",
+        "fixtures/clip/images",
+        "--annotations",
+        s(&annotations),
+        "--out",
+        s(&out),
+        "--prompt",
+        case["prompt"].as_str().unwrap(),
+        "--max-new-tokens",
+        &max,
+        "--batch-size",
+        "2",
+    ]));
+    let captions = jsonl(&out.join("captions.jsonl"));
+    assert_eq!(captions.len(), 2);
+    let astronaut = captions
+        .iter()
+        .find(|c| c["image"] == "astronaut_small.png")
+        .unwrap();
+    assert_eq!(astronaut["caption"], case["text"]);
+    std::fs::remove_dir_all(dir).ok();
+}
