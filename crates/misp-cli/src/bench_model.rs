@@ -1,5 +1,6 @@
-//! `misp bench model`: the LLaVA + LoRA model's speed figures (LoRA forward + backward and greedy
-//! generation tokens/s, peak RSS), on one checkpoint.
+//! `misp bench model`: the LoRA model's speed figures (LoRA forward + backward and greedy
+//! generation tokens/s, peak RSS), on one checkpoint: LLaVA or Qwen2.5-VL, as its
+//! `config.json`'s `model_type` says.
 //!
 //! 1. A LoRA training step's forward + backward: an unpadded batch of `--batch`
 //!    sequences of `--seq-len` tokens (BOS, the image's tokens, random text), each with its own
@@ -23,11 +24,14 @@ use clap::Args;
 use misp::model::generate::greedy;
 use misp::model::llava::Llava;
 use misp::model::lora::{init_rng, LoraConfig};
+use misp::model::qwen2_5_vl::image_processor::ImagePatches;
+use misp::model::qwen2_5_vl::Qwen2_5Vl;
+use misp::model::vlm::{model_type, qwen_item_logprobs, PreparedScore};
 use rand::{Rng, SeedableRng};
 
 #[derive(Args)]
 pub struct BenchModelArgs {
-    /// HF LLaVA checkpoint folder (config.json + safetensors).
+    /// HF checkpoint folder (config.json + safetensors): LLaVA or Qwen2.5-VL.
     #[arg(long)]
     model: PathBuf,
     /// Sequences of the training step (DPO with K = 3 negatives scores K + 2 = 5).
@@ -109,14 +113,17 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
         other => anyhow::bail!("--dtype {other:?}: expected f32, bf16 or f16"),
     };
     let dev = a.runtime.apply()?;
-    let mut model = Llava::load_dir(&a.model, dtype, &dev)
-        .with_context(|| format!("loading {}", a.model.display()))?;
     let lora = LoraConfig {
         r: a.rank,
         lora_alpha: 2.0 * a.rank as f64,
         lora_dropout: a.lora_dropout,
         ..LoraConfig::default()
     };
+    if model_type(&a.model)? == "qwen2_5_vl" {
+        return run_qwen(&a, dtype, &dev, &lora);
+    }
+    let mut model = Llava::load_dir(&a.model, dtype, &dev)
+        .with_context(|| format!("loading {}", a.model.display()))?;
     model
         .language_model_mut()
         .attach_lora(&lora, &mut init_rng(a.seed))?;
@@ -197,7 +204,51 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
         Ok(())
     })?;
 
-    let train_tps = (b * t) as f64 / t_step;
+    let tc = &cfg.text_config;
+    report(
+        &a,
+        &format!(
+            "{} layers, hidden {}, {n_img} image tokens",
+            tc.num_hidden_layers, tc.hidden_size
+        ),
+        Figures {
+            t_step,
+            train_tokens: b * t,
+            t_gen,
+            graph_mib,
+            step_peak_mib,
+            load_peak,
+            lora_params,
+        },
+    );
+    Ok(())
+}
+
+/// What one run measured.
+struct Figures {
+    t_step: f64,
+    train_tokens: usize,
+    t_gen: f64,
+    graph_mib: Option<f64>,
+    step_peak_mib: Option<f64>,
+    /// Peak RSS up to the end of loading.
+    load_peak: Option<f64>,
+    lora_params: usize,
+}
+
+/// Prints the figures (`shape`: the model's size in words), and one JSON line with `--json`.
+fn report(a: &BenchModelArgs, shape: &str, f: Figures) {
+    let Figures {
+        t_step,
+        train_tokens,
+        t_gen,
+        graph_mib,
+        step_peak_mib,
+        load_peak,
+        lora_params,
+    } = f;
+    let (b, t) = (a.batch, a.seq_len);
+    let train_tps = train_tokens as f64 / t_step;
     let gen_tps = (a.gen_batch * a.new_tokens) as f64 / t_gen;
     // The whole process's peak: loading's (read before the reset) or the runs' since.
     let peak = match (load_peak, misp::rss::peak_mib()) {
@@ -205,13 +256,10 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
         (a, b) => a.or(b),
     };
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
-    let tc = &cfg.text_config;
     println!(
-        "misp bench model: {} ({} layers, hidden {}, {n_img} image tokens), {} weights, \
+        "misp bench model: {} ({shape}), {} weights, \
          LoRA r {} on 7 targets ({lora_params} params), {threads} threads",
         a.model.display(),
-        tc.num_hidden_layers,
-        tc.hidden_size,
         a.dtype,
         a.rank
     );
@@ -242,5 +290,123 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
         });
         println!("{j}");
     }
+}
+
+/// The same two measurements on a Qwen2.5-VL checkpoint: each sequence's image is a square of
+/// `side x side` merge units (`side^2` image tokens, the largest that fill at most half of the
+/// shorter of `--seq-len` and `--prompt-len`), random patches.
+fn run_qwen(
+    a: &BenchModelArgs,
+    dtype: DType,
+    dev: &Device,
+    lora: &LoraConfig,
+) -> anyhow::Result<()> {
+    let mut model = Qwen2_5Vl::load_dir(&a.model, dtype, dev)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    model
+        .language_model_mut()
+        .attach_lora(lora, &mut init_rng(a.seed))?;
+    let cfg = model.config().clone();
+    let (img, vocab) = (cfg.image_token_id, cfg.text.vocab_size as u32);
+    let side = ((a.seq_len.min(a.prompt_len) / 2) as f64).sqrt().floor() as usize;
+    if side == 0 {
+        anyhow::bail!(
+            "--seq-len {} / --prompt-len {}: need at least 2 (one image token, text)",
+            a.seq_len,
+            a.prompt_len
+        );
+    }
+    let n_img = side * side;
+    let grid = side * cfg.vision.spatial_merge_size;
+    let patch_values = grid * grid * cfg.vision.patch_dim();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
+    let image = |rng: &mut rand::rngs::StdRng| ImagePatches {
+        pixels: (0..patch_values)
+            .map(|_| rng.random_range(-1.5f32..1.5))
+            .collect(),
+        grid_h: grid,
+        grid_w: grid,
+    };
+    let lm = model.language_model();
+    let vars = lm.trainable_vars();
+    let lora_params: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let switch = lm.lora_switch().clone();
+
+    // 1. Forward + backward; the second half of each sequence is the scored response.
+    let (b, t) = (a.batch, a.seq_len);
+    let items: Vec<PreparedScore> = (0..b)
+        .map(|_| {
+            let mut ids = sequence(&mut rng, t, n_img, img, vocab);
+            let response = ids.split_off(t / 2);
+            let p = image(&mut rng);
+            PreparedScore {
+                prompt_ids: ids,
+                response_ids: response,
+                pixels: p.pixels,
+                grid: Some((grid, grid)),
+            }
+        })
+        .collect();
+    let refs: Vec<&PreparedScore> = items.iter().collect();
+    switch.set_training(true);
+    let before = misp::rss::current_mib();
+    let load_peak = misp::rss::peak_mib();
+    let peak_reset = misp::rss::reset_peak();
+    let (graph_mib, step_peak_mib) = {
+        let (lp, _) = qwen_item_logprobs(&model, &refs, 0, dev)?;
+        let loss = lp.sum_all()?;
+        let after_forward = misp::rss::current_mib();
+        let _grads = loss.backward()?;
+        let peak = misp::rss::peak_mib().filter(|_| peak_reset);
+        (
+            before.zip(after_forward).map(|(b, a)| a - b),
+            before.zip(peak).map(|(b, p)| p - b),
+        )
+    };
+    let mut step = 0u64;
+    let t_step = time_min(a.repeat, || {
+        step += 1;
+        switch.set_dropout_seed(step);
+        let (lp, _) = qwen_item_logprobs(&model, &refs, 0, dev)?;
+        let grads = lp.sum_all()?.backward()?;
+        for v in &vars {
+            grads
+                .get(v)
+                .context("a LoRA variable received no gradient")?;
+        }
+        Ok(())
+    })?;
+    switch.set_training(false);
+
+    // 2. Greedy generation; an empty EOS list lets no row stop early.
+    let prompts: Vec<Vec<u32>> = (0..a.gen_batch)
+        .map(|_| sequence(&mut rng, a.prompt_len, n_img, img, vocab))
+        .collect();
+    let patches: Vec<ImagePatches> = (0..a.gen_batch).map(|_| image(&mut rng)).collect();
+    let images: Vec<Vec<&ImagePatches>> = patches.iter().map(|p| vec![p]).collect();
+    let t_gen = time_min(a.repeat, || {
+        let out = model.greedy(&prompts, &images, &[], 0, a.new_tokens, dev)?;
+        if out.iter().any(|r| r.len() != a.new_tokens) {
+            anyhow::bail!("a row stopped before {} new tokens", a.new_tokens);
+        }
+        Ok(())
+    })?;
+    let tc = &cfg.text;
+    report(
+        a,
+        &format!(
+            "Qwen2.5-VL: {} layers, hidden {}, {n_img} image tokens of a {grid} x {grid} patch grid",
+            tc.num_hidden_layers, tc.hidden_size
+        ),
+        Figures {
+            t_step,
+            train_tokens: b * t,
+            t_gen,
+            graph_mib,
+            step_peak_mib,
+            load_peak,
+            lora_params,
+        },
+    );
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! `misp eval`: Stage 3. `pope` and `chair` run a LLaVA checkpoint (+ adapter) over the
-//! benchmark and write per-item answers, metrics and the resolved config into one folder;
+//! `misp eval`: Stage 3. `pope` and `chair` run a LLaVA or Qwen2.5-VL checkpoint (+ adapter)
+//! over the benchmark and write per-item answers, metrics and the resolved config into one folder;
 //! `score-only` re-derives the metrics from saved answers or captions without the model, and
 //! `compare` puts several runs side by side. The benchmark logic is `misp::eval::{pope,
 //! chair}`; this module only hands it the model as a batched generator.

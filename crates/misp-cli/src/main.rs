@@ -52,13 +52,13 @@ enum Command {
     Sae(sae_cmd::SaeCommand),
     /// Stage 1b: mine K diverse negative images per record (Eq. 12, Algorithm 1).
     Mine(mine_cmd::MineArgs),
-    /// Score responses: summed log-probabilities under a LLaVA model (+ adapter).
+    /// Score responses: summed log-probabilities under a LLaVA / Qwen2.5-VL model (+ adapter).
     Score(score_cmd::ScoreArgs),
-    /// Greedy answers of a LLaVA model (+ adapter) to image + prompt rows.
+    /// Greedy answers of a LLaVA / Qwen2.5-VL model (+ adapter) to image + prompt rows.
     Generate(score_cmd::GenerateArgs),
-    /// Stage 2: train LoRA on a LLaVA checkpoint with the MISP-DPO objective (Eq. 6-10).
+    /// Stage 2: train LoRA on a LLaVA / Qwen2.5-VL checkpoint with the MISP-DPO objective (Eq. 6-10).
     Train(train_cmd::TrainArgs),
-    /// An OpenAI-compatible chat API over a LLaVA model (+ adapter), for VLMEvalKit,
+    /// An OpenAI-compatible chat API over a LLaVA / Qwen2.5-VL model (+ adapter), for VLMEvalKit,
     /// lmms-eval and other harnesses: POST /v1/chat/completions, GET /v1/models, GET /health.
     Serve(serve_cmd::ServeArgs),
     /// Stage 3: hallucination benchmarks (POPE, CHAIR) with per-item audit files.

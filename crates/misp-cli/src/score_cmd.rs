@@ -1,4 +1,5 @@
-//! `misp score` and `misp generate`: a LLaVA checkpoint (+ PEFT adapter) over a JSONL file.
+//! `misp score` and `misp generate`: a LLaVA or Qwen2.5-VL checkpoint (+ PEFT adapter) over a
+//! JSONL file.
 
 use std::path::{Path, PathBuf};
 
@@ -31,7 +32,8 @@ impl Dtype {
 /// [`IoArgs`]).
 #[derive(Args, Debug)]
 pub(crate) struct ModelArgs {
-    /// LLaVA checkpoint folder in HF layout (config.json, safetensors, tokenizer.json).
+    /// Checkpoint folder in HF layout (config.json, safetensors, tokenizer.json): LLaVA or
+    /// Qwen2.5-VL, as config.json's `model_type` says.
     #[arg(long)]
     pub(crate) model: PathBuf,
     /// PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
@@ -40,10 +42,12 @@ pub(crate) struct ModelArgs {
     /// Weights' dtype (LoRA and log-probs stay f32).
     #[arg(long, value_enum, default_value = "f32")]
     pub(crate) dtype: Dtype,
-    /// Pad images to a square with the mean colour before resizing (original LLaVA-1.5).
+    /// Pad images to a square with the mean colour before resizing (original LLaVA-1.5; LLaVA
+    /// only).
     #[arg(long)]
     pub(crate) pad_to_square: bool,
-    /// Prompt template; must hold `<image>` once and `{prompt}`.
+    /// Prompt template; must hold `<image>` once and `{prompt}` (LLaVA only: Qwen2.5-VL uses
+    /// its checkpoint's chat template).
     #[arg(long, default_value = misp::model::llava::processor::DEFAULT_TEMPLATE)]
     pub(crate) template: String,
     /// Sequences per forward.

@@ -1,4 +1,4 @@
-//! `misp serve`: a LLaVA checkpoint (+ adapter) behind an OpenAI-compatible chat API (the
+//! `misp serve`: a LLaVA or Qwen2.5-VL checkpoint (+ adapter) behind an OpenAI-compatible chat API (the
 //! server is `misp::serve`).
 
 use std::net::TcpListener;

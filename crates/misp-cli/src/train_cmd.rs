@@ -1,4 +1,4 @@
-//! `misp train`: Stage 2, LoRA on a LLaVA checkpoint with the MISP-DPO objective.
+//! `misp train`: Stage 2, LoRA on a LLaVA or Qwen2.5-VL checkpoint with the MISP-DPO objective.
 
 use std::path::PathBuf;
 
@@ -18,7 +18,7 @@ pub struct TrainArgs {
     /// Run config (TOML); see configs/.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// LLaVA checkpoint folder in HF layout.
+    /// Checkpoint folder in HF layout: LLaVA or Qwen2.5-VL (config.json's `model_type`).
     #[arg(long)]
     model: PathBuf,
     /// Preference records: RLHF-V .parquet, TRL .jsonl or mDPO .json (file or folder).

@@ -132,9 +132,8 @@ pub fn score(
     // Text first: a bad prompt anywhere stops the run before any model time is spent.
     for row in rows {
         let response = row.response.as_deref().unwrap_or_default();
-        vlm.processor
-            .scored_ids(&row.prompt, response)
-            .map_err(|e| item_error(row, e.into()))?;
+        vlm.scored_ids(&row.prompt, response)
+            .map_err(|e| item_error(row, e))?;
     }
     let bar = crate::progress::bar(progress, rows.len() as u64, "scoring", "rows");
     let mut out = Vec::with_capacity(rows.len());
@@ -169,9 +168,8 @@ pub fn generate(
     progress: bool,
 ) -> Result<Vec<GenerateRow>, InferError> {
     for row in rows {
-        vlm.processor
-            .prompt_ids(&row.prompt)
-            .map_err(|e| item_error(row, e.into()))?;
+        vlm.prompt_template_ids(&row.prompt)
+            .map_err(|e| item_error(row, e))?;
     }
     let bar = crate::progress::bar(progress, rows.len() as u64, "generating", "rows");
     let mut out = Vec::with_capacity(rows.len());

@@ -95,7 +95,11 @@ fn prompt_and_response_ids_and_logprobs_match_transformers_with(kernels: Kernels
         .map(|i| (i.prompt_ids.as_slice(), i.response_ids.as_slice()))
         .collect();
     let batch = vlm.score_batch(&seqs).unwrap();
-    let logits = vlm.model.forward(&batch.ids, &batch.mask, &pixels).unwrap();
+    let logits = vlm
+        .llava()
+        .unwrap()
+        .forward(&batch.ids, &batch.mask, &pixels)
+        .unwrap();
     let lp: Vec<Vec<f32>> = token_logprobs(&logits, &batch.ids)
         .unwrap()
         .to_vec2()

@@ -113,7 +113,7 @@ fn every_lora_variable_gets_a_nonzero_gradient_from_a_scored_batch_on_the_generi
 fn every_lora_variable_gets_a_nonzero_gradient_from_a_scored_batch_with(kernels: Kernels) {
     let _kernels = ThreadKernels::set(kernels);
     let mut vlm = load_vlm(DType::F32);
-    let lm = vlm.model.language_model_mut();
+    let lm = vlm.language_model_mut();
     lm.attach_lora(&LoraConfig::default(), &mut init_rng(1))
         .unwrap();
     let vars = lm.trainable_vars();
@@ -123,7 +123,6 @@ fn every_lora_variable_gets_a_nonzero_gradient_from_a_scored_batch_with(kernels:
     let items = items(&vlm);
     let grads = batch_logp(&vlm, &items).backward().unwrap();
     let names: Vec<String> = vlm
-        .model
         .language_model()
         .lora_layers()
         .into_iter()
@@ -313,8 +312,7 @@ fn fresh_adapter_and_switch_leave_logprobs_exactly() {
     let mut vlm = load_vlm(DType::F32);
     let items = items(&vlm);
     let base = scores(&vlm, &items);
-    vlm.model
-        .language_model_mut()
+    vlm.language_model_mut()
         .attach_lora(&LoraConfig::default(), &mut init_rng(7))
         .unwrap();
     // B = 0: W x + (alpha / r) B A x adds exact zeros.
@@ -323,7 +321,7 @@ fn fresh_adapter_and_switch_leave_logprobs_exactly() {
         base,
         "a fresh adapter changed log-probs"
     );
-    let lm = vlm.model.language_model();
+    let lm = vlm.language_model();
     randomise_b(&lm.trainable_vars(), 8);
     let adapted = scores(&vlm, &items);
     assert!(
@@ -344,7 +342,7 @@ fn fresh_adapter_and_switch_leave_logprobs_exactly() {
 #[test]
 fn right_padding_does_not_change_a_sequence_logprob() {
     let mut vlm = load_vlm(DType::F32);
-    let lm = vlm.model.language_model_mut();
+    let lm = vlm.language_model_mut();
     lm.attach_lora(&lora_cfg(), &mut init_rng(9)).unwrap();
     randomise_b(&lm.trainable_vars(), 10);
     let items = items(&vlm);
@@ -390,7 +388,7 @@ fn bf16_scores_near_f32_and_generates() {
     assert_eq!(out.len(), 2);
     assert!(out.iter().all(|r| !r.is_empty() && r.len() <= 8), "{out:?}");
     // An f32 adapter over the bf16 base (the 7B training setup) scores and generates too.
-    let lm = bf16_vlm.model.language_model_mut();
+    let lm = bf16_vlm.language_model_mut();
     lm.attach_lora(&lora_cfg(), &mut init_rng(11)).unwrap();
     assert!(lm.trainable_vars().iter().all(|v| v.dtype() == DType::F32));
     randomise_b(&lm.trainable_vars(), 12);

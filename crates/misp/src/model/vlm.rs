@@ -1,10 +1,17 @@
-//! A LLaVA checkpoint ready to use: model (+ PEFT adapter), tokenizer and image processor, with
-//! the batched scoring and generation that `misp score`, `misp generate`, the trainer and the
-//! evaluators share.
+//! A vision-language checkpoint ready to use: model (+ PEFT adapter), tokenizer and image
+//! processor, with the batched scoring and generation that `misp score`, `misp generate`, the
+//! trainer, the server and the evaluators share.
 //!
-//! Stage: score / train / eval. Reads an HF LLaVA folder (`config.json`, safetensors,
-//! `tokenizer.json`, `preprocessor_config.json` when present) and optionally a PEFT adapter
+//! Stage: score / train / eval. Reads an HF checkpoint folder (`config.json`, safetensors,
+//! `tokenizer.json`, the image processor's config when present) and optionally a PEFT adapter
 //! folder; reads images. Writes nothing.
+//!
+//! The backbone is chosen from `config.json`'s `model_type` ([`Backbone`]): `llava`
+//! (LLaVA-1.5: fixed-size `[3, S, S]` pixels, a fixed number of image tokens) or `qwen2_5_vl`
+//! (Qwen2.5-VL: patches at the image's own resolution, so the number of image tokens, and
+//! with it the prompt's ids, depends on each image). Everything above this module works on
+//! [`PreparedScore`] / [`PreparedPrompt`], which carry each item's own image payload, and so
+//! never needs to know which backbone it holds.
 //!
 //! Work is split in two steps so callers can decide what a bad item means: `prepare_*` turns
 //! one item (image path + text) into ids and pixels or an [`ItemError`] that names what is
@@ -13,23 +20,32 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
 
-use super::adapter::load_peft_adapter;
+use super::adapter::{load_peft_adapter, load_peft_adapter_into, save_peft_adapter_of, PeftBase};
 use super::clip::image_processor::{ImageDecodeError, ImageProcessor};
 use super::generate::greedy;
-use super::llava::processor::{EncodeError, LlavaProcessor};
+use super::llama::{Llama, Scored};
+use super::llava::processor::{EncodeError, LlavaProcessor, DEFAULT_TEMPLATE};
 use super::llava::Llava;
 use super::lora::LoraConfig;
+use super::qwen2_5_vl::image_processor::{ImagePatches, QwenImageProcessor};
+use super::qwen2_5_vl::processor::QwenProcessor;
+use super::qwen2_5_vl::Qwen2_5Vl;
 pub use crate::checkpoint::ModelError;
+
+/// The `model_type`s [`Vlm::load`] takes.
+pub const MODEL_TYPES: [&str; 2] = ["llava", "qwen2_5_vl"];
 
 /// How to load a checkpoint.
 #[derive(Debug, Clone)]
 pub struct VlmOptions {
     /// Weights' dtype (`F32` or `BF16`; LoRA stays f32).
     pub dtype: DType,
-    /// Original LLaVA-1.5's pad-to-square with the mean colour before resizing.
+    /// Original LLaVA-1.5's pad-to-square with the mean colour before resizing (LLaVA only).
     pub pad_to_square: bool,
-    /// A template other than llava-hf's `USER: <image>\n{prompt} ASSISTANT:`.
+    /// A template other than llava-hf's `USER: <image>\n{prompt} ASSISTANT:` (LLaVA only:
+    /// Qwen2.5-VL renders its checkpoint's own chat template).
     pub template: Option<String>,
     pub device: Device,
 }
@@ -53,8 +69,14 @@ pub enum ItemError {
         path: PathBuf,
         source: ImageDecodeError,
     },
+    /// A decoded image the processor cannot take (Qwen2.5-VL: an aspect ratio above 200).
+    #[error("image {}: {message}", path.display())]
+    Pixels { path: PathBuf, message: String },
     #[error(transparent)]
     Text(#[from] EncodeError),
+    /// Qwen2.5-VL's prompt or response cannot be encoded.
+    #[error("{0}")]
+    Encode(String),
 }
 
 /// One scored sequence, ready to batch.
@@ -62,8 +84,10 @@ pub enum ItemError {
 pub struct PreparedScore {
     pub prompt_ids: Vec<u32>,
     pub response_ids: Vec<u32>,
-    /// `[3, S, S]` channel-first.
+    /// The image: see [`PreparedImage`].
     pub pixels: Vec<f32>,
+    /// `None` for LLaVA's `[3, S, S]`; `(grid_h, grid_w)` of Qwen2.5-VL's patches.
+    pub grid: Option<(usize, usize)>,
 }
 
 /// One prompt to answer, ready to batch.
@@ -71,6 +95,16 @@ pub struct PreparedScore {
 pub struct PreparedPrompt {
     pub prompt_ids: Vec<u32>,
     pub pixels: Vec<f32>,
+    /// As [`PreparedScore::grid`].
+    pub grid: Option<(usize, usize)>,
+}
+
+/// One preprocessed image: LLaVA's `[3, S, S]` channel-first pixels (`grid: None`), or
+/// Qwen2.5-VL's flattened patches `[grid_h * grid_w, patch_dim]` with their grid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreparedImage {
+    pub pixels: Vec<f32>,
+    pub grid: Option<(usize, usize)>,
 }
 
 /// Right-padded scoring batch: `ids [B, T]` (u32), `mask [B, T]` (u8), `labels [B, T]` (f32,
@@ -82,20 +116,68 @@ pub struct ScoreBatch {
     pub labels: Tensor,
 }
 
+/// The model, text processor and image processor of one architecture.
+// A process holds one or two of these: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Backbone {
+    Llava {
+        model: Llava,
+        processor: LlavaProcessor,
+        images: ImageProcessor,
+    },
+    Qwen2_5Vl {
+        model: Qwen2_5Vl,
+        processor: QwenProcessor,
+        images: QwenImageProcessor,
+    },
+}
+
 /// Model + processor + image preprocessing of one checkpoint.
 #[derive(Debug, Clone)]
 pub struct Vlm {
-    pub model: Llava,
-    pub processor: LlavaProcessor,
-    pub images: ImageProcessor,
+    pub backbone: Backbone,
     /// The adapter's config when one was loaded.
     pub adapter: Option<LoraConfig>,
     device: Device,
 }
 
+/// `config.json`'s `model_type` (absent: `llava`, as the LLaVA loader has always read it).
+pub fn model_type(dir: &Path) -> Result<String, ModelError> {
+    let (raw, path): (serde_json::Value, _) = crate::checkpoint::read_config(dir)?;
+    match raw.get("model_type") {
+        None | Some(serde_json::Value::Null) => Ok("llava".into()),
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(ModelError::Config {
+            path,
+            message: format!("model_type: expected a string, got {other}"),
+        }),
+    }
+}
+
 impl Vlm {
-    /// Loads `model_dir` and, when given, the PEFT adapter in `adapter`.
+    /// Loads `model_dir` (the backbone its `config.json`'s `model_type` names) and, when
+    /// given, the PEFT adapter in `adapter`.
     pub fn load(
+        model_dir: &Path,
+        adapter: Option<&Path>,
+        opts: &VlmOptions,
+    ) -> Result<Self, ModelError> {
+        let kind = model_type(model_dir)?;
+        match kind.as_str() {
+            "llava" => Self::load_llava(model_dir, adapter, opts),
+            "qwen2_5_vl" => Self::load_qwen(model_dir, adapter, opts),
+            other => Err(ModelError::Config {
+                path: model_dir.join("config.json"),
+                message: format!(
+                    "model_type {other:?} is not one misp runs (known: {})",
+                    MODEL_TYPES.map(|t| format!("{t:?}")).join(", ")
+                ),
+            }),
+        }
+    }
+
+    fn load_llava(
         model_dir: &Path,
         adapter: Option<&Path>,
         opts: &VlmOptions,
@@ -122,15 +204,74 @@ impl Vlm {
             None => None,
         };
         Ok(Self {
-            model,
-            processor,
-            images,
+            backbone: Backbone::Llava {
+                model,
+                processor,
+                images,
+            },
             adapter,
             device: opts.device.clone(),
         })
     }
 
-    /// Assembles a `Vlm` from parts built in memory (a model being trained, say).
+    fn load_qwen(
+        model_dir: &Path,
+        adapter: Option<&Path>,
+        opts: &VlmOptions,
+    ) -> Result<Self, ModelError> {
+        // LLaVA's options would silently do nothing here; say so instead.
+        if opts.pad_to_square {
+            return Err(ModelError::Config {
+                path: model_dir.join("config.json"),
+                message: "pad_to_square is LLaVA-1.5's; a Qwen2.5-VL checkpoint keeps each \
+                          image's aspect ratio"
+                    .into(),
+            });
+        }
+        if let Some(t) = opts.template.as_deref().filter(|t| *t != DEFAULT_TEMPLATE) {
+            return Err(ModelError::Config {
+                path: model_dir.join("config.json"),
+                message: format!(
+                    "template {t:?}: a Qwen2.5-VL checkpoint's prompt is its own chat \
+                     template; the template option is LLaVA's"
+                ),
+            });
+        }
+        let mut model = Qwen2_5Vl::load_dir(model_dir, opts.dtype, &opts.device)?;
+        let processor = QwenProcessor::from_dir(model_dir, model.config())?;
+        let images = QwenImageProcessor::from_dir(model_dir).map_err(|e| ModelError::Config {
+            path: model_dir.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let merge = model.config().vision.spatial_merge_size;
+        if images.merge_size != merge || images.patch_dim() != model.config().vision.patch_dim() {
+            return Err(ModelError::Config {
+                path: model_dir.join("processor_config.json"),
+                message: format!(
+                    "the image processor's merge_size {} / patch size {} do not fit the vision \
+                     tower's ({merge} / {} values per patch)",
+                    images.merge_size,
+                    images.patch_dim(),
+                    model.config().vision.patch_dim()
+                ),
+            });
+        }
+        let adapter = match adapter {
+            Some(dir) => Some(load_peft_adapter_into(dir, model.language_model_mut())?),
+            None => None,
+        };
+        Ok(Self {
+            backbone: Backbone::Qwen2_5Vl {
+                model,
+                processor,
+                images,
+            },
+            adapter,
+            device: opts.device.clone(),
+        })
+    }
+
+    /// Assembles a LLaVA `Vlm` from parts built in memory (a model being trained, say).
     pub fn from_parts(
         model: Llava,
         processor: LlavaProcessor,
@@ -138,9 +279,11 @@ impl Vlm {
         device: Device,
     ) -> Self {
         Self {
-            model,
-            processor,
-            images,
+            backbone: Backbone::Llava {
+                model,
+                processor,
+                images,
+            },
             adapter: None,
             device,
         }
@@ -150,16 +293,243 @@ impl Vlm {
         &self.device
     }
 
+    /// `config.json`'s `model_type` of the backbone.
+    pub fn model_type(&self) -> &'static str {
+        match &self.backbone {
+            Backbone::Llava { .. } => "llava",
+            Backbone::Qwen2_5Vl { .. } => "qwen2_5_vl",
+        }
+    }
+
+    /// The LLaVA model, when the backbone is LLaVA (what LLaVA-only tools, such as the pieces
+    /// path of training, reach for).
+    pub fn llava(&self) -> Option<&Llava> {
+        match &self.backbone {
+            Backbone::Llava { model, .. } => Some(model),
+            _ => None,
+        }
+    }
+
+    /// The LLaVA text processor, when the backbone is LLaVA.
+    pub fn llava_processor(&self) -> Option<&LlavaProcessor> {
+        match &self.backbone {
+            Backbone::Llava { processor, .. } => Some(processor),
+            _ => None,
+        }
+    }
+
+    /// The decoder the adapters live on.
+    pub fn language_model(&self) -> &Llama {
+        match &self.backbone {
+            Backbone::Llava { model, .. } => model.language_model(),
+            Backbone::Qwen2_5Vl { model, .. } => model.language_model(),
+        }
+    }
+
+    pub fn language_model_mut(&mut self) -> &mut Llama {
+        match &mut self.backbone {
+            Backbone::Llava { model, .. } => model.language_model_mut(),
+            Backbone::Qwen2_5Vl { model, .. } => model.language_model_mut(),
+        }
+    }
+
+    /// Writes the attached adapters in PEFT's layout for this backbone's transformers class.
+    pub fn save_adapter(
+        &self,
+        dir: &Path,
+        cfg: &LoraConfig,
+        base_model_name_or_path: &str,
+    ) -> Result<(), ModelError> {
+        let base = match &self.backbone {
+            Backbone::Llava { .. } => PeftBase::LLAVA,
+            Backbone::Qwen2_5Vl { .. } => PeftBase::QWEN2_5_VL,
+        };
+        save_peft_adapter_of(
+            dir,
+            self.language_model(),
+            cfg,
+            base_model_name_or_path,
+            base,
+        )
+    }
+
+    /// Everything about the processor a log-prob depends on beyond the weights, for cache
+    /// keys: LLaVA's template (as it always was); Qwen2.5-VL's pixel bounds, patch geometry,
+    /// resampling and normalisation (its template is fixed and checked at load).
+    pub fn processor_key(&self) -> String {
+        match &self.backbone {
+            Backbone::Llava { processor, .. } => processor.template().to_string(),
+            Backbone::Qwen2_5Vl { images: p, .. } => format!(
+                "qwen2_5_vl min_pixels={} max_pixels={} patch={} temporal={} merge={} \
+                 resize={} resample={:?} rescale={}:{} normalize={}:{:?}:{:?}",
+                p.min_pixels,
+                p.max_pixels,
+                p.patch_size,
+                p.temporal_patch_size,
+                p.merge_size,
+                p.do_resize,
+                p.resample,
+                p.do_rescale,
+                p.rescale_factor,
+                p.do_normalize,
+                p.image_mean,
+                p.image_std
+            ),
+        }
+    }
+
+    /// Ids that end a generation.
+    pub fn stop_ids(&self) -> &[u32] {
+        match &self.backbone {
+            Backbone::Llava { processor, .. } => processor.eos(),
+            Backbone::Qwen2_5Vl { processor, .. } => processor.stop(),
+        }
+    }
+
+    /// The padding id.
+    pub fn pad_id(&self) -> u32 {
+        match &self.backbone {
+            Backbone::Llava { processor, .. } => processor.pad(),
+            Backbone::Qwen2_5Vl { processor, .. } => processor.pad(),
+        }
+    }
+
+    /// Text of generated ids, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, ItemError> {
+        match &self.backbone {
+            Backbone::Llava { processor, .. } => Ok(processor.decode(ids)?),
+            Backbone::Qwen2_5Vl { processor, .. } => {
+                processor.decode(ids).map_err(ItemError::Encode)
+            }
+        }
+    }
+
+    /// Reads and decodes an image file (no preprocessing).
+    pub fn decode_file(&self, path: &Path) -> Result<RgbImage, ImageDecodeError> {
+        match &self.backbone {
+            Backbone::Llava { images, .. } => images.decode_file(path),
+            Backbone::Qwen2_5Vl { images, .. } => images.decode_file(path),
+        }
+    }
+
+    /// Decodes an image's encoded bytes (no preprocessing).
+    pub fn decode_bytes(&self, bytes: &[u8]) -> Result<RgbImage, ImageDecodeError> {
+        match &self.backbone {
+            Backbone::Llava { images, .. } => images.decode(bytes),
+            Backbone::Qwen2_5Vl { images, .. } => images.decoder.decode(bytes),
+        }
+    }
+
+    /// The preprocessed image (`what` names it in an error).
+    pub fn image(&self, img: &RgbImage, what: &Path) -> Result<PreparedImage, ItemError> {
+        match &self.backbone {
+            Backbone::Llava { images, .. } => Ok(PreparedImage {
+                pixels: images.pixels(img),
+                grid: None,
+            }),
+            Backbone::Qwen2_5Vl { images, .. } => {
+                let p = images.patches(img).map_err(|message| ItemError::Pixels {
+                    path: what.to_owned(),
+                    message,
+                })?;
+                Ok(PreparedImage {
+                    pixels: p.pixels,
+                    grid: Some((p.grid_h, p.grid_w)),
+                })
+            }
+        }
+    }
+
+    /// An all-zero image (normalised values), for a request without one: LLaVA's `[3, S, S]`,
+    /// Qwen2.5-VL's smallest grid (one merge unit, one image token).
+    pub fn blank_image(&self) -> PreparedImage {
+        match &self.backbone {
+            Backbone::Llava { model, .. } => {
+                let s = model.config().vision_config.image_size;
+                PreparedImage {
+                    pixels: vec![0.0; 3 * s * s],
+                    grid: None,
+                }
+            }
+            Backbone::Qwen2_5Vl { images, .. } => {
+                let m = images.merge_size;
+                PreparedImage {
+                    pixels: vec![0.0; m * m * images.patch_dim()],
+                    grid: Some((m, m)),
+                }
+            }
+        }
+    }
+
     /// Decoded and preprocessed pixels of one image file.
+    pub fn load_image(&self, path: &Path) -> Result<PreparedImage, ItemError> {
+        let img = self.decode_file(path).map_err(|source| ItemError::Image {
+            path: path.to_owned(),
+            source,
+        })?;
+        self.image(&img, path)
+    }
+
+    /// Decoded and preprocessed pixels of one image file (the payload of
+    /// [`Self::load_image`] without its grid).
     pub fn load_pixels(&self, path: &Path) -> Result<Vec<f32>, ItemError> {
-        let img = self
-            .images
-            .decode_file(path)
-            .map_err(|source| ItemError::Image {
-                path: path.to_owned(),
-                source,
-            })?;
-        Ok(self.images.pixels(&img))
+        Ok(self.load_image(path)?.pixels)
+    }
+
+    /// The prompt's template ids and the response's scored ids (EOS appended). For Qwen2.5-VL
+    /// the prompt holds one `<|image_pad|>`, which [`Self::expand_prompt`] widens to an
+    /// image's token count; LLaVA's prompt is already expanded (its count is fixed).
+    pub fn scored_ids(
+        &self,
+        prompt: &str,
+        response: &str,
+    ) -> Result<(Vec<u32>, Vec<u32>), ItemError> {
+        match &self.backbone {
+            Backbone::Llava { processor, .. } => Ok(processor.scored_ids(prompt, response)?),
+            Backbone::Qwen2_5Vl { processor, .. } => Ok((
+                processor.prompt_ids(prompt, 1).map_err(ItemError::Encode)?,
+                processor
+                    .response_ids(response)
+                    .map_err(ItemError::Encode)?,
+            )),
+        }
+    }
+
+    /// The prompt's template ids alone (see [`Self::scored_ids`]).
+    pub fn prompt_template_ids(&self, prompt: &str) -> Result<Vec<u32>, ItemError> {
+        match &self.backbone {
+            Backbone::Llava { processor, .. } => Ok(processor.prompt_ids(prompt)?),
+            Backbone::Qwen2_5Vl { processor, .. } => {
+                processor.prompt_ids(prompt, 1).map_err(ItemError::Encode)
+            }
+        }
+    }
+
+    /// Template ids with each image token widened to `image`'s token count (Qwen2.5-VL: the
+    /// processor's expansion; `<|image_pad|>` is a special token, so expanding the ids equals
+    /// expanding the text). LLaVA's ids come back as they are.
+    pub fn expand_prompt(&self, ids: &[u32], image: &PreparedImage) -> Vec<u32> {
+        match (&self.backbone, image.grid) {
+            (
+                Backbone::Qwen2_5Vl {
+                    processor, images, ..
+                },
+                Some((h, w)),
+            ) => {
+                let n = h * w / (images.merge_size * images.merge_size);
+                let img = processor.image_token();
+                let mut out = Vec::with_capacity(ids.len() + n);
+                for &t in ids {
+                    if t == img {
+                        out.extend(std::iter::repeat_n(img, n));
+                    } else {
+                        out.push(t);
+                    }
+                }
+                out
+            }
+            _ => ids.to_vec(),
+        }
     }
 
     /// Ids and pixels of `response` scored after `prompt` about `image`.
@@ -169,25 +539,43 @@ impl Vlm {
         prompt: &str,
         response: &str,
     ) -> Result<PreparedScore, ItemError> {
-        let (prompt_ids, response_ids) = self.processor.scored_ids(prompt, response)?;
+        let (prompt_ids, response_ids) = self.scored_ids(prompt, response)?;
+        let img = self.load_image(image)?;
         Ok(PreparedScore {
-            prompt_ids,
+            prompt_ids: self.expand_prompt(&prompt_ids, &img),
             response_ids,
-            pixels: self.load_pixels(image)?,
+            pixels: img.pixels,
+            grid: img.grid,
         })
     }
 
     /// Ids and pixels of `prompt` about `image`, to answer.
     pub fn prepare_prompt(&self, image: &Path, prompt: &str) -> Result<PreparedPrompt, ItemError> {
-        Ok(PreparedPrompt {
-            prompt_ids: self.processor.prompt_ids(prompt)?,
-            pixels: self.load_pixels(image)?,
-        })
+        let ids = self.prompt_template_ids(prompt)?;
+        let img = self.load_image(image)?;
+        Ok(self.prompt_with_image(&ids, img))
     }
 
-    /// `[B, 3, S, S]` from per-item pixel vectors.
+    /// A prompt's template ids with its preprocessed image.
+    pub fn prompt_with_image(&self, ids: &[u32], img: PreparedImage) -> PreparedPrompt {
+        PreparedPrompt {
+            prompt_ids: self.expand_prompt(ids, &img),
+            pixels: img.pixels,
+            grid: img.grid,
+        }
+    }
+
+    /// `[B, 3, S, S]` from per-item pixel vectors (LLaVA).
     pub fn pixel_tensor(&self, pixels: &[&[f32]]) -> Result<Tensor, ModelError> {
-        let s = self.model.config().vision_config.image_size;
+        let Some(model) = self.llava() else {
+            return Err(ModelError::Input {
+                field: "pixels",
+                message: "a pixel tensor of fixed-size images is LLaVA's; Qwen2.5-VL takes \
+                          each image's patches"
+                    .into(),
+            });
+        };
+        let s = model.config().vision_config.image_size;
         let flat: Vec<f32> = pixels.iter().flat_map(|p| p.iter().copied()).collect();
         if flat.len() != pixels.len() * 3 * s * s {
             return Err(ModelError::Input {
@@ -208,38 +596,11 @@ impl Vlm {
 
     /// The right-padded batch of `(prompt ids, response ids)` sequences.
     pub fn score_batch(&self, seqs: &[(&[u32], &[u32])]) -> Result<ScoreBatch, ModelError> {
-        let b = seqs.len();
-        let width = seqs
-            .iter()
-            .map(|(p, r)| p.len() + r.len())
-            .max()
-            .unwrap_or(0);
-        let pad = self.processor.pad();
-        let (mut ids, mut mask, mut labels) = (
-            Vec::with_capacity(b * width),
-            Vec::with_capacity(b * width),
-            Vec::with_capacity(b * width),
-        );
-        for (p, r) in seqs {
-            let n = p.len() + r.len();
-            ids.extend(p.iter().chain(r.iter()).copied());
-            ids.extend(std::iter::repeat_n(pad, width - n));
-            mask.extend(std::iter::repeat_n(1u8, n));
-            mask.extend(std::iter::repeat_n(0u8, width - n));
-            labels.extend(std::iter::repeat_n(0f32, p.len()));
-            labels.extend(std::iter::repeat_n(1f32, r.len()));
-            labels.extend(std::iter::repeat_n(0f32, width - n));
-        }
-        let dev = &self.device;
-        Ok(ScoreBatch {
-            ids: Tensor::from_vec(ids, (b, width), dev)?,
-            mask: Tensor::from_vec(mask, (b, width), dev)?,
-            labels: Tensor::from_vec(labels, (b, width), dev)?,
-        })
+        score_batch(seqs, self.pad_id(), &self.device)
     }
 
-    /// Summed response log-probs `[B]` and token counts `[B]` of a batch, differentiable with
-    /// respect to the adapter (the trainer's forward).
+    /// Summed response log-probs `[B]` and token counts `[B]` of a LLaVA batch whose images
+    /// are `pixels [B, 3, S, S]`, differentiable with respect to the adapter.
     pub fn logprobs(
         &self,
         items: &[&PreparedScore],
@@ -250,8 +611,32 @@ impl Vlm {
             .map(|i| (i.prompt_ids.as_slice(), i.response_ids.as_slice()))
             .collect();
         let batch = self.score_batch(&seqs)?;
-        self.model
-            .sequence_logprobs(&batch.ids, &batch.mask, pixels, &batch.labels)
+        match &self.backbone {
+            Backbone::Llava { model, .. } => {
+                model.sequence_logprobs(&batch.ids, &batch.mask, pixels, &batch.labels)
+            }
+            Backbone::Qwen2_5Vl { .. } => self.item_logprobs(items),
+        }
+    }
+
+    /// Summed response log-probs `[B]` and token counts `[B]` of prepared items, each with its
+    /// own image, differentiable with respect to the adapter (the trainer's forward).
+    pub fn item_logprobs(&self, items: &[&PreparedScore]) -> Result<(Tensor, Tensor), ModelError> {
+        let seqs: Vec<(&[u32], &[u32])> = items
+            .iter()
+            .map(|i| (i.prompt_ids.as_slice(), i.response_ids.as_slice()))
+            .collect();
+        let batch = self.score_batch(&seqs)?;
+        match &self.backbone {
+            Backbone::Llava { model, .. } => {
+                let px: Vec<&[f32]> = items.iter().map(|i| i.pixels.as_slice()).collect();
+                let pixels = self.pixel_tensor(&px)?;
+                model.sequence_logprobs(&batch.ids, &batch.mask, &pixels, &batch.labels)
+            }
+            Backbone::Qwen2_5Vl { model, .. } => {
+                qwen_item_logprobs(model, items, self.pad_id(), &self.device)
+            }
+        }
     }
 
     /// `(log-prob, tokens)` of each prepared item, in one batched forward.
@@ -259,10 +644,8 @@ impl Vlm {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let pixels: Vec<&[f32]> = items.iter().map(|i| i.pixels.as_slice()).collect();
-        let pixels = self.pixel_tensor(&pixels)?;
         let refs: Vec<&PreparedScore> = items.iter().collect();
-        let (lp, n) = self.logprobs(&refs, &pixels)?;
+        let (lp, n) = self.item_logprobs(&refs)?;
         let lp: Vec<f64> = lp.to_dtype(DType::F64)?.to_vec1()?;
         let n: Vec<f64> = n.to_dtype(DType::F64)?.to_vec1()?;
         Ok(lp
@@ -281,7 +664,7 @@ impl Vlm {
         let ids = self.generate_ids(items, max_new_tokens)?;
         ids.iter()
             .map(|ids| {
-                self.processor.decode(ids).map_err(|e| ModelError::Input {
+                self.decode(ids).map_err(|e| ModelError::Input {
                     field: "generated ids",
                     message: e.to_string(),
                 })
@@ -289,7 +672,7 @@ impl Vlm {
             .collect()
     }
 
-    /// Greedy new token ids of prepared prompts (EOS included when produced).
+    /// Greedy new token ids of prepared prompts (a stop id included when produced).
     pub fn generate_ids(
         &self,
         items: &[PreparedPrompt],
@@ -298,16 +681,244 @@ impl Vlm {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let pixels: Vec<&[f32]> = items.iter().map(|i| i.pixels.as_slice()).collect();
-        let pixels = self.pixel_tensor(&pixels)?;
         let prompts: Vec<Vec<u32>> = items.iter().map(|i| i.prompt_ids.clone()).collect();
-        greedy(
-            &self.model,
-            &prompts,
-            &pixels,
-            self.processor.eos(),
-            self.processor.pad(),
-            max_new_tokens,
-        )
+        match &self.backbone {
+            Backbone::Llava { processor, .. } => {
+                let pixels: Vec<&[f32]> = items.iter().map(|i| i.pixels.as_slice()).collect();
+                let pixels = self.pixel_tensor(&pixels)?;
+                let model = self.llava().expect("LLaVA backbone");
+                greedy(
+                    model,
+                    &prompts,
+                    &pixels,
+                    processor.eos(),
+                    processor.pad(),
+                    max_new_tokens,
+                )
+            }
+            Backbone::Qwen2_5Vl {
+                model, processor, ..
+            } => {
+                let patches = items
+                    .iter()
+                    .map(|i| patches_of(&i.pixels, i.grid))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let images: Vec<Vec<&ImagePatches>> = patches.iter().map(|p| vec![p]).collect();
+                model.greedy(
+                    &prompts,
+                    &images,
+                    processor.stop(),
+                    processor.pad(),
+                    max_new_tokens,
+                    &self.device,
+                )
+            }
+        }
+    }
+}
+
+/// The patches of a Qwen2.5-VL item (an item without a grid was prepared for LLaVA).
+fn patches_of(pixels: &[f32], grid: Option<(usize, usize)>) -> Result<ImagePatches, ModelError> {
+    let (grid_h, grid_w) = grid.ok_or_else(|| ModelError::Input {
+        field: "pixels",
+        message: "an item without a patch grid (prepared for LLaVA) given to Qwen2.5-VL".into(),
+    })?;
+    Ok(ImagePatches {
+        pixels: pixels.to_vec(),
+        grid_h,
+        grid_w,
+    })
+}
+
+/// Qwen2.5-VL's decoder hidden states `[B, T, D]` (before the final norm) of right-padded rows:
+/// image embeddings over the image tokens, multimodal RoPE positions of each row.
+fn qwen_hidden(
+    model: &Qwen2_5Vl,
+    rows: &[Vec<u32>],
+    mask: &[Vec<bool>],
+    images: &[Vec<&ImagePatches>],
+    mask_t: &Tensor,
+    dev: &Device,
+) -> Result<Tensor, ModelError> {
+    let embeds = model.input_embeds(rows, images, dev)?;
+    let positions = rows
+        .iter()
+        .zip(mask)
+        .zip(images)
+        .map(|((r, m), imgs)| {
+            let grids: Vec<_> = imgs.iter().map(|i| (i.grid_h, i.grid_w)).collect();
+            model.mrope_positions(r, m, &grids)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let rope = model.mrope_tables(&positions, dev)?;
+    Ok(model
+        .language_model()
+        .hidden_states_with_rope(&embeds, mask_t, Some(&rope))?)
+}
+
+/// The right-padded batch of `(prompt ids, response ids)` sequences, padded with `pad`.
+pub fn score_batch(
+    seqs: &[(&[u32], &[u32])],
+    pad: u32,
+    dev: &Device,
+) -> Result<ScoreBatch, ModelError> {
+    let b = seqs.len();
+    let width = seqs
+        .iter()
+        .map(|(p, r)| p.len() + r.len())
+        .max()
+        .unwrap_or(0);
+    let (mut ids, mut mask, mut labels) = (
+        Vec::with_capacity(b * width),
+        Vec::with_capacity(b * width),
+        Vec::with_capacity(b * width),
+    );
+    for (p, r) in seqs {
+        let n = p.len() + r.len();
+        ids.extend(p.iter().chain(r.iter()).copied());
+        ids.extend(std::iter::repeat_n(pad, width - n));
+        mask.extend(std::iter::repeat_n(1u8, n));
+        mask.extend(std::iter::repeat_n(0u8, width - n));
+        labels.extend(std::iter::repeat_n(0f32, p.len()));
+        labels.extend(std::iter::repeat_n(1f32, r.len()));
+        labels.extend(std::iter::repeat_n(0f32, width - n));
+    }
+    Ok(ScoreBatch {
+        ids: Tensor::from_vec(ids, (b, width), dev)?,
+        mask: Tensor::from_vec(mask, (b, width), dev)?,
+        labels: Tensor::from_vec(labels, (b, width), dev)?,
+    })
+}
+
+/// Summed response log-probs `[B]` and token counts `[B]` of prepared Qwen2.5-VL items (each
+/// with its own image's patches), right-padded with `pad`: differentiable with respect to the
+/// adapter.
+pub fn qwen_item_logprobs(
+    model: &Qwen2_5Vl,
+    items: &[&PreparedScore],
+    pad: u32,
+    dev: &Device,
+) -> Result<(Tensor, Tensor), ModelError> {
+    let seqs: Vec<(&[u32], &[u32])> = items
+        .iter()
+        .map(|i| (i.prompt_ids.as_slice(), i.response_ids.as_slice()))
+        .collect();
+    let batch = score_batch(&seqs, pad, dev)?;
+    let width = batch.ids.dim(1)?;
+    let rows: Vec<Vec<u32>> = items
+        .iter()
+        .map(|i| {
+            let n = i.prompt_ids.len() + i.response_ids.len();
+            i.prompt_ids
+                .iter()
+                .chain(&i.response_ids)
+                .copied()
+                .chain(std::iter::repeat_n(pad, width - n))
+                .collect()
+        })
+        .collect();
+    let mask: Vec<Vec<bool>> = items
+        .iter()
+        .map(|i| {
+            let n = i.prompt_ids.len() + i.response_ids.len();
+            (0..width).map(|t| t < n).collect()
+        })
+        .collect();
+    let patches = items
+        .iter()
+        .map(|i| patches_of(&i.pixels, i.grid))
+        .collect::<Result<Vec<_>, _>>()?;
+    let images: Vec<Vec<&ImagePatches>> = patches.iter().map(|p| vec![p]).collect();
+    let h = qwen_hidden(model, &rows, &mask, &images, &batch.mask, dev)?;
+    let lm = model.language_model();
+    let scored = Scored::new(&batch.ids, &batch.labels)?;
+    let sums = lm.scored_logprobs(&h, &scored, 0)?;
+    let counts: Vec<f32> = scored.counts.iter().map(|&c| c as f32).collect();
+    let counts =
+        Tensor::from_vec(counts, scored.counts.len(), sums.device())?.to_dtype(sums.dtype())?;
+    Ok((sums, counts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures")
+            .join(rel)
+    }
+
+    fn qwen() -> Vlm {
+        Vlm::load(&fixture("qwen2_5_vl/tiny"), None, &VlmOptions::default()).unwrap()
+    }
+
+    /// The reference cache's key moves with every processor setting a log-prob depends on.
+    #[test]
+    fn the_processor_key_changes_with_the_pixel_bounds() {
+        let mut vlm = qwen();
+        assert_eq!(vlm.model_type(), "qwen2_5_vl");
+        let k0 = vlm.processor_key();
+        assert_eq!(k0, qwen().processor_key());
+        let Backbone::Qwen2_5Vl { images, .. } = &mut vlm.backbone else {
+            panic!("not Qwen2.5-VL");
+        };
+        images.max_pixels += 784;
+        let k1 = vlm.processor_key();
+        assert_ne!(k0, k1);
+        let Backbone::Qwen2_5Vl { images, .. } = &mut vlm.backbone else {
+            unreachable!()
+        };
+        images.min_pixels += 784;
+        assert_ne!(k1, vlm.processor_key());
+    }
+
+    /// A prompt's one `<|image_pad|>` widens to the image's merged token count, and a prompt
+    /// prepared from a file equals the template widened by hand.
+    #[test]
+    fn image_tokens_follow_each_image_grid() {
+        let vlm = qwen();
+        let ids = vlm.prompt_template_ids("Is there a cat?").unwrap();
+        let Backbone::Qwen2_5Vl { processor, .. } = &vlm.backbone else {
+            panic!("not Qwen2.5-VL");
+        };
+        let img = processor.image_token();
+        assert_eq!(ids.iter().filter(|&&t| t == img).count(), 1);
+        let small = vlm
+            .load_image(&fixture("clip/images/astronaut_small.png"))
+            .unwrap();
+        let large = vlm
+            .load_image(&fixture("clip/images/camera_gray.png"))
+            .unwrap();
+        for (im, tokens) in [(&small, 6), (&large, 9)] {
+            let (h, w) = im.grid.unwrap();
+            assert_eq!(h * w / 4, tokens, "{:?}", im.grid);
+            let wide = vlm.expand_prompt(&ids, im);
+            assert_eq!(wide.iter().filter(|&&t| t == img).count(), tokens);
+            assert_eq!(wide.len(), ids.len() + tokens - 1);
+        }
+        let p = vlm
+            .prepare_prompt(&fixture("clip/images/camera_gray.png"), "Is there a cat?")
+            .unwrap();
+        assert_eq!(p.prompt_ids, vlm.expand_prompt(&ids, &large));
+        assert_eq!(p.grid, large.grid);
+    }
+
+    /// An architecture misp does not run is named with the ones it does.
+    #[test]
+    fn an_unknown_model_type_names_the_known_ones() {
+        let dir = std::env::temp_dir().join(format!("misp-vlm-type-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), r#"{"model_type": "idefics3"}"#).unwrap();
+        let err = Vlm::load(&dir, None, &VlmOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("config.json")
+                && err.contains("\"idefics3\"")
+                && err.contains("\"llava\", \"qwen2_5_vl\""),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -640,6 +640,7 @@ pub fn run(
                 prompt_ids,
                 response_ids,
                 pixels: Vec::new(),
+                grid: None,
             },
         });
     }

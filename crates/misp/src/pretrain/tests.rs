@@ -126,14 +126,14 @@ fn examples(s: &Setup, vlm: &Vlm) -> Vec<sft::Example> {
     s.rows
         .iter()
         .map(|r| {
-            let (prompt_ids, response_ids) =
-                vlm.processor.scored_ids(&r.prompt, &r.response).unwrap();
+            let (prompt_ids, response_ids) = vlm.scored_ids(&r.prompt, &r.response).unwrap();
             sft::Example {
                 image: s.pixels.index[&r.image],
                 ids: PreparedScore {
                     prompt_ids,
                     response_ids,
                     pixels: Vec::new(),
+                    grid: None,
                 },
             }
         })
@@ -592,6 +592,7 @@ fn saved_folders_load_back_to_the_same_models() {
         .map(|i| PreparedPrompt {
             prompt_ids: i.prompt_ids.clone(),
             pixels: i.pixels.clone(),
+            grid: None,
         })
         .collect();
     assert_eq!(
@@ -792,7 +793,7 @@ fn shipped_models_match_transformers() {
     for item in exp["llava"].as_array().unwrap() {
         let prompt = item["prompt"].as_str().unwrap();
         let response = item["response"].as_str().unwrap();
-        let (p, r) = vlm.processor.scored_ids(prompt, response).unwrap();
+        let (p, r) = vlm.scored_ids(prompt, response).unwrap();
         assert_eq!(p, ids(&item["prompt_ids"]), "prompt ids of {prompt:?}");
         assert_eq!(
             r,
@@ -806,6 +807,7 @@ fn shipped_models_match_transformers() {
                 prompt_ids: p.clone(),
                 response_ids: r,
                 pixels: pixels.clone(),
+                grid: None,
             }])
             .unwrap();
         let want = item["logprob"].as_f64().unwrap();
@@ -819,6 +821,7 @@ fn shipped_models_match_transformers() {
                 &[PreparedPrompt {
                     prompt_ids: p,
                     pixels,
+                    grid: None,
                 }],
                 24,
             )

@@ -1,14 +1,15 @@
-//! `misp serve`: a LLaVA checkpoint (+ adapter) behind an OpenAI-compatible HTTP API, so the
-//! established harnesses (VLMEvalKit, lmms-eval: both have OpenAI-API model wrappers) can
-//! evaluate a misp model on any benchmark they know (docs/design.md §5, "Serving").
+//! `misp serve`: a LLaVA or Qwen2.5-VL checkpoint (+ adapter) behind an OpenAI-compatible HTTP
+//! API, so the established harnesses (VLMEvalKit, lmms-eval: both have OpenAI-API model
+//! wrappers) can evaluate a misp model on any benchmark they know (docs/design.md §5,
+//! "Serving").
 //!
 //! - `POST /v1/chat/completions` (non-streaming): the messages' text parts, in order, joined by
 //!   newlines, fill the checkpoint's prompt template; at most one image, as an `image_url`
 //!   `data:` URL (base64) or a file path (or `file://` URL) under `--image-root`. A request
 //!   without an image is answered about a blank image (all pixels at the processor's mean),
-//!   since LLaVA's template holds one. Decoding is greedy whatever `temperature` says (0 is
-//!   what the harnesses send for evaluation); `max_tokens` (or `max_completion_tokens`) caps
-//!   the answer.
+//!   since the prompt template holds one (Qwen2.5-VL's blank is its smallest grid, one image
+//!   token). Decoding is greedy whatever `temperature` says (0 is what the harnesses send for
+//!   evaluation); `max_tokens` (or `max_completion_tokens`) caps the answer.
 //! - `GET /v1/models`, `GET /health`.
 //! - Each connection has its own thread, which parses the request, decodes the image and
 //!   tokenizes the prompt; the model runs on one worker thread that takes up to `max_batch`
@@ -157,7 +158,7 @@ impl Server {
                         // Greedy decoding is causal: a row's first n tokens are what a run
                         // with max n would have produced.
                         ids.truncate(job.max_tokens);
-                        let text = self.vlm.processor.decode(&ids).map_err(|e| e.to_string());
+                        let text = self.vlm.decode(&ids).map_err(|e| e.to_string());
                         let _ = job.reply.send(text.map(|t| (ids, t)));
                     }
                 }
@@ -209,30 +210,28 @@ impl Server {
         let req: Value = serde_json::from_slice(body)
             .map_err(|e| HttpError::new(400, format!("request body is not JSON: {e}")))?;
         let chat = parse_chat(&req, &self.config)?;
-        let pixels = match &chat.image {
-            None => {
-                let s = self.vlm.model.config().vision_config.image_size;
-                vec![0.0; 3 * s * s]
-            }
+        let image = match &chat.image {
+            None => self.vlm.blank_image(),
             Some(source) => {
                 let bytes = self.image_bytes(source)?;
                 let img = self
                     .vlm
-                    .images
-                    .decode(&bytes)
+                    .decode_bytes(&bytes)
                     .map_err(|e| HttpError::new(400, format!("image: {e}")))?;
-                self.vlm.images.pixels(&img)
+                self.vlm
+                    .image(&img, std::path::Path::new("the request's image"))
+                    .map_err(|e| HttpError::new(400, e.to_string()))?
             }
         };
-        let prompt_ids = self
+        let template_ids = self
             .vlm
-            .processor
-            .prompt_ids(&chat.prompt)
+            .prompt_template_ids(&chat.prompt)
             .map_err(|e| HttpError::new(400, e.to_string()))?;
-        let prompt_tokens = prompt_ids.len();
+        let prompt = self.vlm.prompt_with_image(&template_ids, image);
+        let prompt_tokens = prompt.prompt_ids.len();
         let (tx, rx) = mpsc::channel();
         let job = Job {
-            prompt: PreparedPrompt { prompt_ids, pixels },
+            prompt,
             max_tokens: chat.max_tokens,
             reply: tx,
         };
@@ -249,9 +248,7 @@ impl Server {
             .recv()
             .map_err(|_| HttpError::new(500, "the model worker stopped"))?
             .map_err(|e| HttpError::new(500, e))?;
-        let stopped = ids
-            .last()
-            .is_some_and(|t| self.vlm.processor.eos().contains(t));
+        let stopped = ids.last().is_some_and(|t| self.vlm.stop_ids().contains(t));
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -363,7 +360,7 @@ pub fn parse_chat(req: &Value, config: &ServeConfig) -> Result<Chat, HttpError> 
                             }
                             .ok_or_else(|| bad(format!("messages[{i}].content[{j}].image_url.url must be a string")))?;
                             if image.replace(url.to_string()).is_some() {
-                                return Err(bad("one image per request at most (LLaVA's template holds one)".into()));
+                                return Err(bad("one image per request at most (the prompt template holds one)".into()));
                             }
                         }
                         other => {
@@ -429,6 +426,7 @@ mod tests {
             prompt: PreparedPrompt {
                 prompt_ids: vec![n as u32],
                 pixels: vec![],
+                grid: None,
             },
             max_tokens: n,
             reply: mpsc::channel().0,

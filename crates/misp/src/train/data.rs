@@ -17,7 +17,7 @@ use crate::data::{ImageSource, PreferenceRecord, Skip};
 use crate::files::{read_lines, record_seed};
 use crate::mine::negatives::{self, RecordNegatives};
 use crate::mine::synthetic::{crop_box, diffuse};
-use crate::model::vlm::Vlm;
+use crate::model::vlm::{PreparedImage, Vlm};
 
 /// Purposes of [`record_seed`] draws made here (distinct from the miner's).
 const SEED_CROP: u64 = 0x7c;
@@ -116,15 +116,8 @@ pub fn build(
         let source = format!("record {}", rec.id);
         let skip = |reason: String| Skip::new(source.clone(), Some(rec.id.clone()), reason);
         let encoded = vlm
-            .processor
             .scored_ids(&rec.prompt, &rec.chosen)
-            .and_then(|(p, c)| {
-                Ok((
-                    p,
-                    c,
-                    vlm.processor.scored_ids(&rec.prompt, &rec.rejected)?.1,
-                ))
-            });
+            .and_then(|(p, c)| Ok((p, c, vlm.scored_ids(&rec.prompt, &rec.rejected)?.1)));
         let (prompt_ids, chosen_ids, rejected_ids) = match encoded {
             Ok(x) => x,
             Err(e) => {
@@ -182,7 +175,7 @@ pub fn build(
                 .negatives
                 .iter()
                 .map(|n| match n {
-                    NegativeImage::Pool { path, .. } => vlm.images.decode_file(path).is_ok(),
+                    NegativeImage::Pool { path, .. } => vlm.decode_file(path).is_ok(),
                     _ => true,
                 })
                 .collect();
@@ -332,22 +325,21 @@ fn resolve(
 fn decode(vlm: &Vlm, src: &ImageSource) -> Result<image::RgbImage, String> {
     match src {
         ImageSource::Path(p) => vlm
-            .images
             .decode_file(p)
             .map_err(|e| format!("{}: {e}", p.display())),
-        ImageSource::Bytes(b) => vlm.images.decode(b).map_err(|e| e.to_string()),
+        ImageSource::Bytes(b) => vlm.decode_bytes(b).map_err(|e| e.to_string()),
     }
 }
 
-/// A record's positive pixels and its negatives' pixels, in slot order.
-pub type RecordPixels = (Arc<Vec<f32>>, Vec<Arc<Vec<f32>>>);
+/// A record's positive image and its negatives' images, in slot order.
+pub type RecordPixels = (Arc<PreparedImage>, Vec<Arc<PreparedImage>>);
 
 /// Preprocessed pixels of a record's positive and negatives, memoised: a record's images are
 /// decoded once per run when they fit the memory budget.
 pub struct PixelCache {
     budget_values: usize,
     used: Mutex<usize>,
-    cache: Mutex<HashMap<String, Arc<Vec<f32>>>>,
+    cache: Mutex<HashMap<String, Arc<PreparedImage>>>,
 }
 
 impl PixelCache {
@@ -363,15 +355,15 @@ impl PixelCache {
     fn get_or(
         &self,
         key: String,
-        make: impl FnOnce() -> Result<Vec<f32>, String>,
-    ) -> Result<Arc<Vec<f32>>, String> {
+        make: impl FnOnce() -> Result<PreparedImage, String>,
+    ) -> Result<Arc<PreparedImage>, String> {
         if let Some(v) = self.cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
             return Ok(v);
         }
         let v = Arc::new(make()?);
         if let (Ok(mut used), Ok(mut cache)) = (self.used.lock(), self.cache.lock()) {
-            if *used + v.len() <= self.budget_values {
-                *used += v.len();
+            if *used + v.pixels.len() <= self.budget_values {
+                *used += v.pixels.len();
                 cache.insert(key, v.clone());
             }
         }
@@ -380,8 +372,14 @@ impl PixelCache {
 
     /// `(positive, negatives)` pixels of `item`.
     pub fn pixels(&self, vlm: &Vlm, item: &TrainItem) -> Result<RecordPixels, String> {
+        let what = |src: &ImageSource| match src {
+            ImageSource::Path(p) => p.clone(),
+            ImageSource::Bytes(_) => PathBuf::from(format!("record {}'s image", item.id)),
+        };
+        let prepare =
+            |img: &image::RgbImage, path: &Path| vlm.image(img, path).map_err(|e| e.to_string());
         let pos = self.get_or(format!("{}#pos", item.id), || {
-            Ok(vlm.images.pixels(&decode(vlm, &item.image)?))
+            prepare(&decode(vlm, &item.image)?, &what(&item.image))
         })?;
         let mut negs = Vec::with_capacity(item.negatives.len());
         for n in &item.negatives {
@@ -389,10 +387,9 @@ impl PixelCache {
             let px = self.get_or(key, || match n {
                 NegativeImage::Pool { path, .. } => {
                     let img = vlm
-                        .images
                         .decode_file(path)
                         .map_err(|e| format!("{}: {e}", path.display()))?;
-                    Ok(vlm.images.pixels(&img))
+                    prepare(&img, path)
                 }
                 NegativeImage::Crop { seed } => {
                     let img = decode(vlm, &item.image)?;
@@ -401,11 +398,13 @@ impl PixelCache {
                     let crop =
                         image::imageops::crop_imm(&img, x as u32, y as u32, cw as u32, ch as u32)
                             .to_image();
-                    Ok(vlm.images.pixels(&crop))
+                    prepare(&crop, &what(&item.image))
                 }
+                // On the normalised values (Qwen2.5-VL: its patches, so the frame's two
+                // temporal copies draw their own noise).
                 NegativeImage::Noise { seed } => {
                     let mut px = (*pos).clone();
-                    diffuse(&mut px, *seed);
+                    diffuse(&mut px.pixels, *seed);
                     Ok(px)
                 }
             })?;

@@ -1,4 +1,4 @@
-//! Stage 2: MISP-DPO training of a LoRA adapter on a LLaVA checkpoint (Eq. 6-10 of the paper,
+//! Stage 2: MISP-DPO training of a LoRA adapter on a LLaVA or Qwen2.5-VL checkpoint (Eq. 6-10 of the paper,
 //! docs/design.md §3), and every baseline of the paper as a config ([`config::TrainConfig`]).
 //!
 //! | module | does |

@@ -23,7 +23,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::{json, Map, Value};
 
-use super::config::TrainConfig;
+use super::config::{ConfigError, TrainConfig};
 use super::data::{self, PixelCache, TrainItem};
 use super::reference::{hash_items, hash_model, RefCache};
 use super::step::micro_step;
@@ -31,7 +31,6 @@ use super::{TrainError, TrainSummary};
 use crate::data::read_records;
 use crate::files::Fnv;
 use crate::files::{splitmix64, write_atomic, write_json_atomic};
-use crate::model::adapter::save_peft_adapter;
 use crate::model::lora::init_rng;
 use crate::model::vlm::{Vlm, VlmOptions};
 use crate::objective::ObjectiveMetrics;
@@ -231,7 +230,7 @@ fn checkpoint(
     };
     save("lora.safetensors", &vars)?;
     save("optimizer.safetensors", &opt.state()?)?;
-    save_peft_adapter(&tmp, &vlm.model, &cfg.lora(), &model_dir.to_string_lossy())?;
+    vlm.save_adapter(&tmp, &cfg.lora(), &model_dir.to_string_lossy())?;
     write_json_atomic(
         &tmp.join("state.json"),
         &json!({"step": step, "refused_steps": refused}),
@@ -372,6 +371,31 @@ struct Prepared {
     cache: RefCache,
 }
 
+/// Refuses settings the checkpoint's backbone does not run, naming the config key: the pieces
+/// path (`gradient_checkpointing`, `sequence_group`, `logprob_chunk`) runs the decoder with
+/// positions `0..T`, which Qwen2.5-VL's multimodal RoPE does not fit yet.
+fn refuse_unsupported(cfg: &TrainConfig, vlm: &Vlm) -> Result<(), TrainError> {
+    if vlm.llava().is_some() || !cfg.memory().in_pieces() {
+        return Ok(());
+    }
+    let field = if cfg.gradient_checkpointing {
+        "gradient_checkpointing"
+    } else if cfg.sequence_group > 0 {
+        "sequence_group"
+    } else {
+        "logprob_chunk"
+    };
+    Err(TrainError::Config(ConfigError::Invalid {
+        field,
+        message: format!(
+            "not yet for a {} checkpoint (its multimodal RoPE does not reach the pieces \
+             path); leave gradient_checkpointing, sequence_group and logprob_chunk at their \
+             defaults (false, 0, 0)",
+            vlm.model_type()
+        ),
+    }))
+}
+
 /// Loads the base model with fresh adapters and the training set (writing `skipped.jsonl`,
 /// also when nothing is usable), and opens the reference cache under the hash of everything a
 /// reference value depends on.
@@ -384,8 +408,8 @@ fn prepare(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<Prepared, TrainErr
         device: inputs.device.clone(),
     };
     let mut vlm = Vlm::load(&inputs.model, None, &opts)?;
-    vlm.model
-        .language_model_mut()
+    refuse_unsupported(cfg, &vlm)?;
+    vlm.language_model_mut()
         .attach_lora(&cfg.lora(), &mut init_rng(cfg.seed))?;
 
     let records = read_records(&inputs.data, None, inputs.image_root.as_deref())
@@ -424,7 +448,7 @@ fn prepare(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<Prepared, TrainErr
     // one is not reused on another.
     h.str(&crate::device::name(&inputs.device));
     h.str(&format!("{:?}", crate::kernels::kernels()));
-    h.str(vlm.processor.template());
+    h.str(&vlm.processor_key());
     hash_items(&set.items, &mut h);
     let cache = RefCache::open(&out.join("reference"), h.finish())?;
     Ok(Prepared {
@@ -526,7 +550,7 @@ fn accumulate(
 ) -> Result<Accumulated, TrainError> {
     let k = if cfg.uses_images() { cfg.k } else { 0 };
     let objective = cfg.objective();
-    let switch = vlm.model.language_model().lora_switch().clone();
+    let switch = vlm.language_model().lora_switch().clone();
     let mut acc = GradAccumulator::new(vars.len());
     let mut out = Accumulated {
         grads: Vec::new(),
@@ -569,7 +593,7 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<TrainSummary, Tr
     let mut p = prepare(cfg, inputs)?;
     let n = p.items.len();
     let sched = Schedule::new(n, cfg);
-    let vars = p.vlm.model.language_model().trainable_vars();
+    let vars = p.vlm.language_model().trainable_vars();
     let mut opt = AdamW::new(
         vars.clone(),
         AdamWConfig {
@@ -737,12 +761,8 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<TrainSummary, Tr
     }
     let adapter = out.join("adapter");
     let lora = cfg.lora();
-    save_peft_adapter(
-        &adapter,
-        &p.vlm.model,
-        &lora,
-        &inputs.model.to_string_lossy(),
-    )?;
+    p.vlm
+        .save_adapter(&adapter, &lora, &inputs.model.to_string_lossy())?;
     let summary = TrainSummary {
         steps: step,
         records: n,

@@ -21,7 +21,7 @@ use super::data::{PixelCache, TrainItem};
 use super::reference::{RefCache, RefEntry};
 use super::TrainError;
 use crate::model::llava::Scored;
-use crate::model::vlm::{PreparedScore, Vlm};
+use crate::model::vlm::{PreparedImage, PreparedScore, Vlm};
 use crate::objective::{
     misp_dpo_loss, NegativeSlots, ObjectiveConfig, ObjectiveOutput, SequenceLogps,
 };
@@ -41,7 +41,7 @@ pub struct MemoryOptions {
 }
 
 impl MemoryOptions {
-    fn in_pieces(&self) -> bool {
+    pub(crate) fn in_pieces(&self) -> bool {
         self.gradient_checkpointing || self.sequence_group > 0 || self.logprob_chunk > 0
     }
 }
@@ -75,12 +75,17 @@ fn layout(
         let (pos, negs) = pixels
             .pixels(vlm, item)
             .map_err(|e| TrainError::Input(format!("record {}: {e}", item.id)))?;
-        let mut push = |response: &[u32], px: &[f32]| -> u32 {
-            l.tokens += item.prompt_ids.len() + response.len();
+        // Each sequence's prompt holds its own image's tokens (Qwen2.5-VL: as many as the
+        // image's grid gives, so a negative's prompt can be longer or shorter than the
+        // positive's).
+        let mut push = |response: &[u32], img: &PreparedImage| -> u32 {
+            let prompt_ids = vlm.expand_prompt(&item.prompt_ids, img);
+            l.tokens += prompt_ids.len() + response.len();
             l.seqs.push(PreparedScore {
-                prompt_ids: item.prompt_ids.clone(),
+                prompt_ids,
                 response_ids: response.to_vec(),
-                pixels: px.to_vec(),
+                pixels: img.pixels.clone(),
+                grid: img.grid,
             });
             (l.seqs.len() - 1) as u32
         };
@@ -108,9 +113,7 @@ fn layout(
 /// Summed log-probs of every sequence `[S]` (differentiable when LoRA is on and trainable).
 fn forward(vlm: &Vlm, seqs: &[PreparedScore]) -> Result<Tensor, TrainError> {
     let refs: Vec<&PreparedScore> = seqs.iter().collect();
-    let px: Vec<&[f32]> = seqs.iter().map(|s| s.pixels.as_slice()).collect();
-    let pixels = vlm.pixel_tensor(&px)?;
-    let (lp, _) = vlm.logprobs(&refs, &pixels)?;
+    let (lp, _) = vlm.item_logprobs(&refs)?;
     Ok(lp.to_dtype(DType::F32)?)
 }
 
@@ -153,7 +156,7 @@ fn reference(
     if items.iter().all(|it| cache.get(&it.id).is_some()) {
         return Ok(false);
     }
-    let switch = vlm.model.language_model().lora_switch().clone();
+    let switch = vlm.language_model().lora_switch().clone();
     let training = switch.training();
     switch.set_enabled(false);
     switch.set_training(false);
@@ -314,7 +317,13 @@ fn in_pieces(
     vars: &[Var],
 ) -> Result<MicroOutput, TrainError> {
     let r = items.len();
-    let llava = &vlm.model;
+    // The pieces path runs the decoder with positions 0..T; Qwen2.5-VL's multimodal RoPE is
+    // not threaded through it yet (the run refuses these options for it before any step).
+    let llava = vlm.llava().ok_or_else(|| {
+        TrainError::Input(
+            "gradient_checkpointing / sequence_group / logprob_chunk run LLaVA only".into(),
+        )
+    })?;
     let lm = llava.language_model();
     let switch = lm.lora_switch().clone();
     let micro_seed = switch.dropout_seed();

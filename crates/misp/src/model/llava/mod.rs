@@ -71,7 +71,7 @@ impl LlavaConfig {
                 return Err(ModelError::Config {
                     path,
                     message: format!(
-                        "model_type {other:?} is not one this command runs (known: \"llava\"; \"qwen2_5_vl\" loads through misp::model::qwen2_5_vl, not yet through the commands)"
+                        "model_type {other:?} is not LLaVA's (\"llava\"); this reads LLaVA configs only (the model commands choose \"llava\" or \"qwen2_5_vl\" from model_type)"
                     ),
                 })
             }
