@@ -25,13 +25,13 @@ use image::RgbImage;
 use super::adapter::{load_peft_adapter, load_peft_adapter_into, save_peft_adapter_of, PeftBase};
 use super::clip::image_processor::{ImageDecodeError, ImageProcessor};
 use super::generate::greedy;
-use super::llama::{Llama, Scored};
+use super::llama::{Llama, RopeTables, Scored};
 use super::llava::processor::{EncodeError, LlavaProcessor, DEFAULT_TEMPLATE};
 use super::llava::Llava;
 use super::lora::LoraConfig;
 use super::qwen2_5_vl::image_processor::{ImagePatches, QwenImageProcessor};
 use super::qwen2_5_vl::processor::QwenProcessor;
-use super::qwen2_5_vl::Qwen2_5Vl;
+use super::qwen2_5_vl::{LmInputs, Qwen2_5Vl};
 pub use crate::checkpoint::ModelError;
 
 /// The `model_type`s [`Vlm::load`] takes.
@@ -131,6 +131,16 @@ pub enum Backbone {
         processor: QwenProcessor,
         images: QwenImageProcessor,
     },
+}
+
+/// What [`Vlm::decoder_inputs`] gives: a batch ready for the language model's layers.
+#[derive(Debug)]
+pub struct DecoderInputs {
+    pub batch: ScoreBatch,
+    /// `[B, T, hidden]`.
+    pub embeds: Tensor,
+    /// Every row's RoPE tables, or `None` for positions `0..T`.
+    pub rope: Option<RopeTables>,
 }
 
 /// Model + processor + image preprocessing of one checkpoint.
@@ -639,6 +649,37 @@ impl Vlm {
         }
     }
 
+    /// A right-padded batch of prepared items as the language model takes it: the batch
+    /// (ids, mask, labels), the input embeddings with each item's image written in, and the
+    /// rows' RoPE tables where the backbone has its own positions (Qwen2.5-VL's multimodal
+    /// RoPE; `None`: positions `0..T`). The trainer's memory-saving path starts here.
+    pub fn decoder_inputs(&self, items: &[&PreparedScore]) -> Result<DecoderInputs, ModelError> {
+        let seqs: Vec<(&[u32], &[u32])> = items
+            .iter()
+            .map(|i| (i.prompt_ids.as_slice(), i.response_ids.as_slice()))
+            .collect();
+        let batch = self.score_batch(&seqs)?;
+        match &self.backbone {
+            Backbone::Llava { model, .. } => {
+                let px: Vec<&[f32]> = items.iter().map(|i| i.pixels.as_slice()).collect();
+                let embeds = model.input_embeds(&batch.ids, &self.pixel_tensor(&px)?)?;
+                Ok(DecoderInputs {
+                    batch,
+                    embeds,
+                    rope: None,
+                })
+            }
+            Backbone::Qwen2_5Vl { model, .. } => {
+                let x = qwen_lm_inputs(model, items, &batch, self.pad_id(), &self.device)?;
+                Ok(DecoderInputs {
+                    batch,
+                    embeds: x.embeds,
+                    rope: Some(x.rope),
+                })
+            }
+        }
+    }
+
     /// `(log-prob, tokens)` of each prepared item, in one batched forward.
     pub fn score_prepared(&self, items: &[PreparedScore]) -> Result<Vec<(f64, usize)>, ModelError> {
         if items.is_empty() {
@@ -730,30 +771,42 @@ fn patches_of(pixels: &[f32], grid: Option<(usize, usize)>) -> Result<ImagePatch
     })
 }
 
-/// Qwen2.5-VL's decoder hidden states `[B, T, D]` (before the final norm) of right-padded rows:
-/// image embeddings over the image tokens, multimodal RoPE positions of each row.
-fn qwen_hidden(
+/// The language model's inputs for a right-padded Qwen2.5-VL batch of prepared items (each
+/// with its own image): embeddings with the images written in, every row's multimodal RoPE
+/// tables, the mask.
+fn qwen_lm_inputs(
     model: &Qwen2_5Vl,
-    rows: &[Vec<u32>],
-    mask: &[Vec<bool>],
-    images: &[Vec<&ImagePatches>],
-    mask_t: &Tensor,
+    items: &[&PreparedScore],
+    batch: &ScoreBatch,
+    pad: u32,
     dev: &Device,
-) -> Result<Tensor, ModelError> {
-    let embeds = model.input_embeds(rows, images, dev)?;
-    let positions = rows
+) -> Result<LmInputs, ModelError> {
+    let width = batch.ids.dim(1)?;
+    let rows: Vec<Vec<u32>> = items
         .iter()
-        .zip(mask)
-        .zip(images)
-        .map(|((r, m), imgs)| {
-            let grids: Vec<_> = imgs.iter().map(|i| (i.grid_h, i.grid_w)).collect();
-            model.mrope_positions(r, m, &grids)
+        .map(|i| {
+            let n = i.prompt_ids.len() + i.response_ids.len();
+            i.prompt_ids
+                .iter()
+                .chain(&i.response_ids)
+                .copied()
+                .chain(std::iter::repeat_n(pad, width - n))
+                .collect()
         })
+        .collect();
+    let mask: Vec<Vec<bool>> = items
+        .iter()
+        .map(|i| {
+            let n = i.prompt_ids.len() + i.response_ids.len();
+            (0..width).map(|t| t < n).collect()
+        })
+        .collect();
+    let patches = items
+        .iter()
+        .map(|i| patches_of(&i.pixels, i.grid))
         .collect::<Result<Vec<_>, _>>()?;
-    let rope = model.mrope_tables(&positions, dev)?;
-    Ok(model
-        .language_model()
-        .hidden_states_with_rope(&embeds, mask_t, Some(&rope))?)
+    let images: Vec<Vec<&ImagePatches>> = patches.iter().map(|p| vec![p]).collect();
+    model.lm_inputs(&rows, &mask, &images, dev)
 }
 
 /// The right-padded batch of `(prompt ids, response ids)` sequences, padded with `pad`.
@@ -804,32 +857,10 @@ pub fn qwen_item_logprobs(
         .map(|i| (i.prompt_ids.as_slice(), i.response_ids.as_slice()))
         .collect();
     let batch = score_batch(&seqs, pad, dev)?;
-    let width = batch.ids.dim(1)?;
-    let rows: Vec<Vec<u32>> = items
-        .iter()
-        .map(|i| {
-            let n = i.prompt_ids.len() + i.response_ids.len();
-            i.prompt_ids
-                .iter()
-                .chain(&i.response_ids)
-                .copied()
-                .chain(std::iter::repeat_n(pad, width - n))
-                .collect()
-        })
-        .collect();
-    let mask: Vec<Vec<bool>> = items
-        .iter()
-        .map(|i| {
-            let n = i.prompt_ids.len() + i.response_ids.len();
-            (0..width).map(|t| t < n).collect()
-        })
-        .collect();
-    let patches = items
-        .iter()
-        .map(|i| patches_of(&i.pixels, i.grid))
-        .collect::<Result<Vec<_>, _>>()?;
-    let images: Vec<Vec<&ImagePatches>> = patches.iter().map(|p| vec![p]).collect();
-    let h = qwen_hidden(model, &rows, &mask, &images, &batch.mask, dev)?;
+    let x = qwen_lm_inputs(model, items, &batch, pad, dev)?;
+    let h = model
+        .language_model()
+        .hidden_states_with_rope(&x.embeds, &x.mask, Some(&x.rope))?;
     let lm = model.language_model();
     let scored = Scored::new(&batch.ids, &batch.labels)?;
     let sums = lm.scored_logprobs(&h, &scored, 0)?;

@@ -23,7 +23,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::{json, Map, Value};
 
-use super::config::{ConfigError, TrainConfig};
+use super::config::TrainConfig;
 use super::data::{self, PixelCache, TrainItem};
 use super::reference::{hash_items, hash_model, RefCache};
 use super::step::micro_step;
@@ -371,31 +371,6 @@ struct Prepared {
     cache: RefCache,
 }
 
-/// Refuses settings the checkpoint's backbone does not run, naming the config key: the pieces
-/// path (`gradient_checkpointing`, `sequence_group`, `logprob_chunk`) runs the decoder with
-/// positions `0..T`, which Qwen2.5-VL's multimodal RoPE does not fit yet.
-fn refuse_unsupported(cfg: &TrainConfig, vlm: &Vlm) -> Result<(), TrainError> {
-    if vlm.llava().is_some() || !cfg.memory().in_pieces() {
-        return Ok(());
-    }
-    let field = if cfg.gradient_checkpointing {
-        "gradient_checkpointing"
-    } else if cfg.sequence_group > 0 {
-        "sequence_group"
-    } else {
-        "logprob_chunk"
-    };
-    Err(TrainError::Config(ConfigError::Invalid {
-        field,
-        message: format!(
-            "not yet for a {} checkpoint (its multimodal RoPE does not reach the pieces \
-             path); leave gradient_checkpointing, sequence_group and logprob_chunk at their \
-             defaults (false, 0, 0)",
-            vlm.model_type()
-        ),
-    }))
-}
-
 /// Loads the base model with fresh adapters and the training set (writing `skipped.jsonl`,
 /// also when nothing is usable), and opens the reference cache under the hash of everything a
 /// reference value depends on.
@@ -408,7 +383,6 @@ fn prepare(cfg: &TrainConfig, inputs: &TrainInputs) -> Result<Prepared, TrainErr
         device: inputs.device.clone(),
     };
     let mut vlm = Vlm::load(&inputs.model, None, &opts)?;
-    refuse_unsupported(cfg, &vlm)?;
     vlm.language_model_mut()
         .attach_lora(&cfg.lora(), &mut init_rng(cfg.seed))?;
 

@@ -317,14 +317,7 @@ fn in_pieces(
     vars: &[Var],
 ) -> Result<MicroOutput, TrainError> {
     let r = items.len();
-    // The pieces path runs the decoder with positions 0..T; Qwen2.5-VL's multimodal RoPE is
-    // not threaded through it yet (the run refuses these options for it before any step).
-    let llava = vlm.llava().ok_or_else(|| {
-        TrainError::Input(
-            "gradient_checkpointing / sequence_group / logprob_chunk run LLaVA only".into(),
-        )
-    })?;
-    let lm = llava.language_model();
+    let lm = vlm.language_model();
     let switch = lm.lora_switch().clone();
     let micro_seed = switch.dropout_seed();
     let n = l.seqs.len();
@@ -341,14 +334,16 @@ fn in_pieces(
         let seqs: Vec<usize> = (first..(first + group).min(n)).collect();
         switch.set_dropout_seed(crate::files::splitmix64(micro_seed ^ g as u64));
         let items_g: Vec<&PreparedScore> = seqs.iter().map(|&i| &l.seqs[i]).collect();
-        let pairs: Vec<(&[u32], &[u32])> = items_g
-            .iter()
-            .map(|s| (s.prompt_ids.as_slice(), s.response_ids.as_slice()))
-            .collect();
-        let batch = vlm.score_batch(&pairs)?;
-        let px: Vec<&[f32]> = items_g.iter().map(|s| s.pixels.as_slice()).collect();
-        let embeds = llava.input_embeds(&batch.ids, &vlm.pixel_tensor(&px)?)?;
-        let forward = lm.forward_detached(&embeds, &batch.mask, memory.gradient_checkpointing)?;
+        // LLaVA's positions are 0..T; Qwen2.5-VL's rows bring their multimodal RoPE tables,
+        // which the forward keeps for the recomputing backward.
+        let x = vlm.decoder_inputs(&items_g)?;
+        let batch = x.batch;
+        let forward = lm.forward_detached_with_rope(
+            &x.embeds,
+            &batch.mask,
+            x.rope.as_ref(),
+            memory.gradient_checkpointing,
+        )?;
         let scored = Scored::new(&batch.ids, &batch.labels)?;
         let lp = lm.scored_logprobs(&forward.hidden, &scored, memory.logprob_chunk)?;
         lps.push(lp);
