@@ -5,6 +5,7 @@
 //! method code.
 
 mod bench_conformance;
+mod bench_gemm;
 mod bench_memory;
 mod bench_mine;
 mod bench_model;
@@ -84,6 +85,8 @@ enum BenchCommand {
     Memory(bench_memory::BenchMemoryArgs),
     /// LLaVA log-probs against transformers' on a fixture, on any device and dtype.
     Conformance(bench_conformance::BenchConformanceArgs),
+    /// bf16 products of a frozen linear layer: misp's AVX-512 BF16 kernel against candle's.
+    Gemm(bench_gemm::BenchGemmArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -102,6 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Model(args)) => bench_model::run(args),
         Command::Bench(BenchCommand::Memory(args)) => bench_memory::run(args),
         Command::Bench(BenchCommand::Conformance(args)) => bench_conformance::run(args),
+        Command::Bench(BenchCommand::Gemm(args)) => bench_gemm::run(args),
     }
 }
 

@@ -44,7 +44,7 @@ impl<'a, T> Mat<'a, T> {
     }
 
     /// Whether every element the strides reach lies in `data` (what keeps the calls sound).
-    fn in_bounds(&self) -> bool {
+    pub(crate) fn in_bounds(&self) -> bool {
         self.rows == 0
             || self.cols == 0
             || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()

@@ -10,9 +10,10 @@
 //! `Var` (the world pretraining trains the whole LLaMA) takes the ordinary matmul. Either way
 //! the input is flattened to 2-D first so one gemm covers the whole batch.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::bf16_gemm;
 use super::gemm::{self, Mat};
 use super::real::Real;
 
@@ -181,9 +182,15 @@ impl CustomOp2 for FrozenMatmul {
                 T::ONE,
             )))
         }
-        // f32 / f64 straight on gemm (no zero-filled output); others through candle.
+        // f32 / f64 straight on gemm (no zero-filled output), bf16 on the bf16 kernel where
+        // the CPU has one; others through candle.
         let contiguous = xl.is_contiguous() && wl.is_contiguous();
         let y = match (x, w) {
+            (CpuStorage::BF16(_), CpuStorage::BF16(_)) if contiguous && bf16_gemm::enabled() => {
+                let x = super::real::cpu_slice_bf16(x, xl, "frozen-matmul")?;
+                let w = super::real::cpu_slice_bf16(w, wl, "frozen-matmul")?;
+                CpuStorage::BF16(bf16_gemm::product(Mat::new(x, n, k), Mat::new(w, m, k).t()))
+            }
             (CpuStorage::F32(_), CpuStorage::F32(_)) if contiguous => {
                 direct::<f32>(x, xl, w, wl, (n, k, m))?
             }
@@ -217,7 +224,50 @@ impl CustomOp2 for FrozenMatmul {
         _y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), None))
+        Ok((Some(input_grad(grad, w)?), None))
+    }
+}
+
+/// `g [n, out] @ w [out, in]`: the input's gradient of [`linear`] with a frozen `w`, on the
+/// bf16 kernel for bf16 CPU tensors where it is [`bf16_gemm::enabled`], else candle's matmul.
+pub fn input_grad(g: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if g.dtype() == DType::BF16
+        && w.dtype() == DType::BF16
+        && g.device().is_cpu()
+        && g.rank() == 2
+        && bf16_gemm::enabled()
+    {
+        return g
+            .contiguous()?
+            .apply_op2_no_bwd(&w.contiguous()?, &InputGrad);
+    }
+    g.matmul(w)
+}
+
+/// `g @ w` on the bf16 kernel (what [`input_grad`] runs; never part of a graph).
+struct InputGrad;
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, o) = gl.shape().dims2()?;
+        let (wo, i) = wl.shape().dims2()?;
+        if wo != o {
+            candle_core::bail!("frozen-matmul input grad: gradient [{n}, {o}], weight [{wo}, {i}]");
+        }
+        let g = super::real::cpu_slice_bf16(g, gl, "frozen-matmul input grad")?;
+        let w = super::real::cpu_slice_bf16(w, wl, "frozen-matmul input grad")?;
+        let y = bf16_gemm::product(Mat::new(g, n, o), Mat::new(w, o, i));
+        Ok((CpuStorage::BF16(y), Shape::from((n, i))))
     }
 }
 

@@ -23,9 +23,12 @@
 //!
 //! Inside: [`real`] (float types, vectorised `exp`, run-time AVX-512 / AVX2 dispatch),
 //! [`op`] (the custom-op skeleton and the parallel loops, written once), [`gemm`] (products on
-//! the `gemm` crate without zero-filled buffers).
+//! the `gemm` crate without zero-filled buffers), [`bf16_gemm`] (bf16 products on the CPU's
+//! AVX-512 BF16 dot-product instruction, with run-time dispatch; the frozen weights of a bf16
+//! model run on it).
 
 pub(crate) mod attention;
+pub mod bf16_gemm;
 mod elementwise;
 pub(crate) mod encoder_attention;
 pub(crate) mod gemm;
@@ -39,6 +42,6 @@ pub(crate) mod testing;
 
 pub(crate) use elementwise::rope_data;
 pub use elementwise::{layer_norm_no_grad, quick_gelu_no_grad, rms_norm, scaled_softmax, swiglu};
-pub use linear::{linear, Linear};
+pub use linear::{input_grad, linear, Linear};
 pub(crate) use real::vectorised;
 pub use real::{exp_f32, fusable, kernels, set_kernels, with_kernels, Kernels, ThreadKernels};

@@ -78,6 +78,19 @@ pub(crate) fn cpu_slice<'a, T: Real>(
     }
 }
 
+/// The contiguous data of a bf16 CPU storage, or an error naming `op`.
+pub(crate) fn cpu_slice_bf16<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [half::bf16]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::BF16(v), Some((a, b))) => Ok(&v[a..b]),
+        (CpuStorage::BF16(_), None) => candle_core::bail!("{op}: input is not contiguous"),
+        _ => candle_core::bail!("{op}: expected bf16 data"),
+    }
+}
+
 /// The float types the kernels run on.
 pub(crate) trait Real:
     'static
