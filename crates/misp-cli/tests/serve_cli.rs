@@ -1,8 +1,9 @@
 //! `misp serve` end to end on the tiny random LLaVA of `fixtures/llava_chat/tiny`, loopback
 //! only: concurrent chat requests get the same greedy answers as `misp generate` on the same
-//! inputs; bad requests get the documented statuses; and `misp eval mmhal` / `wildvision` talk
-//! to it as their judge (the tiny model's 64-position context cannot hold a judge prompt, so
-//! the server refuses it with 400 and the run stops with that error, nothing scored).
+//! inputs, also one after another on a persistent connection; bad requests get the documented
+//! statuses; and `misp eval mmhal` / `wildvision` talk to it as their judge (the tiny model's
+//! 64-position context cannot hold a judge prompt, so the server refuses it with 400 and the
+//! run stops with that error, nothing scored).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -71,12 +72,12 @@ fn serve(extra: &[&str]) -> Served {
     Served { child, port }
 }
 
-/// One raw HTTP request; `(status, body)`.
+/// One raw HTTP request on its own connection, closed by the reply; `(status, body)`.
 fn request(port: u16, method: &str, path: &str, headers: &str, body: &[u8]) -> (u16, Value) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).unwrap();
@@ -86,6 +87,46 @@ fn request(port: u16, method: &str, path: &str, headers: &str, body: &[u8]) -> (
     let status = text[9..12].parse().unwrap();
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// Chat requests one after another on one persistent connection (HTTP/1.1's default), each
+/// response read by its Content-Length; `(status, Connection header, body)` of each.
+fn on_one_connection(port: u16, bodies: &[Vec<u8>]) -> Vec<(u16, String, Value)> {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut writer = s;
+    bodies
+        .iter()
+        .map(|body| {
+            let head = format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            writer.write_all(head.as_bytes()).unwrap();
+            writer.write_all(body).unwrap();
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let status = line[9..12].parse().unwrap();
+            let (mut length, mut connection) = (0usize, String::new());
+            loop {
+                let mut h = String::new();
+                reader.read_line(&mut h).unwrap();
+                if h == "\r\n" {
+                    break;
+                }
+                let (name, value) = h.split_once(':').unwrap();
+                match name.to_ascii_lowercase().as_str() {
+                    "content-length" => length = value.trim().parse().unwrap(),
+                    "connection" => connection = value.trim().to_string(),
+                    _ => {}
+                }
+            }
+            let mut text = vec![0u8; length];
+            reader.read_exact(&mut text).unwrap();
+            (status, connection, serde_json::from_slice(&text).unwrap())
+        })
+        .collect()
 }
 
 fn data_url(name: &str) -> String {
@@ -213,7 +254,38 @@ fn concurrent_requests_get_the_greedy_answers_of_misp_generate() {
         (status, models["data"][0]["id"].as_str()),
         (200, Some("tiny"))
     );
-    assert_eq!(request(port, "GET", "/health", "", b"").0, 200);
+    // The same requests again, one after another on one persistent connection.
+    let bodies: Vec<Vec<u8>> = cases
+        .iter()
+        .map(|(img, p)| chat(&data_url(img), p, 6))
+        .collect();
+    let kept = on_one_connection(port, &bodies);
+    for (i, ((status, connection, body), want)) in kept.iter().zip(&want).enumerate() {
+        assert_eq!(
+            (*status, connection.as_str()),
+            (200, "keep-alive"),
+            "{body}"
+        );
+        assert_eq!(
+            body["choices"][0]["message"]["content"],
+            *want.as_str(),
+            "request {i} on the kept connection"
+        );
+    }
+    let (status, health) = request(port, "GET", "/health", "", b"");
+    assert_eq!(status, 200);
+    let timings = &health["timings"];
+    assert_eq!(
+        timings["requests"].as_u64(),
+        Some(2 * cases.len() as u64),
+        "{health}"
+    );
+    let batches = timings["batches"].as_u64().unwrap();
+    assert!((1..=2 * cases.len() as u64).contains(&batches), "{health}");
+    assert!(
+        timings["total_ms"]["forward"].as_f64().unwrap() > 0.0,
+        "{health}"
+    );
 }
 
 #[test]
