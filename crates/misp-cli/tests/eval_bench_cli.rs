@@ -372,3 +372,34 @@ fn amber_refuses_annotations_of_another_benchmark() {
         "{err}"
     );
 }
+
+#[test]
+fn judged_runners_take_the_model_when_it_is_given() {
+    // `--model` makes the optional model group present (clap derives an empty group for a
+    // struct with a flattened field; ModelArgs names `--model` in it). Without that, a run
+    // with --model would stop with "give --model". The fixture's images are not under
+    // --images, so the run stops before any model or judge work, after recording the model
+    // in its config.
+    let out = tmp("mmhal-model");
+    let o = misp(&[
+        "eval",
+        "mmhal",
+        "--model",
+        MODEL,
+        "--questions",
+        "fixtures/mmhal/response.json",
+        "--images",
+        IMAGES,
+        "--out",
+        s(&out),
+        "--judge-url",
+        "http://127.0.0.1:9/v1",
+        "--judge-model",
+        "x",
+        "--judge-retries",
+        "0",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("give --model"), "{err}");
+    assert_eq!(json_file(&out.join("config.json"))["model"], MODEL, "{err}");
+}
