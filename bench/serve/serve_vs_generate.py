@@ -4,8 +4,13 @@ questions in one batch job.
 Both sides answer the same N (image, prompt) rows greedily with the same max tokens and batch
 size. `misp generate` is timed twice (all rows, and one row) so that its model loading cancels
 out: rows/s = (N - 1) / (t_N - t_1). The server is started once, warmed with one request, then
-C client threads send the N rows as chat requests (images as data: URLs); requests/s = N / wall
-time, and the p50 / p99 of the per-request latencies.
+C client threads send the N rows as chat requests (images as data: URLs, the bodies built
+before the clock starts so that the clients' Python costs the shared CPUs little), each thread
+on one persistent connection as a harness's `requests.Session` is (`--no-keep-alive`: a new
+connection per request); requests/s = N / wall time, and the p50 / p99 of the per-request
+latencies. `--repeat R` runs the pair R times (generate then serve each time) and reports every
+run and the median ratio, with the load average, since the machine may be shared. The server's
+own account of where the time went (`GET /health` timings) is printed after each run.
 
 Needs: python3 (standard library only) and a built misp (default target/release/misp).
     python bench/serve/serve_vs_generate.py --model models/shapes-llava --clients 16 --n 64
@@ -13,13 +18,14 @@ Needs: python3 (standard library only) and a built misp (default target/release/
 
 import argparse
 import base64
+import http.client
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMAGES = os.path.join(ROOT, "fixtures", "clip", "images")
@@ -46,20 +52,81 @@ def time_generate(misp, model, data, batch, max_tokens, tmp):
     return time.perf_counter() - t
 
 
-def post(port, img, prompt, max_tokens):
+def chat_body(img, prompt, max_tokens):
     with open(img, "rb") as f:
         b64 = base64.b64encode(f.read()).decode()
     mime = "image/png" if img.endswith(".png") else "image/jpeg"
-    body = json.dumps({"model": "m", "temperature": 0, "max_tokens": max_tokens, "messages": [
+    return json.dumps({"model": "m", "temperature": 0, "max_tokens": max_tokens, "messages": [
         {"role": "user", "content": [
             {"type": "text", "text": prompt},
             {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{b64}"}}]}]}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
+
+
+def post(conn, body, keep_alive):
+    """One chat request on `conn` (an http.client connection); its latency in seconds."""
+    headers = {"Content-Type": "application/json"}
+    if not keep_alive:
+        headers["Connection"] = "close"
     t = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=600) as r:
-        json.loads(r.read())
+    conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
+    r = conn.getresponse()
+    reply = r.read()
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}: {reply[:200]!r}")
+    json.loads(reply)
+    if not keep_alive:
+        conn.close()
     return time.perf_counter() - t
+
+
+def get_json(port, path):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("GET", path, headers={"Connection": "close"})
+    out = json.loads(conn.getresponse().read())
+    conn.close()
+    return out
+
+
+def time_serve(args, data):
+    """(requests/s, sorted latencies, the server's /health timings) of one server run."""
+    server = subprocess.Popen([args.misp, "serve", "--model", args.model, "--port", "0",
+                               "--batch-size", str(args.batch_size),
+                               "--batch-wait-ms", str(args.batch_wait_ms)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = server.stdout.readline()
+        port = int(line.split("127.0.0.1:")[1].split("/")[0])
+        bodies = [chat_body(img, p, args.max_tokens) for img, p in data]
+        warm = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        post(warm, bodies[0], False)
+        latencies = []
+        lock = threading.Lock()
+        todo = list(bodies)
+
+        def client():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+            while True:
+                with lock:
+                    if not todo:
+                        break
+                    body = todo.pop()
+                dt = post(conn, body, args.keep_alive)
+                with lock:
+                    latencies.append(dt)
+            conn.close()
+
+        t = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t
+        timings = get_json(port, "/health")["timings"]
+    finally:
+        server.kill()
+        server.wait()
+    return len(data) / wall, sorted(latencies), timings
 
 
 def main():
@@ -70,51 +137,32 @@ def main():
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--batch-wait-ms", type=int, default=5)
+    ap.add_argument("--no-keep-alive", dest="keep_alive", action="store_false",
+                    help="a new connection per request")
+    ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
     data = rows(args.n)
-    with tempfile.TemporaryDirectory() as tmp:
-        t_n = time_generate(args.misp, args.model, data, args.batch_size, args.max_tokens, tmp)
-        t_1 = time_generate(args.misp, args.model, data[:1], args.batch_size, args.max_tokens, tmp)
-    gen_rate = (args.n - 1) / max(t_n - t_1, 1e-9)
-
-    server = subprocess.Popen([args.misp, "serve", "--model", args.model, "--port", "0",
-                               "--batch-size", str(args.batch_size), "--batch-wait-ms", "20"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = server.stdout.readline()
-        port = int(line.split("127.0.0.1:")[1].split("/")[0])
-        post(port, *data[0], args.max_tokens)  # warm-up
-        latencies = []
-        lock = threading.Lock()
-        todo = list(data)
-
-        def client():
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    img, p = todo.pop()
-                dt = post(port, img, p, args.max_tokens)
-                with lock:
-                    latencies.append(dt)
-
-        t = time.perf_counter()
-        threads = [threading.Thread(target=client) for _ in range(args.clients)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        wall = time.perf_counter() - t
-    finally:
-        server.kill()
-        server.wait()
-    latencies.sort()
-    serve_rate = args.n / wall
-    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
-    print(f"| n | clients | batch | generate rows/s | serve requests/s | ratio | p50 s | p99 s |")
-    print(f"|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| {args.n} | {args.clients} | {args.batch_size} | {gen_rate:.2f} | {serve_rate:.2f} | "
-          f"{serve_rate / gen_rate:.2f} | {p(0.5):.3f} | {p(0.99):.3f} |")
+    print(f"| n | clients | batch | generate rows/s | serve requests/s | ratio | p50 s | p99 s "
+          f"| load 1 min |")
+    print(f"|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ratios = []
+    for _ in range(args.repeat):
+        with tempfile.TemporaryDirectory() as tmp:
+            t_n = time_generate(args.misp, args.model, data, args.batch_size, args.max_tokens,
+                                tmp)
+            t_1 = time_generate(args.misp, args.model, data[:1], args.batch_size,
+                                args.max_tokens, tmp)
+        gen_rate = (args.n - 1) / max(t_n - t_1, 1e-9)
+        serve_rate, latencies, timings = time_serve(args, data)
+        ratios.append(serve_rate / gen_rate)
+        p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+        print(f"| {args.n} | {args.clients} | {args.batch_size} | {gen_rate:.2f} | "
+              f"{serve_rate:.2f} | {ratios[-1]:.2f} | {p(0.5):.3f} | {p(0.99):.3f} | "
+              f"{os.getloadavg()[0]:.2f} |", flush=True)
+        print(f"    server: {json.dumps(timings)}", flush=True)
+    if args.repeat > 1:
+        print(f"median ratio over {args.repeat} runs: {statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":

@@ -4,14 +4,16 @@
 //! `misp::eval::amber`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use clap::{Args, ValueEnum};
 use misp::eval::amber;
+use misp::eval::Images;
+use misp::model::vlm::Vlm;
 use serde_json::{json, Value};
 
-use crate::eval_cmd::{generator, write_config};
+use crate::eval_cmd::generator;
+use crate::eval_native::{self, NativeBench};
 use crate::score_cmd::ModelArgs;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -105,66 +107,87 @@ fn print_table(metrics: &BTreeMap<String, Value>) {
     );
 }
 
-pub fn run(args: AmberArgs) -> anyhow::Result<()> {
-    let data = amber::Amber::load(&args.annotations)?;
-    if let Some(path) = &args.answers {
-        let run = amber::AmberRun {
+/// AMBER's subcommand with its annotations loaded (in both modes: scoring needs them).
+struct AmberBench {
+    args: AmberArgs,
+    data: amber::Amber,
+}
+
+impl NativeBench for AmberBench {
+    const COMMAND: &'static str = "eval amber";
+    const NO_MODEL: &'static str =
+        "give --model (to answer the queries) or --answers (to re-score saved replies)";
+    const NO_INPUTS: &'static str = "--images is needed with --model";
+    const ASKED: (&'static str, &'static str) =
+        ("queries", "excluded (missing images or annotations)");
+    type Questions = Vec<amber::Query>;
+    type Run = amber::AmberRun;
+    type Scores = BTreeMap<String, Value>;
+
+    fn model(&self) -> Option<&ModelArgs> {
+        self.args.model.as_ref()
+    }
+    fn answers(&self) -> Option<&Path> {
+        self.args.answers.as_deref()
+    }
+    fn out(&self) -> &Path {
+        &self.args.out
+    }
+    fn images(&self) -> Option<&Path> {
+        self.args.images.as_deref()
+    }
+    fn rescore_config(&self) -> Value {
+        json!({"annotations": self.args.annotations})
+    }
+    fn read_answers(&self, path: &Path) -> anyhow::Result<Self::Run> {
+        Ok(amber::AmberRun {
             answers: amber::read_answers(path)?,
             excluded: Vec::new(),
-        };
-        misp::files::write_json_atomic(
-            &args.out.join("config.json"),
-            &json!({"command": "eval amber", "answers": path, "annotations": args.annotations,
-                    "misp_version": env!("CARGO_PKG_VERSION")}),
-        )?;
-        print_table(&amber::write_outputs(&args.out, &data, &run)?);
-        eprintln!("re-scored {}; wrote {}", path.display(), args.out.display());
-        return Ok(());
+        })
     }
-    let model = args
-        .model
-        .as_ref()
-        .context("give --model (to answer the queries) or --answers (to re-score saved replies)")?;
-    let images = args
-        .images
-        .as_ref()
-        .context("--images is needed with --model")?;
-    model.runtime.apply()?;
-    let query_path = amber::query_path(&args.annotations, args.kind.kind());
-    let queries = amber::read_queries(&query_path)?;
-    write_config(
-        &args.out,
-        model,
-        "eval amber",
-        json!({
-            "annotations": args.annotations,
+    fn read_questions(&self) -> anyhow::Result<(Self::Questions, Value)> {
+        let a = &self.args;
+        let query_path = amber::query_path(&a.annotations, a.kind.kind());
+        let queries = amber::read_queries(&query_path)?;
+        let config = json!({
+            "annotations": a.annotations,
             "queries": query_path,
-            "images": images,
-            "max_new_tokens": args.max_new_tokens,
-            "max_answer_tokens": args.max_answer_tokens,
-        }),
-    )?;
-    let vlm = model.load()?;
-    let mut describe = generator(&vlm, args.max_new_tokens);
-    let mut answer = generator(&vlm, args.max_answer_tokens);
-    let start = std::time::Instant::now();
-    let images = misp::eval::Images::new(images, model.image_root.as_deref())?;
-    let run = amber::run(
-        &data,
-        &queries,
-        &images,
-        model.batch_size,
-        &mut describe,
-        &mut answer,
-    )?;
-    let seconds = start.elapsed().as_secs_f64();
-    let metrics = amber::write_outputs(&args.out, &data, &run)?;
-    print_table(&metrics);
-    eprintln!(
-        "{} queries answered in {seconds:.1} s, {} excluded (missing images or annotations); wrote {}",
-        run.answers.len(),
-        run.excluded.len(),
-        args.out.display()
-    );
-    Ok(())
+            "images": a.images,
+            "max_new_tokens": a.max_new_tokens,
+            "max_answer_tokens": a.max_answer_tokens,
+        });
+        Ok((queries, config))
+    }
+    fn ask(
+        &self,
+        queries: &Self::Questions,
+        vlm: &Vlm,
+        images: &Images,
+        batch: usize,
+    ) -> anyhow::Result<Self::Run> {
+        let mut describe = generator(vlm, self.args.max_new_tokens);
+        let mut answer = generator(vlm, self.args.max_answer_tokens);
+        Ok(amber::run(
+            &self.data,
+            queries,
+            images,
+            batch,
+            &mut describe,
+            &mut answer,
+        )?)
+    }
+    fn write_outputs(&self, run: &Self::Run) -> anyhow::Result<Self::Scores> {
+        Ok(amber::write_outputs(&self.args.out, &self.data, run)?)
+    }
+    fn print_table(scores: &Self::Scores) {
+        print_table(scores)
+    }
+    fn counts(run: &Self::Run) -> (usize, usize) {
+        (run.answers.len(), run.excluded.len())
+    }
+}
+
+pub fn run(args: AmberArgs) -> anyhow::Result<()> {
+    let data = amber::Amber::load(&args.annotations)?;
+    eval_native::run(&AmberBench { args, data })
 }

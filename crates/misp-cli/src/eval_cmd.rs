@@ -30,26 +30,28 @@ pub enum EvalCommand {
     /// HallusionBench yes/no questions on figures: answers.jsonl, metrics.json (aAcc, fAcc,
     /// qAcc overall, per category and subcategory), excluded.json and config.json in --out.
     /// With --answers, re-scores saved answers without a model.
-    #[command(mut_group("ModelArgs", model_given), mut_arg("model", model_optional))]
+    #[command(mut_arg("model", model_optional))]
     Hallusionbench(crate::eval_hallusionbench::HallusionBenchArgs),
     /// MMVP two-option questions on image pairs: answers.jsonl, metrics.json (question and
     /// pair accuracy, per visual pattern when the file has one), excluded.json and config.json
     /// in --out. With --answers, re-scores saved answers without a model.
-    #[command(mut_group("ModelArgs", model_given), mut_arg("model", model_optional))]
+    #[command(mut_arg("model", model_optional))]
     Mmvp(crate::eval_mmvp::MmvpArgs),
     /// AMBER: descriptions (CHAIR, Cover, Hal, Cog) and yes/no questions (accuracy,
     /// precision, recall, F1 per dimension): answers.jsonl, metrics.json, excluded.json and
     /// config.json in --out. With --answers, re-scores saved replies without a model.
-    #[command(mut_group("ModelArgs", model_given), mut_arg("model", model_optional))]
+    #[command(mut_arg("model", model_optional))]
     Amber(crate::eval_amber::AmberArgs),
     /// One table (compare.md, compare.json) and bar chart (compare.png) of several runs'
     /// metrics.json.
     Compare(CompareArgs),
     /// MMHal-Bench with an LLM judge (0-6 ratings): answers.jsonl, metrics.json (average
     /// score, hallucination rate, per question type), excluded.json and config.json in --out.
+    #[command(mut_arg("model", model_optional))]
     Mmhal(crate::eval_judged_cmd::MmhalArgs),
     /// WildVision-Bench: pairwise LLM judgements against a baseline's answers (both orders):
     /// answers.jsonl, metrics.json (score, win rate, reward), excluded.json and config.json.
+    #[command(mut_arg("model", model_optional))]
     Wildvision(crate::eval_judged_cmd::WildvisionArgs),
 }
 
@@ -131,13 +133,6 @@ pub struct CompareArgs {
     /// Folder for compare.md, compare.json and compare.png.
     #[arg(long)]
     out: PathBuf,
-}
-
-/// Makes an optional model group (`Option<ModelArgs>`, for runners that also re-score saved
-/// answers) present exactly when `--model` is given: clap leaves the group of a struct with a
-/// nested flatten empty, which would make the option always `None`.
-fn model_given(group: clap::ArgGroup) -> clap::ArgGroup {
-    group.arg("model")
 }
 
 /// `--model` is optional where `--answers` can stand in for it (the usage line says so).

@@ -2,14 +2,18 @@
 //! checkpoint (+ adapter), or re-scores saved answers (`--answers`) without a model. The
 //! benchmark logic is `misp::eval::hallusionbench`.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
 use misp::eval::hallusionbench::{self as hb, HbMetrics};
-use serde_json::json;
+use misp::eval::Images;
+use misp::model::vlm::Vlm;
+use serde_json::{json, Value};
 
-use crate::eval_cmd::{generator, write_config};
+use crate::eval_cmd::generator;
+use crate::eval_native::{self, NativeBench};
 use crate::score_cmd::ModelArgs;
 
 #[derive(Args)]
@@ -38,7 +42,7 @@ pub struct HallusionBenchArgs {
     max_new_tokens: usize,
 }
 
-fn print_table(scores: &std::collections::BTreeMap<String, HbMetrics>) {
+fn print_table(scores: &BTreeMap<String, HbMetrics>) {
     println!("| section | n | aAcc | fAcc | qAcc | unknown |");
     println!("|---|---:|---:|---:|---:|---:|");
     let overall = scores.get_key_value("overall");
@@ -57,61 +61,72 @@ fn print_table(scores: &std::collections::BTreeMap<String, HbMetrics>) {
     }
 }
 
-pub fn run(args: HallusionBenchArgs) -> anyhow::Result<()> {
-    if let Some(path) = &args.answers {
-        let answers = hb::read_answers(path)?;
-        let run = hb::HbRun {
-            answers,
-            excluded: Vec::new(),
-        };
-        misp::files::write_json_atomic(
-            &args.out.join("config.json"),
-            &json!({"command": "eval hallusionbench", "answers": path,
-                    "misp_version": env!("CARGO_PKG_VERSION")}),
-        )?;
-        print_table(&hb::write_outputs(&args.out, &run)?);
-        eprintln!("re-scored {}; wrote {}", path.display(), args.out.display());
-        return Ok(());
+impl NativeBench for HallusionBenchArgs {
+    const COMMAND: &'static str = "eval hallusionbench";
+    const NO_MODEL: &'static str =
+        "give --model (to answer the questions) or --answers (to re-score saved answers)";
+    const NO_INPUTS: &'static str = "--questions and --images are needed with --model";
+    const ASKED: (&'static str, &'static str) =
+        ("questions", "not asked (no figure or missing image)");
+    type Questions = Vec<hb::HbQuestion>;
+    type Run = hb::HbRun;
+    type Scores = BTreeMap<String, HbMetrics>;
+
+    fn model(&self) -> Option<&ModelArgs> {
+        self.model.as_ref()
     }
-    let model = args.model.as_ref().context(
-        "give --model (to answer the questions) or --answers (to re-score saved answers)",
-    )?;
-    let (Some(questions_path), Some(images)) = (&args.questions, &args.images) else {
-        anyhow::bail!("--questions and --images are needed with --model");
-    };
-    model.runtime.apply()?;
-    // Questions first: a bad file fails before the model loads.
-    let questions = hb::read_questions(questions_path)?;
-    write_config(
-        &args.out,
-        model,
-        "eval hallusionbench",
-        json!({
-            "questions": questions_path,
-            "images": images,
-            "suffix": args.suffix,
-            "max_new_tokens": args.max_new_tokens,
-        }),
-    )?;
-    let vlm = model.load()?;
-    let mut generate = generator(&vlm, args.max_new_tokens);
-    let start = std::time::Instant::now();
-    let images = misp::eval::Images::new(images, model.image_root.as_deref())?;
-    let run = hb::run(
-        &questions,
-        &images,
-        &args.suffix,
-        model.batch_size,
-        &mut generate,
-    )?;
-    let seconds = start.elapsed().as_secs_f64();
-    let scores = hb::write_outputs(&args.out, &run)?;
-    print_table(&scores);
-    eprintln!(
-        "{} questions answered in {seconds:.1} s, {} not asked (no figure or missing image); wrote {}",
-        run.answers.len(),
-        run.excluded.len(),
-        args.out.display()
-    );
-    Ok(())
+    fn answers(&self) -> Option<&Path> {
+        self.answers.as_deref()
+    }
+    fn out(&self) -> &Path {
+        &self.out
+    }
+    fn images(&self) -> Option<&Path> {
+        self.questions.as_ref().and(self.images.as_deref())
+    }
+    fn read_answers(&self, path: &Path) -> anyhow::Result<Self::Run> {
+        Ok(hb::HbRun {
+            answers: hb::read_answers(path)?,
+            excluded: Vec::new(),
+        })
+    }
+    fn read_questions(&self) -> anyhow::Result<(Self::Questions, Value)> {
+        let path = self.questions.as_deref().context(Self::NO_INPUTS)?;
+        let config = json!({
+            "questions": path,
+            "images": self.images,
+            "suffix": self.suffix,
+            "max_new_tokens": self.max_new_tokens,
+        });
+        Ok((hb::read_questions(path)?, config))
+    }
+    fn ask(
+        &self,
+        questions: &Self::Questions,
+        vlm: &Vlm,
+        images: &Images,
+        batch: usize,
+    ) -> anyhow::Result<Self::Run> {
+        let mut generate = generator(vlm, self.max_new_tokens);
+        Ok(hb::run(
+            questions,
+            images,
+            &self.suffix,
+            batch,
+            &mut generate,
+        )?)
+    }
+    fn write_outputs(&self, run: &Self::Run) -> anyhow::Result<Self::Scores> {
+        Ok(hb::write_outputs(&self.out, run)?)
+    }
+    fn print_table(scores: &Self::Scores) {
+        print_table(scores)
+    }
+    fn counts(run: &Self::Run) -> (usize, usize) {
+        (run.answers.len(), run.excluded.len())
+    }
+}
+
+pub fn run(args: HallusionBenchArgs) -> anyhow::Result<()> {
+    eval_native::run(&args)
 }

@@ -16,6 +16,7 @@ mod eval_cmd;
 mod eval_hallusionbench;
 mod eval_judged_cmd;
 mod eval_mmvp;
+mod eval_native;
 mod malloc;
 mod mine_cmd;
 mod pretrain_cmd;

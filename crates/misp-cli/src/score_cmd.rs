@@ -30,7 +30,13 @@ impl Dtype {
 /// The model and how it sees images and prompts: shared by `score`, `generate` and the model
 /// runs of `misp eval` (which have their own inputs and outputs, hence the split from
 /// [`IoArgs`]).
+///
+/// The group clap derives for this struct is named in `--model` explicitly: clap's derive
+/// leaves the group of a struct with a flattened field (`runtime`) empty, so a flattened
+/// `Option<ModelArgs>` would never be `Some` (clap issue 4697); with `--model` in it, the
+/// option is present exactly when `--model` is given.
 #[derive(Args, Debug)]
+#[group(arg = "model")]
 pub(crate) struct ModelArgs {
     /// Checkpoint folder in HF layout (config.json, safetensors, tokenizer.json): LLaVA or
     /// Qwen2.5-VL, as config.json's `model_type` says.

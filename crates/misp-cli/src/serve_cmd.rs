@@ -28,7 +28,8 @@ pub struct ServeArgs {
     /// Requests waiting for the model at most; more are refused with 503.
     #[arg(long, default_value_t = 64)]
     queue_size: usize,
-    /// Milliseconds the model waits for more requests to batch after the first.
+    /// A batch stays open this many milliseconds after its latest request arrived (and while
+    /// requests are being prepared), up to --batch-size requests.
     #[arg(long, default_value_t = 5)]
     batch_wait_ms: u64,
     /// Request bodies over this many MiB are refused with 413.

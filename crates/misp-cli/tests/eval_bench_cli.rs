@@ -6,49 +6,14 @@
 //! compare` reads them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use serde_json::{json, Value};
+use serde_json::json;
 
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-const MODEL: &str = "fixtures/llava_chat/tiny";
-const IMAGES: &str = "fixtures/clip/images";
-
-fn misp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_misp"))
-        .args(args)
-        .current_dir(ROOT)
-        .output()
-        .expect("run misp")
-}
-
-fn ok(out: Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "misp failed:\n{err}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod common;
+use common::{json_file, jsonl, misp, ok, s, tmp_dir, IMAGES, MODEL, ROOT};
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("misp-evalbench-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn json_file(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+    tmp_dir("evalbench", name)
 }
 
 /// The model flags every run shares: short prompts (the tiny model's context is 64 positions,
@@ -406,4 +371,35 @@ fn amber_refuses_annotations_of_another_benchmark() {
         err.contains("annotations.json:0: field `[0].type`") && err.contains("another benchmark"),
         "{err}"
     );
+}
+
+#[test]
+fn judged_runners_take_the_model_when_it_is_given() {
+    // `--model` makes the optional model group present (clap derives an empty group for a
+    // struct with a flattened field; ModelArgs names `--model` in it). Without that, a run
+    // with --model would stop with "give --model". The fixture's images are not under
+    // --images, so the run stops before any model or judge work, after recording the model
+    // in its config.
+    let out = tmp("mmhal-model");
+    let o = misp(&[
+        "eval",
+        "mmhal",
+        "--model",
+        MODEL,
+        "--questions",
+        "fixtures/mmhal/response.json",
+        "--images",
+        IMAGES,
+        "--out",
+        s(&out),
+        "--judge-url",
+        "http://127.0.0.1:9/v1",
+        "--judge-model",
+        "x",
+        "--judge-retries",
+        "0",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("give --model"), "{err}");
+    assert_eq!(json_file(&out.join("config.json"))["model"], MODEL, "{err}");
 }

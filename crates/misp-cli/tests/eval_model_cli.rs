@@ -6,49 +6,14 @@
 //! saved answers.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::{json, Value};
 
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-const MODEL: &str = "fixtures/llava_chat/tiny";
-const IMAGES: &str = "fixtures/clip/images";
-
-fn misp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_misp"))
-        .args(args)
-        .current_dir(ROOT)
-        .output()
-        .expect("run misp")
-}
-
-fn ok(out: Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "misp failed:\n{err}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod common;
+use common::{json_file, jsonl, misp, ok, s, tmp_dir, IMAGES, MODEL};
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("misp-evalmodel-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn json_file(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+    tmp_dir("evalmodel", name)
 }
 
 fn write_jsonl(path: &Path, rows: &[Value]) {

@@ -1,8 +1,10 @@
 //! `misp serve` end to end on the tiny random LLaVA of `fixtures/llava_chat/tiny`, loopback
 //! only: concurrent chat requests get the same greedy answers as `misp generate` on the same
-//! inputs; bad requests get the documented statuses; and `misp eval mmhal` / `wildvision` talk
-//! to it as their judge (the tiny model's 64-position context cannot hold a judge prompt, so
-//! the server refuses it with 400 and the run stops with that error, nothing scored).
+//! inputs, also one after another on a persistent connection; bad requests get the documented
+//! statuses; and `misp eval mmhal` talks to it as its judge: the tiny model's 64-position
+//! context cannot hold a judge prompt (the server refuses it with 400 and the run stops with
+//! that error, nothing scored), and a copy of it whose context can is a real judge whose every
+//! reply is accounted for and cached.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -42,11 +44,15 @@ impl Drop for Served {
 }
 
 fn serve(extra: &[&str]) -> Served {
+    serve_model(MODEL, extra)
+}
+
+fn serve_model(model: &str, extra: &[&str]) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_misp"))
         .args([
             "serve",
             "--model",
-            MODEL,
+            model,
             "--port",
             "0",
             "--image-root",
@@ -71,12 +77,12 @@ fn serve(extra: &[&str]) -> Served {
     Served { child, port }
 }
 
-/// One raw HTTP request; `(status, body)`.
+/// One raw HTTP request on its own connection, closed by the reply; `(status, body)`.
 fn request(port: u16, method: &str, path: &str, headers: &str, body: &[u8]) -> (u16, Value) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).unwrap();
@@ -86,6 +92,46 @@ fn request(port: u16, method: &str, path: &str, headers: &str, body: &[u8]) -> (
     let status = text[9..12].parse().unwrap();
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// Chat requests one after another on one persistent connection (HTTP/1.1's default), each
+/// response read by its Content-Length; `(status, Connection header, body)` of each.
+fn on_one_connection(port: u16, bodies: &[Vec<u8>]) -> Vec<(u16, String, Value)> {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut writer = s;
+    bodies
+        .iter()
+        .map(|body| {
+            let head = format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            writer.write_all(head.as_bytes()).unwrap();
+            writer.write_all(body).unwrap();
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let status = line[9..12].parse().unwrap();
+            let (mut length, mut connection) = (0usize, String::new());
+            loop {
+                let mut h = String::new();
+                reader.read_line(&mut h).unwrap();
+                if h == "\r\n" {
+                    break;
+                }
+                let (name, value) = h.split_once(':').unwrap();
+                match name.to_ascii_lowercase().as_str() {
+                    "content-length" => length = value.trim().parse().unwrap(),
+                    "connection" => connection = value.trim().to_string(),
+                    _ => {}
+                }
+            }
+            let mut text = vec![0u8; length];
+            reader.read_exact(&mut text).unwrap();
+            (status, connection, serde_json::from_slice(&text).unwrap())
+        })
+        .collect()
 }
 
 fn data_url(name: &str) -> String {
@@ -213,7 +259,38 @@ fn concurrent_requests_get_the_greedy_answers_of_misp_generate() {
         (status, models["data"][0]["id"].as_str()),
         (200, Some("tiny"))
     );
-    assert_eq!(request(port, "GET", "/health", "", b"").0, 200);
+    // The same requests again, one after another on one persistent connection.
+    let bodies: Vec<Vec<u8>> = cases
+        .iter()
+        .map(|(img, p)| chat(&data_url(img), p, 6))
+        .collect();
+    let kept = on_one_connection(port, &bodies);
+    for (i, ((status, connection, body), want)) in kept.iter().zip(&want).enumerate() {
+        assert_eq!(
+            (*status, connection.as_str()),
+            (200, "keep-alive"),
+            "{body}"
+        );
+        assert_eq!(
+            body["choices"][0]["message"]["content"],
+            *want.as_str(),
+            "request {i} on the kept connection"
+        );
+    }
+    let (status, health) = request(port, "GET", "/health", "", b"");
+    assert_eq!(status, 200);
+    let timings = &health["timings"];
+    assert_eq!(
+        timings["requests"].as_u64(),
+        Some(2 * cases.len() as u64),
+        "{health}"
+    );
+    let batches = timings["batches"].as_u64().unwrap();
+    assert!((1..=2 * cases.len() as u64).contains(&batches), "{health}");
+    assert!(
+        timings["total_ms"]["forward"].as_f64().unwrap() > 0.0,
+        "{health}"
+    );
 }
 
 #[test]
@@ -323,4 +400,113 @@ fn judged_runs_talk_to_misp_serve_and_stop_on_its_errors() {
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["command"], "eval mmhal");
     assert_eq!(config["judge_url"], url.as_str());
+}
+
+/// The tiny LLaVA with a context long enough for MMHal-Bench's judge prompt (about 5,200 of
+/// its tokens): LLaMA's positions are rotary, so raising `max_position_embeddings` changes no
+/// weight, only how long a prompt the checkpoint admits.
+fn long_context_model(dir: &Path) -> PathBuf {
+    let model = dir.join("tiny-long");
+    std::fs::create_dir_all(&model).unwrap();
+    for entry in std::fs::read_dir(root().join(MODEL)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let path = model.join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["text_config"]["max_position_embeddings"] = json!(8192);
+    std::fs::write(&path, config.to_string()).unwrap();
+    model
+}
+
+fn jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn mmhal_judged_by_a_real_misp_serve_accounts_for_every_reply_and_reruns_from_the_cache() {
+    let dir = tmp("mmhal_real_judge");
+    let model = long_context_model(&dir);
+    // Three of the fixture's questions, with its model answers: three judge prompts.
+    let all: Vec<Value> = serde_json::from_str(
+        &std::fs::read_to_string(root().join("fixtures/mmhal/response.json")).unwrap(),
+    )
+    .unwrap();
+    let questions = dir.join("questions.json");
+    std::fs::write(&questions, Value::Array(all[..3].to_vec()).to_string()).unwrap();
+    let out = dir.join("out");
+    let _ = std::fs::remove_dir_all(&out);
+    let served = serve_model(
+        s(&model),
+        &["--batch-size", "1", "--default-max-tokens", "8"],
+    );
+    let url = format!("http://127.0.0.1:{}/v1", served.port);
+    let args = [
+        "eval",
+        "mmhal",
+        "--questions",
+        s(&questions),
+        "--answers",
+        s(&questions),
+        "--out",
+        s(&out),
+        "--judge-url",
+        &url,
+        "--judge-model",
+        "tiny",
+        "--judge-retries",
+        "0",
+    ];
+    let first = misp(&args);
+    let err = String::from_utf8_lossy(&first.stderr).to_string();
+
+    // Every question was judged by the server: one reply each, cached as it arrived, and the
+    // rating either parsed (0-6) or recorded as missing, never invented.
+    let cached = std::fs::read_dir(out.join("judge_cache")).unwrap().count();
+    assert_eq!(cached, 3, "{err}");
+    let answers = jsonl(&out.join("answers.jsonl"));
+    assert_eq!(answers.len(), 3, "{err}");
+    let unrated = answers.iter().filter(|a| a["rating"].is_null()).count();
+    for a in &answers {
+        assert!(
+            a["rating"].is_null() || a["rating"].as_u64().is_some_and(|r| r <= 6),
+            "{a}"
+        );
+        assert!(a["judge_reply"].is_string(), "{a}");
+    }
+    let excluded: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("excluded.json")).unwrap()).unwrap();
+    assert_eq!(excluded["unrated"].as_u64(), Some(unrated as u64));
+    if unrated == 3 {
+        // A random judge writes no rating: nothing to average, said, not scored as 0.
+        assert!(!first.status.success());
+        assert!(
+            err.contains("none of the 3 judge replies holds a rating"),
+            "{err}"
+        );
+    } else {
+        assert!(first.status.success(), "{err}");
+        let metrics: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap())
+                .unwrap();
+        assert_eq!(metrics["mmhal"]["n"].as_u64(), Some(3 - unrated as u64));
+        assert_eq!(metrics["mmhal"]["unrated"].as_u64(), Some(unrated as u64));
+        assert!(err.contains("0 from the cache, 3 requests"), "{err}");
+    }
+
+    // The server gone, a re-run still has every reply: it makes no judge call at all (one
+    // would fail at once with --judge-retries 0) and ends as the first run did.
+    drop(served);
+    let again = misp(&args);
+    let err2 = String::from_utf8_lossy(&again.stderr).to_string();
+    assert_eq!(again.status.success(), first.status.success(), "{err2}");
+    assert!(!err2.contains("judge requests failed"), "{err2}");
+    assert_eq!(jsonl(&out.join("answers.jsonl")), answers);
+    if again.status.success() {
+        assert!(err2.contains("3 from the cache, 0 requests"), "{err2}");
+    }
 }

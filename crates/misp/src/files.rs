@@ -101,6 +101,22 @@ pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<
     write_atomic(path, text.as_bytes())
 }
 
+/// Writes `rows` as JSON Lines (one compact JSON value per line) into `path`, atomically: a
+/// reader sees the old file or the whole new one, never a half-written run.
+pub fn write_jsonl<'a, T: serde::Serialize + 'a>(
+    path: &Path,
+    rows: impl IntoIterator<Item = &'a T>,
+) -> Result<(), FileError> {
+    let mut text = String::new();
+    for row in rows {
+        let line = serde_json::to_string(row)
+            .map_err(|e| FileError::new(path, std::io::Error::other(e)))?;
+        text.push_str(&line);
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes())
+}
+
 /// The non-empty lines of a JSON Lines file, with their 1-based line numbers.
 pub fn read_lines(path: &Path) -> Result<Vec<(usize, String)>, FileError> {
     let file = File::open(path).map_err(|e| FileError::new(path, e))?;

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use super::extract::{yes_no, YesNo};
 use super::words::{singularize, word_tokenize};
 use super::{generate_all, EvalError, GenerateFn, Images};
-use crate::files::{read_lines, write_atomic, write_json_atomic, FileError};
+use crate::files::{read_lines, write_json_atomic, write_jsonl, FileError};
 
 /// Which queries to ask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -764,12 +764,7 @@ pub fn write_outputs(
     run: &AmberRun,
 ) -> Result<BTreeMap<String, serde_json::Value>, EvalError> {
     let (metrics, rescored) = score(amber, &run.answers)?;
-    let mut text = String::new();
-    for a in &rescored {
-        text.push_str(&serde_json::to_string(a).unwrap_or_default());
-        text.push('\n');
-    }
-    write_atomic(&out.join("answers.jsonl"), text.as_bytes())?;
+    write_jsonl(&out.join("answers.jsonl"), &rescored)?;
     write_json_atomic(&out.join("metrics.json"), &metrics)?;
     let unknown: Vec<u64> = rescored
         .iter()

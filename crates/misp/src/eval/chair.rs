@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::words::{singularize, word_tokenize};
 use super::{generate_all, EvalError, GenerateFn, Images};
-use crate::files::{read_lines, write_atomic, write_json_atomic, FileError};
+use crate::files::{read_lines, write_json_atomic, write_jsonl, FileError};
 
 /// The COCO synonym table of the CHAIR reference: one object per line, its name first, then
 /// synonyms, separated by `", "`.
@@ -482,12 +482,7 @@ pub fn write_outputs(
     run: &ChairRun,
 ) -> Result<ChairMetrics, EvalError> {
     let (metrics, rows) = score(chair, gt, &run.captions)?;
-    let mut text = String::new();
-    for r in &rows {
-        text.push_str(&serde_json::to_string(r).unwrap_or_default());
-        text.push('\n');
-    }
-    write_atomic(&out.join("captions.jsonl"), text.as_bytes())?;
+    write_jsonl(&out.join("captions.jsonl"), &rows)?;
     write_json_atomic(
         &out.join("metrics.json"),
         &serde_json::json!({ "chair": metrics }),

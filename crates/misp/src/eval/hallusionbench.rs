@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::extract::{yes_no, YesNo};
 use super::{ask_all, EvalError, GenerateFn, Images};
-use crate::files::{read_lines, write_atomic, write_json_atomic};
+use crate::files::{read_lines, write_json_atomic, write_jsonl};
 
 /// Appended to every question by default: VLMEvalKit's instruction for yes/no benchmarks.
 pub const DEFAULT_SUFFIX: &str = " Please answer yes or no.";
@@ -437,12 +437,7 @@ pub fn run(
 /// unknown replies) into `out`, atomically; returns the metrics.
 pub fn write_outputs(out: &Path, run: &HbRun) -> Result<BTreeMap<String, HbMetrics>, EvalError> {
     let scores = score(&run.answers)?;
-    let mut text = String::new();
-    for a in &run.answers {
-        text.push_str(&serde_json::to_string(a).unwrap_or_default());
-        text.push('\n');
-    }
-    write_atomic(&out.join("answers.jsonl"), text.as_bytes())?;
+    write_jsonl(&out.join("answers.jsonl"), &run.answers)?;
     write_json_atomic(&out.join("metrics.json"), &scores)?;
     let unknown: Vec<String> = run
         .answers

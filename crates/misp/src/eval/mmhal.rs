@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use super::judge::{all_or_error, ChatRequest, Judge};
 use super::{generate_all, EvalError, GenerateFn, Images};
-use crate::files::{read_lines, write_atomic, write_json_atomic, FileError};
+use crate::files::{read_lines, write_json_atomic, write_jsonl, FileError};
 
 /// MMHal-Bench's judge prompt (`eval_gpt4.py`), four `{}` slots: image contents, question,
 /// standard answer, model answer.
@@ -367,14 +367,9 @@ pub fn score(answers: &[MmhalAnswer]) -> Result<Value, EvalError> {
 /// Writes `answers.jsonl`, `metrics.json` and `excluded.json` (missing images and unrated
 /// replies) into `out`; returns the metrics.
 pub fn write_outputs(out: &Path, run: &MmhalRun) -> Result<Value, EvalError> {
-    let metrics = score(&run.answers)?;
-    let mut text = String::new();
-    for a in &run.answers {
-        text.push_str(&serde_json::to_string(a).unwrap_or_default());
-        text.push('\n');
-    }
-    write_atomic(&out.join("answers.jsonl"), text.as_bytes())?;
-    write_json_atomic(&out.join("metrics.json"), &metrics)?;
+    // The judged answers and the exclusions first: a run whose replies hold no rating at all
+    // still keeps what the judge said, for a look at why.
+    write_jsonl(&out.join("answers.jsonl"), &run.answers)?;
     let unrated: Vec<Value> = run
         .answers
         .iter()
@@ -396,6 +391,8 @@ pub fn write_outputs(out: &Path, run: &MmhalRun) -> Result<Value, EvalError> {
             "unrated_replies": unrated,
         }),
     )?;
+    let metrics = score(&run.answers)?;
+    write_json_atomic(&out.join("metrics.json"), &metrics)?;
     Ok(metrics)
 }
 

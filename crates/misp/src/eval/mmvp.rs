@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::extract::option;
 use super::{ask_all, EvalError, GenerateFn, Images};
-use crate::files::{read_lines, write_atomic, write_json_atomic, FileError};
+use crate::files::{read_lines, write_json_atomic, write_jsonl, FileError};
 
 /// Column names that may carry a visual pattern (the official file has none; annotated copies
 /// add one).
@@ -441,12 +441,7 @@ pub fn write_outputs(
     run: &MmvpRun,
 ) -> Result<BTreeMap<String, MmvpMetrics>, EvalError> {
     let scores = score(&run.answers)?;
-    let mut text = String::new();
-    for a in &run.answers {
-        text.push_str(&serde_json::to_string(a).unwrap_or_default());
-        text.push('\n');
-    }
-    write_atomic(&out.join("answers.jsonl"), text.as_bytes())?;
+    write_jsonl(&out.join("answers.jsonl"), &run.answers)?;
     write_json_atomic(&out.join("metrics.json"), &scores)?;
     let unknown: Vec<u64> = run
         .answers

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{ask_all, EvalError, GenerateFn, Images};
-use crate::files::{read_lines, write_atomic, write_json_atomic};
+use crate::files::{read_lines, write_json_atomic, write_jsonl};
 
 /// The suffix LLaVA's own POPE evaluation appends to every question (its `model_vqa_loader`
 /// prompt for single-word answers); the default of `misp eval pope`.
@@ -404,12 +404,7 @@ pub fn run_pope(
 /// answers) into `out`, atomically; returns the scores.
 pub fn write_outputs(out: &Path, run: &PopeRun) -> Result<PopeScores, EvalError> {
     let scores = score(&run.answers)?;
-    let mut text = String::new();
-    for a in &run.answers {
-        text.push_str(&serde_json::to_string(a).unwrap_or_default());
-        text.push('\n');
-    }
-    write_atomic(&out.join("answers.jsonl"), text.as_bytes())?;
+    write_jsonl(&out.join("answers.jsonl"), &run.answers)?;
     write_json_atomic(&out.join("metrics.json"), &scores.to_json())?;
     let empty: Vec<_> = scores
         .empty_answers

@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 
 use super::judge::{all_or_error, image_data_url, ChatRequest, Judge};
 use super::{generate_all, EvalError, GenerateFn, Images};
-use crate::files::{read_lines, write_atomic, write_json_atomic};
+use crate::files::{read_lines, write_json_atomic, write_jsonl};
 
 /// The judge's system prompt (`config/judge_config.yaml`, `system_prompt`).
 pub const SYSTEM_PROMPT: &str = "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to the user prompt displayed below. You will be given assistant A's answer and assistant B's answer. Your job is to evaluate which assistant's answer is better.\n\nBegin your evaluation by generating your own answer to the prompt. You must provide your answers before judging any answers.\n\nWhen evaluating the assistants' answers, compare both assistants' answers with your answer. You must identify and correct any mistakes or inaccurate information.\n\nThen consider if the assistant's answers are helpful, relevant, and concise. Helpful means the answer correctly responds to the prompt or follows the instructions. Note when user prompt has any ambiguity or more than one interpretation, it is more helpful and appropriate to ask for clarifications or more information from the user than providing an answer based on assumptions. Relevant means all parts of the response closely connect or are appropriate to what is being asked. Concise means the response is clear and not verbose or excessive.\n\nThen consider the creativity and novelty of the assistant's answers when needed. Finally, identify any missing important information in the assistants' answers that would be beneficial to include when responding to the user prompt.\n\nAfter providing your explanation, you must output only one of the following choices as your final verdict with a label:\n\n1. Assistant A is significantly better: [[A>>B]]\n2. Assistant A is slightly better: [[A>B]]\n3. Tie, relatively the same: [[A=B]]\n4. Assistant B is slightly better: [[B>A]]\n5. Assistant B is significantly better: [[B>>A]]\n\nExample output: \"My final verdict is tie: [[A=B]]\".";
@@ -477,12 +477,7 @@ pub fn write_outputs(
     excluded: &[Excluded],
 ) -> Result<Value, EvalError> {
     let (metrics, unparsed) = score(rows)?;
-    let mut text = String::new();
-    for a in rows {
-        text.push_str(&serde_json::to_string(a).unwrap_or_default());
-        text.push('\n');
-    }
-    write_atomic(&out.join("answers.jsonl"), text.as_bytes())?;
+    write_jsonl(&out.join("answers.jsonl"), rows)?;
     write_json_atomic(&out.join("metrics.json"), &metrics)?;
     let no_verdict: Vec<Value> = rows
         .iter()

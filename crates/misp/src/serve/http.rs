@@ -1,5 +1,6 @@
-//! Just enough HTTP/1.1 for `misp serve`: one request per connection (the reply closes it),
-//! bodies by `Content-Length` only, limits on the head and the body.
+//! Just enough HTTP/1.1 for `misp serve`: persistent connections (HTTP/1.1's default, as the
+//! harnesses' clients use them: a request per round trip, no pipelining needed), bodies by
+//! `Content-Length` only, limits on the head and the body.
 
 use std::io::{BufRead, Write};
 
@@ -13,6 +14,9 @@ pub struct Request {
     /// The path without the query string.
     pub path: String,
     pub body: Vec<u8>,
+    /// Whether the client keeps the connection for another request: HTTP/1.1 unless it sent
+    /// `Connection: close`; HTTP/1.0 only with `Connection: keep-alive`.
+    pub keep_alive: bool,
 }
 
 /// A request that cannot be served: the HTTP status and why.
@@ -31,14 +35,18 @@ impl HttpError {
     }
 }
 
-/// Reads one request; `Ok(None)` when the client closed the connection before sending one.
-/// A body over `max_body` bytes is refused (413) before it is read.
+/// Reads one request; `Ok(None)` when the client closed the connection (or let it idle past
+/// the read timeout) before sending one. A body over `max_body` bytes is refused (413) before
+/// it is read.
 pub fn read_request(r: &mut impl BufRead, max_body: usize) -> Result<Option<Request>, HttpError> {
     let mut head = 0usize;
     let mut line = String::new();
-    let n = r
-        .read_line(&mut line)
-        .map_err(|e| HttpError::new(400, format!("reading the request: {e}")))?;
+    let n = match r.read_line(&mut line) {
+        Ok(n) => n,
+        // An idle persistent connection timing out, or reset between requests: no request.
+        Err(_) if line.is_empty() => return Ok(None),
+        Err(e) => return Err(HttpError::new(400, format!("reading the request: {e}"))),
+    };
     if n == 0 {
         return Ok(None);
     }
@@ -49,6 +57,7 @@ pub fn read_request(r: &mut impl BufRead, max_body: usize) -> Result<Option<Requ
     };
     let method = method.to_string();
     let path = target.split('?').next().unwrap_or("").to_string();
+    let mut keep_alive = parts.next() != Some("HTTP/1.0");
     let mut length: Option<usize> = None;
     loop {
         let mut h = String::new();
@@ -73,6 +82,14 @@ pub fn read_request(r: &mut impl BufRead, max_body: usize) -> Result<Option<Requ
             length = Some(value.parse().map_err(|_| {
                 HttpError::new(400, format!("Content-Length is not a number: {value}"))
             })?);
+        } else if name == "connection" {
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    keep_alive = true;
+                }
+            }
         } else if name == "transfer-encoding" && !value.eq_ignore_ascii_case("identity") {
             return Err(HttpError::new(
                 411,
@@ -92,7 +109,12 @@ pub fn read_request(r: &mut impl BufRead, max_body: usize) -> Result<Option<Requ
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)
         .map_err(|e| HttpError::new(400, format!("body shorter than its Content-Length: {e}")))?;
-    Ok(Some(Request { method, path, body }))
+    Ok(Some(Request {
+        method,
+        path,
+        body,
+        keep_alive,
+    }))
 }
 
 fn reason(status: u16) -> &'static str {
@@ -111,19 +133,23 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Writes a JSON response and asks the client to close.
+/// Writes a JSON response, saying whether the connection stays open for the next request.
+/// Head and body go out in one write: two small writes on a persistent connection would wait
+/// on the peer's delayed ACK (Nagle).
 pub fn write_json(
     w: &mut impl Write,
     status: u16,
     body: &serde_json::Value,
+    keep_alive: bool,
 ) -> std::io::Result<()> {
     let text = body.to_string();
-    write!(
-        w,
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+    let response = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{text}",
         reason(status),
-        text.len()
-    )?;
+        text.len(),
+        if keep_alive { "keep-alive" } else { "close" },
+    );
+    w.write_all(response.as_bytes())?;
     w.flush()
 }
 
@@ -158,6 +184,11 @@ mod tests {
             ("POST", "/v1/chat/completions")
         );
         assert_eq!(r.body, b"abcd");
+        assert!(r.keep_alive, "HTTP/1.1 keeps the connection by default");
+        let keeps = |raw: &str| parse(raw, 10).unwrap().unwrap().keep_alive;
+        assert!(!keeps("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+        assert!(!keeps("GET / HTTP/1.0\r\n\r\n"));
+        assert!(keeps("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
         assert_eq!(parse("", 10).unwrap(), None);
         assert_eq!(
             parse("POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n", 10)
@@ -184,5 +215,20 @@ mod tests {
             400
         );
         assert_eq!(parse("garbage\r\n\r\n", 10).unwrap_err().status, 400);
+        // A persistent connection: requests follow each other on one stream.
+        let mut two = BufReader::new(
+            "POST /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nxyGET /b HTTP/1.1\r\n\r\n".as_bytes(),
+        );
+        let first = read_request(&mut two, 10).unwrap().unwrap();
+        assert_eq!(
+            (first.path.as_str(), first.body.as_slice()),
+            ("/a", &b"xy"[..])
+        );
+        let second = read_request(&mut two, 10).unwrap().unwrap();
+        assert_eq!(
+            (second.method.as_str(), second.path.as_str()),
+            ("GET", "/b")
+        );
+        assert_eq!(read_request(&mut two, 10).unwrap(), None);
     }
 }

@@ -11,20 +11,23 @@
 //!   token). Decoding is greedy whatever `temperature` says (0 is what the harnesses send for
 //!   evaluation); `max_tokens` (or `max_completion_tokens`) caps the answer.
 //! - `GET /v1/models`, `GET /health`.
-//! - Each connection has its own thread, which parses the request, decodes the image and
-//!   tokenizes the prompt; the model runs on one worker thread that takes up to `max_batch`
-//!   queued requests at once (waiting `batch_wait` for more after the first) and answers them
-//!   in one batched greedy forward. The queue is bounded: a request arriving when it is full
-//!   gets 503. Bodies over the size limit get 413, malformed JSON 400, an image path outside
-//!   `--image-root` 403.
+//! - `GET /health` also reports where a request's time went (`timings`): reading it, preparing
+//!   it (JSON, image decode, tokens), waiting in the queue, the batched forward, answering.
+//! - Each connection has its own thread and is persistent (HTTP/1.1 keep-alive), so a
+//!   harness's client pays no connection setup per request; that thread parses the request,
+//!   decodes the image, tokenizes the prompt and, after the model, detokenizes the answer: the
+//!   model's thread does nothing but forwards. It takes up to `max_batch` queued requests at
+//!   once (holding the batch open while requests keep arriving less than `batch_wait` apart or
+//!   are being prepared) and answers them in one batched greedy forward. The queue is bounded: a request arriving when it is full gets 503. Bodies
+//!   over the size limit get 413, malformed JSON 400, an image path outside `--image-root` 403.
 
 pub mod http;
 
 use std::collections::VecDeque;
-use std::io::BufReader;
+use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -44,7 +47,7 @@ pub struct ServeConfig {
     pub queue_size: usize,
     /// Requests answered in one forward at most.
     pub max_batch: usize,
-    /// How long the worker waits for more requests after the first of a batch.
+    /// How long a batch stays open after the latest arrival (see `Queue::take_batch`).
     pub batch_wait: Duration,
     /// Request bodies over this many bytes get 413.
     pub max_body: usize,
@@ -60,52 +63,153 @@ pub struct ServeConfig {
 struct Job {
     prompt: PreparedPrompt,
     max_tokens: usize,
-    reply: mpsc::Sender<Result<(Vec<u32>, String), String>>,
+    /// When it entered the queue.
+    queued: Instant,
+    /// The answer's token ids (EOS included when produced).
+    reply: mpsc::Sender<Answer>,
+}
+
+/// The model's answer to one job: its token ids, or why it failed.
+type Answer = Result<Vec<u32>, String>;
+
+/// Where requests' time went, summed since the start (`GET /health` reports them), so that a
+/// throughput gap can be pinned on a stage rather than guessed.
+#[derive(Default)]
+struct Timings {
+    requests: AtomicU64,
+    batches: AtomicU64,
+    /// Rows over all batches (their mean size is `batched_rows / batches`).
+    batched_rows: AtomicU64,
+    /// Nanoseconds per stage: the request's bytes from its first byte to its last.
+    read_ns: AtomicU64,
+    /// JSON parse, image bytes and decode, pixels, prompt tokens.
+    prepare_ns: AtomicU64,
+    /// In the queue until the model's thread took it.
+    queue_ns: AtomicU64,
+    /// Batched forwards (per batch, not per request).
+    forward_ns: AtomicU64,
+    /// From the model's answer to the response's JSON: detokenizing, building it.
+    respond_ns: AtomicU64,
+}
+
+fn add(counter: &AtomicU64, since: Instant) {
+    counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+}
+
+impl Timings {
+    fn report(&self) -> Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (requests, batches) = (get(&self.requests), get(&self.batches));
+        let mean_ms = |c: &AtomicU64, n: u64| get(c) as f64 / 1e6 / n.max(1) as f64;
+        json!({
+            "requests": requests,
+            "batches": batches,
+            "mean_batch_rows": get(&self.batched_rows) as f64 / batches.max(1) as f64,
+            "mean_ms_per_request": {
+                "read": mean_ms(&self.read_ns, requests),
+                "prepare": mean_ms(&self.prepare_ns, requests),
+                "queue": mean_ms(&self.queue_ns, requests),
+                "respond": mean_ms(&self.respond_ns, requests),
+            },
+            "mean_ms_per_batch": {"forward": mean_ms(&self.forward_ns, batches)},
+            "total_ms": {
+                "read": get(&self.read_ns) as f64 / 1e6,
+                "prepare": get(&self.prepare_ns) as f64 / 1e6,
+                "queue": get(&self.queue_ns) as f64 / 1e6,
+                "forward": get(&self.forward_ns) as f64 / 1e6,
+                "respond": get(&self.respond_ns) as f64 / 1e6,
+            },
+        })
+    }
 }
 
 /// The bounded queue between connection threads and the model worker.
 struct Queue {
-    jobs: Mutex<VecDeque<Job>>,
+    jobs: Mutex<Pending>,
     ready: Condvar,
     capacity: usize,
+    /// Requests read in full and being prepared (JSON, image, tokens) by their connection
+    /// threads: they will be queued within a few milliseconds, so a batch waits for them.
+    preparing: AtomicUsize,
+}
+
+struct Pending {
+    jobs: VecDeque<Job>,
+    /// When the latest job arrived.
+    last_arrival: Instant,
 }
 
 impl Queue {
+    fn new(capacity: usize) -> Self {
+        Self {
+            jobs: Mutex::new(Pending {
+                jobs: VecDeque::new(),
+                last_arrival: Instant::now(),
+            }),
+            ready: Condvar::new(),
+            capacity: capacity.max(1),
+            preparing: AtomicUsize::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn push(&self, job: Job) -> Result<(), Job> {
-        let mut q = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        if q.len() >= self.capacity {
+        let mut q = self.lock();
+        if q.jobs.len() >= self.capacity {
             return Err(job);
         }
-        q.push_back(job);
+        q.jobs.push_back(job);
+        q.last_arrival = Instant::now();
         self.ready.notify_one();
         Ok(())
     }
 
     fn len(&self) -> usize {
-        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.lock().jobs.len()
     }
 
-    /// Blocks for the first job, then gathers up to `max` of them, waiting at most `wait`
-    /// for the batch to fill.
+    /// A request's preparation started (`true`) or ended, queued or refused (`false`).
+    fn preparing(&self, started: bool) {
+        if started {
+            self.preparing.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.preparing.fetch_sub(1, Ordering::SeqCst);
+            // The worker may be holding a batch open for this request.
+            self.ready.notify_one();
+        }
+    }
+
+    /// Blocks for the first job, then gathers up to `max` of them. The batch stays open while
+    /// requests keep coming: until `wait` has passed since the latest arrival with none being
+    /// prepared, and `max * wait` at most. Timing from the latest arrival rather than the
+    /// first keeps a burst of clients together (clients answered by one batch come back
+    /// together, a few milliseconds apart), where a fixed window from the first splits them
+    /// into two half batches that then alternate for good.
     fn take_batch(&self, max: usize, wait: Duration) -> Vec<Job> {
-        let mut q = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        while q.is_empty() {
+        let mut q = self.lock();
+        while q.jobs.is_empty() {
             q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
         }
-        let deadline = Instant::now() + wait;
-        while q.len() < max {
+        let cap = Instant::now() + wait * max as u32;
+        while q.jobs.len() < max {
             let now = Instant::now();
-            if now >= deadline {
+            let quiet = q.last_arrival + wait;
+            let coming = self.preparing.load(Ordering::SeqCst) > 0;
+            let until = if coming { cap } else { quiet.min(cap) };
+            if now >= until {
                 break;
             }
             q = self
                 .ready
-                .wait_timeout(q, deadline - now)
+                .wait_timeout(q, until - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        let n = q.len().min(max);
-        q.drain(..n).collect()
+        let n = q.jobs.len().min(max);
+        q.jobs.drain(..n).collect()
     }
 }
 
@@ -115,19 +219,17 @@ pub struct Server {
     config: ServeConfig,
     queue: Arc<Queue>,
     next_id: AtomicU64,
+    timings: Timings,
 }
 
 impl Server {
     pub fn new(vlm: Vlm, config: ServeConfig) -> Arc<Self> {
         Arc::new(Self {
             vlm: Arc::new(vlm),
-            queue: Arc::new(Queue {
-                jobs: Mutex::new(VecDeque::new()),
-                ready: Condvar::new(),
-                capacity: config.queue_size.max(1),
-            }),
+            queue: Arc::new(Queue::new(config.queue_size)),
             config,
             next_id: AtomicU64::new(0),
+            timings: Timings::default(),
         })
     }
 
@@ -150,47 +252,84 @@ impl Server {
             let jobs = self
                 .queue
                 .take_batch(self.config.max_batch.max(1), self.config.batch_wait);
+            let start = Instant::now();
             let max_new = jobs.iter().map(|j| j.max_tokens).max().unwrap_or(0);
-            let prompts: Vec<PreparedPrompt> = jobs.iter().map(|j| j.prompt.clone()).collect();
-            match self.vlm.generate_ids(&prompts, max_new) {
+            let mut prompts = Vec::with_capacity(jobs.len());
+            let mut waiting = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                self.timings
+                    .queue_ns
+                    .fetch_add((start - job.queued).as_nanos() as u64, Ordering::Relaxed);
+                prompts.push(job.prompt);
+                waiting.push((job.max_tokens, job.reply));
+            }
+            let answers = self.vlm.generate_ids(&prompts, max_new);
+            add(&self.timings.forward_ns, start);
+            self.timings.batches.fetch_add(1, Ordering::Relaxed);
+            self.timings
+                .batched_rows
+                .fetch_add(prompts.len() as u64, Ordering::Relaxed);
+            match answers {
                 Ok(ids) => {
-                    for (job, mut ids) in jobs.into_iter().zip(ids) {
+                    for ((max_tokens, reply), mut ids) in waiting.into_iter().zip(ids) {
                         // Greedy decoding is causal: a row's first n tokens are what a run
                         // with max n would have produced.
-                        ids.truncate(job.max_tokens);
-                        let text = self.vlm.decode(&ids).map_err(|e| e.to_string());
-                        let _ = job.reply.send(text.map(|t| (ids, t)));
+                        ids.truncate(max_tokens);
+                        let _ = reply.send(Ok(ids));
                     }
                 }
                 Err(e) => {
-                    for job in jobs {
-                        let _ = job.reply.send(Err(format!("generation failed: {e}")));
+                    for (_, reply) in waiting {
+                        let _ = reply.send(Err(format!("generation failed: {e}")));
                     }
                 }
             }
         }
     }
 
+    /// Serves the requests of one connection until the client closes it, asks to, lets it idle
+    /// past the read timeout, or sends a request that cannot be read to its end.
     fn connection(&self, stream: TcpStream) {
         let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+        let _ = stream.set_nodelay(true);
         let Ok(read) = stream.try_clone() else { return };
         let mut reader = BufReader::new(read);
         let mut writer = stream;
-        let (status, body) = match read_request(&mut reader, self.config.max_body) {
-            Ok(None) => return,
-            Ok(Some(req)) => match self.route(&req.method, &req.path, &req.body) {
-                Ok(v) => (200, v),
-                Err(e) => (e.status, error_body(e.status, &e.message)),
-            },
-            Err(e) => (e.status, error_body(e.status, &e.message)),
-        };
-        let _ = write_json(&mut writer, status, &body);
+        loop {
+            // Wait for the next request's first byte outside the timings: an idle persistent
+            // connection is not a slow read.
+            match reader.fill_buf() {
+                Ok([]) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let start = Instant::now();
+            let (status, body, keep_alive) = match read_request(&mut reader, self.config.max_body) {
+                Ok(None) => break,
+                Ok(Some(req)) => {
+                    add(&self.timings.read_ns, start);
+                    let answer = match self.route(&req.method, &req.path, &req.body) {
+                        Ok(v) => (200, v),
+                        Err(e) => (e.status, error_body(e.status, &e.message)),
+                    };
+                    (answer.0, answer.1, req.keep_alive)
+                }
+                // The rest of the request is unread: the connection cannot go on.
+                Err(e) => (e.status, error_body(e.status, &e.message), false),
+            };
+            if write_json(&mut writer, status, &body, keep_alive).is_err() || !keep_alive {
+                break;
+            }
+        }
         let _ = writer.shutdown(std::net::Shutdown::Both);
     }
 
     fn route(&self, method: &str, path: &str, body: &[u8]) -> Result<Value, HttpError> {
         match (method, path.trim_end_matches('/')) {
-            ("GET", "/health") => Ok(json!({"status": "ok", "queued": self.queue.len()})),
+            ("GET", "/health") => Ok(json!({
+                "status": "ok",
+                "queued": self.queue.len(),
+                "timings": self.timings.report(),
+            })),
             ("GET", "/v1/models") => Ok(json!({"object": "list", "data": [
                 {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "misp"}
             ]})),
@@ -207,6 +346,21 @@ impl Server {
     }
 
     fn chat(&self, body: &[u8]) -> Result<Value, HttpError> {
+        self.queue.preparing(true);
+        let queued = self.enqueue(body);
+        self.queue.preparing(false);
+        let (rx, prompt_tokens) = queued?;
+        let ids = rx
+            .recv()
+            .map_err(|_| HttpError::new(500, "the model worker stopped"))?
+            .map_err(|e| HttpError::new(500, e))?;
+        self.reply(ids, prompt_tokens)
+    }
+
+    /// Prepares a chat request and queues it; the channel of its answer and its prompt's
+    /// length.
+    fn enqueue(&self, body: &[u8]) -> Result<(mpsc::Receiver<Answer>, usize), HttpError> {
+        let start = Instant::now();
         let req: Value = serde_json::from_slice(body)
             .map_err(|e| HttpError::new(400, format!("request body is not JSON: {e}")))?;
         let chat = parse_chat(&req, &self.config)?;
@@ -230,9 +384,11 @@ impl Server {
         let prompt = self.vlm.prompt_with_image(&template_ids, image);
         let prompt_tokens = prompt.prompt_ids.len();
         let (tx, rx) = mpsc::channel();
+        add(&self.timings.prepare_ns, start);
         let job = Job {
             prompt,
             max_tokens: chat.max_tokens,
+            queued: Instant::now(),
             reply: tx,
         };
         if self.queue.push(job).is_err() {
@@ -244,17 +400,23 @@ impl Server {
                 ),
             ));
         }
-        let (ids, text) = rx
-            .recv()
-            .map_err(|_| HttpError::new(500, "the model worker stopped"))?
-            .map_err(|e| HttpError::new(500, e))?;
+        Ok((rx, prompt_tokens))
+    }
+
+    /// The OpenAI chat-completion body of an answer.
+    fn reply(&self, ids: Vec<u32>, prompt_tokens: usize) -> Result<Value, HttpError> {
+        let answered = Instant::now();
+        let text = self
+            .vlm
+            .decode(&ids)
+            .map_err(|e| HttpError::new(500, format!("decoding the answer: {e}")))?;
         let stopped = ids.last().is_some_and(|t| self.vlm.stop_ids().contains(t));
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        Ok(json!({
+        let reply = json!({
             "id": format!("chatcmpl-misp-{n}"),
             "object": "chat.completion",
             "created": created,
@@ -269,7 +431,10 @@ impl Server {
                 "completion_tokens": ids.len(),
                 "total_tokens": prompt_tokens + ids.len(),
             },
-        }))
+        });
+        add(&self.timings.respond_ns, answered);
+        self.timings.requests.fetch_add(1, Ordering::Relaxed);
+        Ok(reply)
     }
 
     fn image_bytes(&self, source: &str) -> Result<Vec<u8>, HttpError> {
@@ -417,20 +582,7 @@ mod tests {
 
     #[test]
     fn the_queue_is_bounded_and_batches_what_waits() {
-        let q = Queue {
-            jobs: Mutex::new(VecDeque::new()),
-            ready: Condvar::new(),
-            capacity: 3,
-        };
-        let job = |n: usize| Job {
-            prompt: PreparedPrompt {
-                prompt_ids: vec![n as u32],
-                pixels: vec![],
-                grid: None,
-            },
-            max_tokens: n,
-            reply: mpsc::channel().0,
-        };
+        let q = Queue::new(3);
         for n in 0..3 {
             assert!(q.push(job(n)).is_ok());
         }
@@ -443,6 +595,59 @@ mod tests {
         let rest = q.take_batch(8, Duration::from_millis(5));
         assert_eq!(rest.len(), 1);
         assert_eq!(q.len(), 0);
+    }
+
+    fn job(n: usize) -> Job {
+        Job {
+            prompt: PreparedPrompt {
+                prompt_ids: vec![n as u32],
+                pixels: vec![],
+                grid: None,
+            },
+            max_tokens: n,
+            queued: Instant::now(),
+            reply: mpsc::channel().0,
+        }
+    }
+
+    #[test]
+    fn a_batch_stays_open_while_requests_keep_coming() {
+        // Arrivals 120 ms apart with a 200 ms wait: a window from the first arrival would
+        // close before the third; timed from the latest, all four make one batch.
+        let q = Queue::new(8);
+        q.push(job(0)).unwrap_or_else(|_| panic!("room"));
+        let got = std::thread::scope(|s| {
+            s.spawn(|| {
+                for n in 1..4 {
+                    std::thread::sleep(Duration::from_millis(120));
+                    assert!(q.push(job(n)).is_ok());
+                }
+            });
+            q.take_batch(4, Duration::from_millis(200))
+        });
+        assert_eq!(
+            got.iter().map(|j| j.max_tokens).collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
+
+        // A request still being prepared holds the batch open past the quiet wait.
+        q.push(job(5)).unwrap_or_else(|_| panic!("room"));
+        q.preparing(true);
+        let got = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(250));
+                assert!(q.push(job(6)).is_ok());
+                q.preparing(false);
+            });
+            q.take_batch(4, Duration::from_millis(100))
+        });
+        assert_eq!(got.iter().map(|j| j.max_tokens).collect::<Vec<_>>(), [5, 6]);
+
+        // Nothing coming: the batch goes after the quiet wait with what it has.
+        q.push(job(7)).unwrap_or_else(|_| panic!("room"));
+        let t = Instant::now();
+        assert_eq!(q.take_batch(4, Duration::from_millis(20)).len(), 1);
+        assert!(t.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
