@@ -55,6 +55,9 @@ pub const SHIPPED_CONFIGS: [(&str, &str); 10] = [
     ),
 ];
 
+/// The world seed the shipped models were pretrained on (`misp world generate`'s default).
+pub const SHIPPED_WORLD_SEED: u64 = 0;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error(transparent)]
@@ -88,6 +91,10 @@ pub struct DemoPlan {
     pub train: Vec<String>,
     /// A sweep of misp to run besides the variants (`--sweep`).
     pub sweep: Option<Sweep>,
+    /// Seed of the world drawn (`--world-seed`): 0 is the shipped world the models were
+    /// trained on; any other seed draws fresh scenes from the same distribution (the prior is
+    /// fixed in code, not drawn), so a conclusion can be checked on scenes nobody tuned on.
+    pub world_seed: u64,
 }
 
 impl DemoPlan {
@@ -136,7 +143,25 @@ impl DemoPlan {
             chair_images: if quick { 40 } else { 150 },
             train,
             sweep: None,
+            world_seed: SHIPPED_WORLD_SEED,
         }
+    }
+
+    /// Draws the world with `seed` instead of the shipped one.
+    pub fn with_world_seed(mut self, seed: u64) -> Self {
+        self.world_seed = seed;
+        self
+    }
+
+    /// Arguments of the `misp world generate` this plan runs into `world`.
+    pub fn world_args(&self, world: &Path) -> Vec<String> {
+        let mut args: Vec<String> = ["world", "generate", "--out"].map(String::from).to_vec();
+        args.push(world.to_string_lossy().into_owned());
+        args.extend(["--seed".to_string(), self.world_seed.to_string()]);
+        if self.quick {
+            args.push("--quick".into());
+        }
+        args
     }
 
     /// Mining strategies the variants need.
@@ -452,6 +477,26 @@ pub fn chair_subset(world: &Path, split: &str, n: usize, out: &Path) -> Result<P
     let path = out.join(format!("instances_{split}_{n}.json"));
     write_json_atomic(&path, &v)?;
     Ok(path)
+}
+
+/// The seed of the world in `world` (from its `manifest.json`), `None` when there is none yet.
+pub fn world_seed_of(world: &Path) -> Option<u64> {
+    read_json(&world.join("manifest.json"))?["seed"].as_u64()
+}
+
+/// Refuses a demo folder whose world was drawn with another seed than `seed`: its runs and
+/// evaluations belong to that world, and regenerating it underneath them would mix the two.
+pub fn check_world_seed(world: &Path, seed: u64) -> Result<(), DemoError> {
+    match world_seed_of(world) {
+        Some(had) if had != seed => Err(bad(
+            world,
+            format!(
+                "this demo folder holds the world of seed {had}, and --world-seed asks for {seed}; \
+                 choose another --out (its runs and evaluations belong to seed {had})"
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn read_json(path: &Path) -> Option<Value> {
@@ -950,9 +995,11 @@ pub fn write_report(
 ) -> Result<PathBuf, DemoError> {
     let results = aggregate(out, runs);
     let comps = comparisons(&results);
+    let world_seed = world_seed_of(world);
     write_json_atomic(
         &out.join("results.json"),
         &json!({
+            "world_seed": world_seed,
             "split": split,
             "seeds": plan.seeds,
             "interval": stats::METHOD,
@@ -1036,8 +1083,14 @@ pub fn write_report(
     let _ = writeln!(md, "# misp demo on ShapesWorld\n");
     let _ = writeln!(
         md,
-        "{} run; seeds {:?}; evaluated on the **{split}** split ({} POPE questions per split, {} CHAIR images). Numbers are mean ± std over seeds (std 0 with one seed).\n",
+        "{} run on the world of seed **{}**{}; training seeds {:?}; evaluated on the **{split}** split ({} POPE questions per split, {} CHAIR images). Numbers are mean ± std over seeds (std 0 with one seed).\n",
         if plan.quick { "Quick" } else { "Full" },
+        world_seed.map_or("?".into(), |s| s.to_string()),
+        match world_seed {
+            Some(SHIPPED_WORLD_SEED) => " (the shipped world, whose train split the models were pretrained on and whose validation split chose the settings)",
+            Some(_) => " (a fresh draw of the same distribution: scenes nobody tuned on)",
+            None => " (its manifest is unreadable)",
+        },
         plan.seeds,
         plan.pope_per_split,
         plan.chair_images
