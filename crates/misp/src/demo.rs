@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::embeddings::PoolEmbeddings;
 use crate::files::{read_lines, write_atomic, write_json_atomic, FileError};
-use crate::report::plot::{bar_chart, interval_chart, line_chart, scatter_chart};
+use crate::report::plot::{bar_panels, interval_chart, line_chart, scatter_chart, Panel};
 use crate::report::stats;
 use crate::report::tsne::{tsne, TsneConfig};
 use crate::world::scene::Scene;
@@ -1013,31 +1013,37 @@ pub fn write_report(
         .map(|o| o.keys().cloned().collect())
         .unwrap_or_default();
 
-    // Bar chart: POPE F1 per split and CHAIR_s, one bar per variant.
-    let groups: Vec<String> = POPE_SPLITS
+    // One panel per metric, one bar per variant with its 95% interval over seeds, each panel on
+    // an axis fitted to its values (a 0-1 axis would flatten the differences the claims are
+    // about).
+    let panels: Vec<Panel> = METRICS
         .iter()
-        .map(|s| format!("POPE {s} F1"))
-        .chain(["CHAIR_s".to_string(), "CHAIR_i".to_string()])
-        .collect();
-    let series: Vec<(String, Vec<f64>)> = variants
-        .iter()
-        .map(|v| {
-            let mut vals: Vec<f64> = POPE_SPLITS
+        .map(|m| Panel {
+            title: format!(
+                "{}{}",
+                m.label,
+                if m.higher_is_better {
+                    " (higher is better)"
+                } else {
+                    " (lower is better)"
+                }
+            ),
+            y_label: "points".into(),
+            bars: variants
                 .iter()
-                .map(|s| get(&results, v, &format!("pope/{s}"), "f1").unwrap_or(f64::NAN))
-                .collect();
-            vals.push(get(&results, v, "chair", "chair_s").unwrap_or(f64::NAN));
-            vals.push(get(&results, v, "chair", "chair_i").unwrap_or(f64::NAN));
-            (v.clone(), vals)
+                .map(|v| match point_interval(&results, v, m) {
+                    Some(iv) => (v.clone(), iv.mean, (iv.n > 1).then_some((iv.lo, iv.hi))),
+                    None => (v.clone(), f64::NAN, None),
+                })
+                .collect(),
         })
         .collect();
     let mut figures = Vec::new();
-    if bar_chart(
+    if bar_panels(
         &out.join("results.png"),
-        "ShapesWorld: POPE F1 and CHAIR",
-        &groups,
-        &series,
-        "value",
+        (1200, 760),
+        "ShapesWorld: mean over seeds, whiskers = 95% t interval over seeds",
+        &panels,
     )
     .is_ok()
     {
