@@ -996,6 +996,22 @@ pub fn write_report(
     let results = aggregate(out, runs);
     let comps = comparisons(&results);
     let world_seed = world_seed_of(world);
+    // Why the variants might not differ: how diverse and how valid each strategy's negatives
+    // are, and whether the image term still learns when training stops.
+    let pool = PoolEmbeddings::load(pool_dir).ok();
+    let negative_stats: Vec<_> = plan
+        .strategies()
+        .into_iter()
+        .map(|strategy| {
+            let file = neg_dir.join(format!("{strategy}.jsonl"));
+            let diversity = pool.as_ref().and_then(|p| negative_diversity(p, &file));
+            (strategy, negative_validity(world, &file), diversity)
+        })
+        .collect();
+    let trends = diagnostics::image_loss_trends(
+        runs.iter()
+            .filter_map(|r| Some((r.variant.as_str(), r.seed?, r.run_dir.as_deref()?))),
+    );
     write_json_atomic(
         &out.join("results.json"),
         &json!({
@@ -1006,6 +1022,15 @@ pub fn write_report(
             "differences": "a - b in points (x100), per seed; a comparison pairs the runs of a and b with the same seed",
             "variants": results,
             "comparisons": comps.iter().map(Comparison::to_json).collect::<Vec<_>>(),
+            "negatives": negative_stats.iter().map(|(strategy, validity, diversity)| {
+                (strategy.to_string(), json!({
+                    "validity": validity.map(|v| v.0),
+                    "negatives": validity.map(|v| v.1),
+                    "mean_pairwise_cosine_distance": diversity,
+                }))
+            }).collect::<serde_json::Map<_, _>>(),
+            "image_loss_trend": trends.iter().map(|t| (t.variant.clone(), t.to_json()))
+                .collect::<serde_json::Map<_, _>>(),
         }),
     )?;
     let variants: Vec<String> = results
@@ -1194,24 +1219,56 @@ pub fn write_report(
             "None of the claims' variant pairs were both run; nothing to compare.\n"
         );
     }
+    let _ = writeln!(md, "## Can this world tell the variants apart?\n");
     let _ = writeln!(
         md,
-        "## Negative validity (share of selected negatives on which the chosen answer is wrong)\n"
+        "MISP's case rests on its negatives being more diverse than random ones and still contradicting the chosen answer, and on the image term still teaching. **Validity**: the share of a strategy's selected negatives on which the chosen answer is in fact wrong (a claim of it fails on the negative's scene graph). **Diversity**: the mean pairwise cosine distance (1 - cos) among one record's negatives in the CLIP space the sampler uses, averaged over records.\n"
     );
-    let _ = writeln!(md, "Diversity: the mean pairwise CLIP cosine distance (1 - cos) among one record's negatives, averaged over records; the paper's sampler is meant to raise it.\n");
     let _ = writeln!(
         md,
         "| strategy | validity | negatives | diversity |\n|---|---|---|---|"
     );
-    let pool = PoolEmbeddings::load(pool_dir).ok();
-    for strategy in plan.strategies() {
-        let file = neg_dir.join(format!("{strategy}.jsonl"));
-        if let Some((v, n)) = negative_validity(world, &file) {
-            let diversity = pool
-                .as_ref()
-                .and_then(|p| negative_diversity(p, &file))
-                .map_or("-".into(), |d| format!("{d:.3}"));
-            let _ = writeln!(md, "| {strategy} | {:.1}% | {n} | {diversity} |", 100.0 * v);
+    for (strategy, validity, diversity) in &negative_stats {
+        if let Some((v, n)) = validity {
+            let d = diversity.map_or("-".into(), |d| format!("{d:.3}"));
+            let _ = writeln!(md, "| {strategy} | {:.1}% | {n} | {d} |", 100.0 * v);
+        }
+    }
+    let stat = |s: &str| negative_stats.iter().find(|x| x.0 == s);
+    if let (Some((_, Some((vm, _)), Some(dm))), Some((_, Some((vr, _)), Some(dr)))) =
+        (stat("misp"), stat("random"))
+    {
+        let _ = writeln!(
+            md,
+            "\nmisp's negatives are {} than random ones ({dm:.3} vs {dr:.3}) and contradict the chosen answer {} ({:.1}% vs {:.1}%).",
+            if dm > dr { "more diverse" } else { "no more diverse" },
+            if vm > vr { "more often" } else { "less often" },
+            100.0 * vm,
+            100.0 * vr
+        );
+    }
+    if !trends.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nThe image term's loss (`loss/img`) at the end of training: the least-squares slope over each run's last third of steps, mean over seeds with a 95% t interval; \"still falling\" only when the interval is below 0.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| variant | loss/img first -> last (mean over seeds) | slope per step, 95% CI | trend |\n|---|---|---|---|"
+        );
+        for t in &trends {
+            let n = t.seeds.len() as f64;
+            let first = t.seeds.iter().map(|s| s.2).sum::<f64>() / n;
+            let last = t.seeds.iter().map(|s| s.3).sum::<f64>() / n;
+            let slope = t.interval.as_ref().map_or("-".into(), |iv| {
+                format!("{:+.4} [{:+.4}, {:+.4}]", iv.mean, iv.lo, iv.hi)
+            });
+            let _ = writeln!(
+                md,
+                "| {} | {first:.3} -> {last:.3} | {slope} | {} |",
+                t.variant,
+                t.words()
+            );
         }
     }
     let _ = writeln!(md, "\n## Figures\n");
@@ -1288,6 +1345,8 @@ pub fn results_table(out: &Path) -> Result<String, DemoError> {
     }
     Ok(s)
 }
+
+pub mod diagnostics;
 
 #[cfg(test)]
 mod tests;
