@@ -1058,7 +1058,11 @@ pub fn write_report(
                 .iter()
                 .map(|v| match point_interval(&results, v, m) {
                     Some(iv) => (v.clone(), iv.mean, (iv.n > 1).then_some((iv.lo, iv.hi))),
-                    None => (v.clone(), f64::NAN, None),
+                    // The base model has no seed: its one value, without an interval.
+                    None => {
+                        let mean = get(&results, v, m.bench, m.key).map_or(f64::NAN, |x| 100.0 * x);
+                        (v.clone(), mean, None)
+                    }
                 })
                 .collect(),
         })
@@ -1241,8 +1245,8 @@ pub fn write_report(
         let _ = writeln!(
             md,
             "\nmisp's negatives are {} than random ones ({dm:.3} vs {dr:.3}) and contradict the chosen answer {} ({:.1}% vs {:.1}%).",
-            if dm > dr { "more diverse" } else { "no more diverse" },
-            if vm > vr { "more often" } else { "less often" },
+            if dm > dr { "more diverse" } else if dm < dr { "less diverse" } else { "as diverse" },
+            if vm > vr { "more often" } else if vm < vr { "less often" } else { "as often" },
             100.0 * vm,
             100.0 * vr
         );
@@ -1260,9 +1264,10 @@ pub fn write_report(
             let n = t.seeds.len() as f64;
             let first = t.seeds.iter().map(|s| s.2).sum::<f64>() / n;
             let last = t.seeds.iter().map(|s| s.3).sum::<f64>() / n;
-            let slope = t.interval.as_ref().map_or("-".into(), |iv| {
-                format!("{:+.4} [{:+.4}, {:+.4}]", iv.mean, iv.lo, iv.hi)
-            });
+            let slope = match t.interval.as_ref() {
+                Some(iv) => format!("{:+.4} [{:+.4}, {:+.4}]", iv.mean, iv.lo, iv.hi),
+                None => format!("{:+.4}", t.seeds.iter().map(|s| s.1).sum::<f64>() / n),
+            };
             let _ = writeln!(
                 md,
                 "| {} | {first:.3} -> {last:.3} | {slope} | {} |",

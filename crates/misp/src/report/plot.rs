@@ -103,7 +103,8 @@ pub fn nice_range(lo: f64, hi: f64) -> (f64, f64, f64) {
     ((lo / step).floor() * step, (hi / step).ceil() * step, step)
 }
 
-/// The value axis for `values`: their span plus a 15% margin each side, snapped to nice ticks;
+/// The value axis for `values`: their span (at least 5% of their size) plus a 15% margin each
+/// side, snapped to nice ticks;
 /// from 0 when all are non-negative and the lowest is within a span of 0 (so that bars of small
 /// positive values are not cut to slivers), never below 0 for non-negative data.
 pub fn value_axis(values: impl IntoIterator<Item = f64>) -> (f64, f64) {
@@ -116,7 +117,11 @@ pub fn value_axis(values: impl IntoIterator<Item = f64>) -> (f64, f64) {
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
-    let span = (hi - lo).max(1e-3 * hi.abs().max(1e-3));
+    // At least 5% of the values' size: equal values must not be blown up into a "difference"
+    // in the fourth decimal.
+    let size = lo.abs().max(hi.abs());
+    let span = (hi - lo).max(0.05 * size);
+    let span = if span > 0.0 { span } else { 1.0 };
     let mut a = lo - 0.15 * span;
     let b = hi + 0.15 * span;
     if lo >= 0.0 && (a < 0.0 || lo <= span) {

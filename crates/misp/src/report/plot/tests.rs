@@ -28,6 +28,10 @@ fn value_axis_fits_the_data_not_zero_to_one() {
     );
     // Near zero: from 0 (bars of small values keep their length), never below it.
     assert_eq!(value_axis([0.05, 0.3]).0, 0.0);
+    // Equal values: a span of 5% of their size (1.5), 15% of it each side (29.775..30.225),
+    // ticks of 0.1: 29.7..30.3, not a magnified rounding error.
+    let (a, b) = value_axis([30.0, 30.0]);
+    assert!((a - 29.7).abs() < 1e-9 && (b - 30.3).abs() < 1e-9, "{a} {b}");
     // Differences (may be negative): around them.
     let (a, b) = value_axis([-3.0, 1.0]);
     assert!(
@@ -56,15 +60,16 @@ fn bars_and_whiskers_sit_at_the_pixels_of_their_values() {
     .unwrap();
     assert_eq!(img.dimensions(), DEFAULT_SIZE);
     let (a, b) = (px[0][0], px[1][0]);
-    // The axis is 0.79..0.83 (value_axis), so both bars start at its bottom, 0.79, and one
-    // pixel is (y_base - y_top(0.80)) / 0.01 of a unit... measured from the two bars:
+    // Values and whiskers span 0.795..0.828 (0.033 < 5% of 0.828 = 0.0414), plus 15% of 0.0414
+    // each side: 0.7888..0.8342, on ticks of 0.01: the axis is 0.78..0.84, both bars start at
+    // 0.78, and the pixels per unit come from the two bars' tops:
     assert_eq!(a.y_base, b.y_base);
     let per_unit = f64::from(a.y_top - b.y_top) / 0.02;
     assert!(
         per_unit > 1000.0,
         "0.02 apart must show: {per_unit} px per unit"
     );
-    let y = |v: f64| f64::from(a.y_base) - (v - 0.79) * per_unit;
+    let y = |v: f64| f64::from(a.y_base) - (v - 0.78) * per_unit;
     near(a.y_top, y(0.80), 1.5, "random's top");
     near(b.y_top, y(0.82), 1.5, "misp's top");
     let (hi, lo) = a.whisker.unwrap();
