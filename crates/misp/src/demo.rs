@@ -1228,6 +1228,7 @@ pub fn write_report(
         md,
         "MISP's case rests on its negatives being more diverse than random ones and still contradicting the chosen answer, and on the image term still teaching. **Validity**: the share of a strategy's selected negatives on which the chosen answer is in fact wrong (a claim of it fails on the negative's scene graph). **Diversity**: the mean pairwise cosine distance (1 - cos) among one record's negatives in the CLIP space the sampler uses, averaged over records.\n"
     );
+    let _ = writeln!(md, "### Negative validity and diversity\n");
     let _ = writeln!(
         md,
         "| strategy | validity | negatives | diversity |\n|---|---|---|---|"
