@@ -31,7 +31,10 @@ fn value_axis_fits_the_data_not_zero_to_one() {
     // Equal values: a span of 5% of their size (1.5), 15% of it each side (29.775..30.225),
     // ticks of 0.1: 29.7..30.3, not a magnified rounding error.
     let (a, b) = value_axis([30.0, 30.0]);
-    assert!((a - 29.7).abs() < 1e-9 && (b - 30.3).abs() < 1e-9, "{a} {b}");
+    assert!(
+        (a - 29.7).abs() < 1e-9 && (b - 30.3).abs() < 1e-9,
+        "{a} {b}"
+    );
     // Differences (may be negative): around them.
     let (a, b) = value_axis([-3.0, 1.0]);
     assert!(
