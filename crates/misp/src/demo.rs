@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::embeddings::PoolEmbeddings;
 use crate::files::{read_lines, write_atomic, write_json_atomic, FileError};
-use crate::report::plot::{bar_chart, interval_chart, line_chart, scatter_chart};
+use crate::report::plot::{bar_panels, interval_chart, line_chart, scatter_chart, Panel};
 use crate::report::stats;
 use crate::report::tsne::{tsne, TsneConfig};
 use crate::world::scene::Scene;
@@ -55,6 +55,9 @@ pub const SHIPPED_CONFIGS: [(&str, &str); 10] = [
     ),
 ];
 
+/// The world seed the shipped models were pretrained on (`misp world generate`'s default).
+pub const SHIPPED_WORLD_SEED: u64 = 0;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error(transparent)]
@@ -88,6 +91,10 @@ pub struct DemoPlan {
     pub train: Vec<String>,
     /// A sweep of misp to run besides the variants (`--sweep`).
     pub sweep: Option<Sweep>,
+    /// Seed of the world drawn (`--world-seed`): 0 is the shipped world the models were
+    /// trained on; any other seed draws fresh scenes from the same distribution (the prior is
+    /// fixed in code, not drawn), so a conclusion can be checked on scenes nobody tuned on.
+    pub world_seed: u64,
 }
 
 impl DemoPlan {
@@ -136,7 +143,25 @@ impl DemoPlan {
             chair_images: if quick { 40 } else { 150 },
             train,
             sweep: None,
+            world_seed: SHIPPED_WORLD_SEED,
         }
+    }
+
+    /// Draws the world with `seed` instead of the shipped one.
+    pub fn with_world_seed(mut self, seed: u64) -> Self {
+        self.world_seed = seed;
+        self
+    }
+
+    /// Arguments of the `misp world generate` this plan runs into `world`.
+    pub fn world_args(&self, world: &Path) -> Vec<String> {
+        let mut args: Vec<String> = ["world", "generate", "--out"].map(String::from).to_vec();
+        args.push(world.to_string_lossy().into_owned());
+        args.extend(["--seed".to_string(), self.world_seed.to_string()]);
+        if self.quick {
+            args.push("--quick".into());
+        }
+        args
     }
 
     /// Mining strategies the variants need.
@@ -452,6 +477,26 @@ pub fn chair_subset(world: &Path, split: &str, n: usize, out: &Path) -> Result<P
     let path = out.join(format!("instances_{split}_{n}.json"));
     write_json_atomic(&path, &v)?;
     Ok(path)
+}
+
+/// The seed of the world in `world` (from its `manifest.json`), `None` when there is none yet.
+pub fn world_seed_of(world: &Path) -> Option<u64> {
+    read_json(&world.join("manifest.json"))?["seed"].as_u64()
+}
+
+/// Refuses a demo folder whose world was drawn with another seed than `seed`: its runs and
+/// evaluations belong to that world, and regenerating it underneath them would mix the two.
+pub fn check_world_seed(world: &Path, seed: u64) -> Result<(), DemoError> {
+    match world_seed_of(world) {
+        Some(had) if had != seed => Err(bad(
+            world,
+            format!(
+                "this demo folder holds the world of seed {had}, and --world-seed asks for {seed}; \
+                 choose another --out (its runs and evaluations belong to seed {had})"
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn read_json(path: &Path) -> Option<Value> {
@@ -950,15 +995,42 @@ pub fn write_report(
 ) -> Result<PathBuf, DemoError> {
     let results = aggregate(out, runs);
     let comps = comparisons(&results);
+    let world_seed = world_seed_of(world);
+    // Why the variants might not differ: how diverse and how valid each strategy's negatives
+    // are, and whether the image term still learns when training stops.
+    let pool = PoolEmbeddings::load(pool_dir).ok();
+    let negative_stats: Vec<_> = plan
+        .strategies()
+        .into_iter()
+        .map(|strategy| {
+            let file = neg_dir.join(format!("{strategy}.jsonl"));
+            let diversity = pool.as_ref().and_then(|p| negative_diversity(p, &file));
+            (strategy, negative_validity(world, &file), diversity)
+        })
+        .collect();
+    let trends = diagnostics::image_loss_trends(
+        runs.iter()
+            .filter_map(|r| Some((r.variant.as_str(), r.seed?, r.run_dir.as_deref()?))),
+    );
     write_json_atomic(
         &out.join("results.json"),
         &json!({
+            "world_seed": world_seed,
             "split": split,
             "seeds": plan.seeds,
             "interval": stats::METHOD,
             "differences": "a - b in points (x100), per seed; a comparison pairs the runs of a and b with the same seed",
             "variants": results,
             "comparisons": comps.iter().map(Comparison::to_json).collect::<Vec<_>>(),
+            "negatives": negative_stats.iter().map(|(strategy, validity, diversity)| {
+                (strategy.to_string(), json!({
+                    "validity": validity.map(|v| v.0),
+                    "negatives": validity.map(|v| v.1),
+                    "mean_pairwise_cosine_distance": diversity,
+                }))
+            }).collect::<serde_json::Map<_, _>>(),
+            "image_loss_trend": trends.iter().map(|t| (t.variant.clone(), t.to_json()))
+                .collect::<serde_json::Map<_, _>>(),
         }),
     )?;
     let variants: Vec<String> = results
@@ -966,31 +1038,41 @@ pub fn write_report(
         .map(|o| o.keys().cloned().collect())
         .unwrap_or_default();
 
-    // Bar chart: POPE F1 per split and CHAIR_s, one bar per variant.
-    let groups: Vec<String> = POPE_SPLITS
+    // One panel per metric, one bar per variant with its 95% interval over seeds, each panel on
+    // an axis fitted to its values (a 0-1 axis would flatten the differences the claims are
+    // about).
+    let panels: Vec<Panel> = METRICS
         .iter()
-        .map(|s| format!("POPE {s} F1"))
-        .chain(["CHAIR_s".to_string(), "CHAIR_i".to_string()])
-        .collect();
-    let series: Vec<(String, Vec<f64>)> = variants
-        .iter()
-        .map(|v| {
-            let mut vals: Vec<f64> = POPE_SPLITS
+        .map(|m| Panel {
+            title: format!(
+                "{}{}",
+                m.label,
+                if m.higher_is_better {
+                    " (higher is better)"
+                } else {
+                    " (lower is better)"
+                }
+            ),
+            y_label: "points".into(),
+            bars: variants
                 .iter()
-                .map(|s| get(&results, v, &format!("pope/{s}"), "f1").unwrap_or(f64::NAN))
-                .collect();
-            vals.push(get(&results, v, "chair", "chair_s").unwrap_or(f64::NAN));
-            vals.push(get(&results, v, "chair", "chair_i").unwrap_or(f64::NAN));
-            (v.clone(), vals)
+                .map(|v| match point_interval(&results, v, m) {
+                    Some(iv) => (v.clone(), iv.mean, (iv.n > 1).then_some((iv.lo, iv.hi))),
+                    // The base model has no seed: its one value, without an interval.
+                    None => {
+                        let mean = get(&results, v, m.bench, m.key).map_or(f64::NAN, |x| 100.0 * x);
+                        (v.clone(), mean, None)
+                    }
+                })
+                .collect(),
         })
         .collect();
     let mut figures = Vec::new();
-    if bar_chart(
+    if bar_panels(
         &out.join("results.png"),
-        "ShapesWorld: POPE F1 and CHAIR",
-        &groups,
-        &series,
-        "value",
+        (1200, 760),
+        "ShapesWorld: mean over seeds, whiskers = 95% t interval over seeds",
+        &panels,
     )
     .is_ok()
     {
@@ -1036,8 +1118,14 @@ pub fn write_report(
     let _ = writeln!(md, "# misp demo on ShapesWorld\n");
     let _ = writeln!(
         md,
-        "{} run; seeds {:?}; evaluated on the **{split}** split ({} POPE questions per split, {} CHAIR images). Numbers are mean ± std over seeds (std 0 with one seed).\n",
+        "{} run on the world of seed **{}**{}; training seeds {:?}; evaluated on the **{split}** split ({} POPE questions per split, {} CHAIR images). Numbers are mean ± std over seeds (std 0 with one seed).\n",
         if plan.quick { "Quick" } else { "Full" },
+        world_seed.map_or("?".into(), |s| s.to_string()),
+        match world_seed {
+            Some(SHIPPED_WORLD_SEED) => " (the shipped world, whose train split the models were pretrained on and whose validation split chose the settings)",
+            Some(_) => " (a fresh draw of the same distribution: scenes nobody tuned on)",
+            None => " (its manifest is unreadable)",
+        },
         plan.seeds,
         plan.pope_per_split,
         plan.chair_images
@@ -1135,24 +1223,58 @@ pub fn write_report(
             "None of the claims' variant pairs were both run; nothing to compare.\n"
         );
     }
+    let _ = writeln!(md, "## Can this world tell the variants apart?\n");
     let _ = writeln!(
         md,
-        "## Negative validity (share of selected negatives on which the chosen answer is wrong)\n"
+        "MISP's case rests on its negatives being more diverse than random ones and still contradicting the chosen answer, and on the image term still teaching. **Validity**: the share of a strategy's selected negatives on which the chosen answer is in fact wrong (a claim of it fails on the negative's scene graph). **Diversity**: the mean pairwise cosine distance (1 - cos) among one record's negatives in the CLIP space the sampler uses, averaged over records.\n"
     );
-    let _ = writeln!(md, "Diversity: the mean pairwise CLIP cosine distance (1 - cos) among one record's negatives, averaged over records; the paper's sampler is meant to raise it.\n");
+    let _ = writeln!(md, "### Negative validity and diversity\n");
     let _ = writeln!(
         md,
         "| strategy | validity | negatives | diversity |\n|---|---|---|---|"
     );
-    let pool = PoolEmbeddings::load(pool_dir).ok();
-    for strategy in plan.strategies() {
-        let file = neg_dir.join(format!("{strategy}.jsonl"));
-        if let Some((v, n)) = negative_validity(world, &file) {
-            let diversity = pool
-                .as_ref()
-                .and_then(|p| negative_diversity(p, &file))
-                .map_or("-".into(), |d| format!("{d:.3}"));
-            let _ = writeln!(md, "| {strategy} | {:.1}% | {n} | {diversity} |", 100.0 * v);
+    for (strategy, validity, diversity) in &negative_stats {
+        if let Some((v, n)) = validity {
+            let d = diversity.map_or("-".into(), |d| format!("{d:.3}"));
+            let _ = writeln!(md, "| {strategy} | {:.1}% | {n} | {d} |", 100.0 * v);
+        }
+    }
+    let stat = |s: &str| negative_stats.iter().find(|x| x.0 == s);
+    if let (Some((_, Some((vm, _)), Some(dm))), Some((_, Some((vr, _)), Some(dr)))) =
+        (stat("misp"), stat("random"))
+    {
+        let _ = writeln!(
+            md,
+            "\nmisp's negatives are {} than random ones ({dm:.3} vs {dr:.3}) and contradict the chosen answer {} ({:.1}% vs {:.1}%).",
+            if dm > dr { "more diverse" } else if dm < dr { "less diverse" } else { "as diverse" },
+            if vm > vr { "more often" } else if vm < vr { "less often" } else { "as often" },
+            100.0 * vm,
+            100.0 * vr
+        );
+    }
+    if !trends.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nThe image term's loss (`loss/img`) at the end of training: the least-squares slope over each run's last third of steps, mean over seeds with a 95% t interval; \"still falling\" only when the interval is below 0.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| variant | loss/img first -> last (mean over seeds) | slope per step, 95% CI | trend |\n|---|---|---|---|"
+        );
+        for t in &trends {
+            let n = t.seeds.len() as f64;
+            let first = t.seeds.iter().map(|s| s.2).sum::<f64>() / n;
+            let last = t.seeds.iter().map(|s| s.3).sum::<f64>() / n;
+            let slope = match t.interval.as_ref() {
+                Some(iv) => format!("{:+.4} [{:+.4}, {:+.4}]", iv.mean, iv.lo, iv.hi),
+                None => format!("{:+.4}", t.seeds.iter().map(|s| s.1).sum::<f64>() / n),
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {first:.3} -> {last:.3} | {slope} | {} |",
+                t.variant,
+                t.words()
+            );
         }
     }
     let _ = writeln!(md, "\n## Figures\n");
@@ -1229,6 +1351,8 @@ pub fn results_table(out: &Path) -> Result<String, DemoError> {
     }
     Ok(s)
 }
+
+pub mod diagnostics;
 
 #[cfg(test)]
 mod tests;

@@ -293,3 +293,70 @@ fn diversity_is_the_mean_pairwise_cosine_distance_by_hand() {
     assert!((d - 7.0 / 6.0).abs() < 1e-12, "{d}");
     assert!(mean_pairwise_distance(&[vec![&e1[..]]]).is_none());
 }
+
+/// A small world of `seed`, as `misp demo --world-seed` would draw it (same config otherwise).
+fn drawn_world(name: &str, seed: u64) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("misp-demo-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = crate::world::WorldConfig {
+        seed,
+        image_size: 32,
+        train_scenes: 400,
+        val_scenes: 10,
+        test_scenes: 20,
+        pool_images: 10,
+        records: 20,
+        val_records: 5,
+        ..crate::world::WorldConfig::default()
+    };
+    crate::world::generate(&cfg, &dir, false).unwrap();
+    dir
+}
+
+#[test]
+fn a_world_seed_draws_other_scenes_of_the_same_distribution_and_a_folder_keeps_its_seed() {
+    let plan = DemoPlan::new(true, None, false);
+    assert_eq!(plan.world_seed, SHIPPED_WORLD_SEED);
+    let args = plan.with_world_seed(7).world_args(Path::new("d/world"));
+    assert_eq!(
+        args,
+        ["world", "generate", "--out", "d/world", "--seed", "7", "--quick"]
+    );
+
+    let (a, a2, b) = (
+        drawn_world("wseed-a", 7),
+        drawn_world("wseed-a2", 7),
+        drawn_world("wseed-b", 8),
+    );
+    let scenes = |d: &Path| std::fs::read_to_string(d.join("scenes.jsonl")).unwrap();
+    assert_eq!(scenes(&a), scenes(&a2), "one seed, one world");
+    let (sa, sb) = (scenes(&a), scenes(&b));
+    let differ = sa.lines().zip(sb.lines()).filter(|(x, y)| x != y).count();
+    assert!(
+        differ > 400,
+        "seed 8 repeats seed 7's scenes ({differ} differ)"
+    );
+    // The same distribution: the co-occurrence the models learned is drawn at the configured
+    // 0.9 in both (pooled over ~400 train scenes the share's standard error is ~0.02).
+    let rate = |d: &Path| {
+        let m = read_json(&d.join("manifest.json")).unwrap();
+        m["counts"]["train_partner_rate"].as_f64().unwrap()
+    };
+    for d in [&a, &b] {
+        assert!((rate(d) - 0.9).abs() < 0.08, "{}", rate(d));
+    }
+
+    // A folder holds one world: its own seed passes, another is refused naming both.
+    assert_eq!(world_seed_of(&a), Some(7));
+    check_world_seed(&a, 7).unwrap();
+    let err = check_world_seed(&a, 8).unwrap_err().to_string();
+    assert!(
+        err.contains("seed 7") && err.contains("asks for 8"),
+        "{err}"
+    );
+    // No world yet: any seed may be drawn.
+    check_world_seed(&a.join("nothing-here"), 8).unwrap();
+    for d in [a, a2, b] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

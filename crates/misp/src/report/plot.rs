@@ -1,24 +1,40 @@
-//! PNG charts for reports: grouped bar charts (metrics of several runs) and line charts
-//! (curves over steps), drawn pixel by pixel on an RGB canvas with a 5x7 bitmap font.
+//! PNG charts for reports, drawn with `plotters` (bitmap backend, text rasterised by `ab_glyph`
+//! from DejaVu Sans shipped in the crate, so a chart renders the same on every machine):
+//! grouped bars with optional 95% interval whiskers, lines or points, and lines with interval
+//! bands (the paper's sweeps).
 //!
-//! Deliberately small: axes from zero (or the data's minimum when negative) to a "nice" upper
-//! bound, five ticks, a legend, a title. Files are written atomically (temp file + rename).
+//! The value axis is fitted to the data and its intervals (with a margin), not to 0-1: on a 0-1
+//! axis a 3-point difference between two variants is invisible. It starts at 0 only when the
+//! data come close to 0 anyway. Files are written atomically (temp file + rename).
+//!
+//! Each `render_*` function returns the image and where it drew the data (pixel positions of
+//! bars, whisker ends, points), so tests can check that the pixels say what the numbers say.
 
 use std::io::Cursor;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use image::{ImageFormat, Rgb, RgbImage};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::files::{write_atomic, FileError};
 
 /// Chart size when none is given, in pixels.
 pub const DEFAULT_SIZE: (u32, u32) = (960, 540);
 
+/// DejaVu Sans cut to ASCII and a few symbols (`assets/fonts/make_subset.py`; licence beside it).
+const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-charts.ttf");
+const FAMILY: &str = "misp-sans";
+
 /// Why a chart could not be drawn or written.
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
     #[error("{0}")]
     Input(String),
+    #[error("drawing failed: {0}")]
+    Draw(String),
     #[error("{path}: PNG encoding failed: {message}", path = .path.display())]
     Encode {
         path: std::path::PathBuf,
@@ -28,274 +44,49 @@ pub enum PlotError {
     File(#[from] FileError),
 }
 
-const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
-const INK: Rgb<u8> = Rgb([40, 40, 40]);
-const GRID: Rgb<u8> = Rgb([225, 225, 225]);
+fn draw_err(e: impl std::fmt::Display) -> PlotError {
+    PlotError::Draw(e.to_string())
+}
+
+const INK: RGBColor = RGBColor(40, 40, 40);
 /// Series colours (colour-blind-friendly, after Okabe and Ito), cycled.
-const PALETTE: [Rgb<u8>; 8] = [
-    Rgb([0, 114, 178]),
-    Rgb([230, 159, 0]),
-    Rgb([0, 158, 115]),
-    Rgb([204, 121, 167]),
-    Rgb([86, 180, 233]),
-    Rgb([213, 94, 0]),
-    Rgb([240, 228, 66]),
-    Rgb([0, 0, 0]),
+const PALETTE: [(u8, u8, u8); 8] = [
+    (0, 114, 178),
+    (230, 159, 0),
+    (0, 158, 115),
+    (204, 121, 167),
+    (86, 180, 233),
+    (213, 94, 0),
+    (240, 228, 66),
+    (0, 0, 0),
 ];
 
 /// Background colour of every chart (what tests compare pixels against).
-pub const BACKGROUND: Rgb<u8> = WHITE;
+pub const BACKGROUND: Rgb<u8> = Rgb([255, 255, 255]);
 
 /// The colour of series `i`.
 pub fn series_color(i: usize) -> Rgb<u8> {
-    PALETTE[i % PALETTE.len()]
+    let (r, g, b) = PALETTE[i % PALETTE.len()];
+    Rgb([r, g, b])
 }
 
-/// 5x7 glyphs for ASCII 32..=126; each row's low 5 bits, most significant = leftmost pixel.
-#[rustfmt::skip]
-const FONT: [[u8; 7]; 95] = [
-    [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00], // ' '
-    [0x04, 0x04, 0x04, 0x04, 0x04, 0x00, 0x04], // '!'
-    [0x0a, 0x0a, 0x00, 0x00, 0x00, 0x00, 0x00], // '"'
-    [0x0a, 0x0a, 0x1f, 0x0a, 0x1f, 0x0a, 0x0a], // '#'
-    [0x04, 0x0f, 0x14, 0x0e, 0x05, 0x1e, 0x04], // '$'
-    [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03], // '%'
-    [0x0c, 0x12, 0x14, 0x08, 0x15, 0x12, 0x0d], // '&'
-    [0x04, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00], // "'"
-    [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02], // '('
-    [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08], // ')'
-    [0x00, 0x04, 0x15, 0x0e, 0x15, 0x04, 0x00], // '*'
-    [0x00, 0x04, 0x04, 0x1f, 0x04, 0x04, 0x00], // '+'
-    [0x00, 0x00, 0x00, 0x00, 0x0c, 0x04, 0x08], // ','
-    [0x00, 0x00, 0x00, 0x1f, 0x00, 0x00, 0x00], // '-'
-    [0x00, 0x00, 0x00, 0x00, 0x00, 0x0c, 0x0c], // '.'
-    [0x00, 0x01, 0x02, 0x04, 0x08, 0x10, 0x00], // '/'
-    [0x0e, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0e], // '0'
-    [0x04, 0x0c, 0x04, 0x04, 0x04, 0x04, 0x0e], // '1'
-    [0x0e, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1f], // '2'
-    [0x1f, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0e], // '3'
-    [0x02, 0x06, 0x0a, 0x12, 0x1f, 0x02, 0x02], // '4'
-    [0x1f, 0x10, 0x1e, 0x01, 0x01, 0x11, 0x0e], // '5'
-    [0x06, 0x08, 0x10, 0x1e, 0x11, 0x11, 0x0e], // '6'
-    [0x1f, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08], // '7'
-    [0x0e, 0x11, 0x11, 0x0e, 0x11, 0x11, 0x0e], // '8'
-    [0x0e, 0x11, 0x11, 0x0f, 0x01, 0x02, 0x0c], // '9'
-    [0x00, 0x0c, 0x0c, 0x00, 0x0c, 0x0c, 0x00], // ':'
-    [0x00, 0x0c, 0x0c, 0x00, 0x0c, 0x04, 0x08], // ';'
-    [0x02, 0x04, 0x08, 0x10, 0x08, 0x04, 0x02], // '<'
-    [0x00, 0x00, 0x1f, 0x00, 0x1f, 0x00, 0x00], // '='
-    [0x08, 0x04, 0x02, 0x01, 0x02, 0x04, 0x08], // '>'
-    [0x0e, 0x11, 0x01, 0x02, 0x04, 0x00, 0x04], // '?'
-    [0x0e, 0x11, 0x01, 0x0d, 0x15, 0x15, 0x0e], // '@'
-    [0x0e, 0x11, 0x11, 0x1f, 0x11, 0x11, 0x11], // 'A'
-    [0x1e, 0x11, 0x11, 0x1e, 0x11, 0x11, 0x1e], // 'B'
-    [0x0e, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0e], // 'C'
-    [0x1c, 0x12, 0x11, 0x11, 0x11, 0x12, 0x1c], // 'D'
-    [0x1f, 0x10, 0x10, 0x1e, 0x10, 0x10, 0x1f], // 'E'
-    [0x1f, 0x10, 0x10, 0x1e, 0x10, 0x10, 0x10], // 'F'
-    [0x0e, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0f], // 'G'
-    [0x11, 0x11, 0x11, 0x1f, 0x11, 0x11, 0x11], // 'H'
-    [0x0e, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0e], // 'I'
-    [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0c], // 'J'
-    [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11], // 'K'
-    [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1f], // 'L'
-    [0x11, 0x1b, 0x15, 0x15, 0x11, 0x11, 0x11], // 'M'
-    [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11], // 'N'
-    [0x0e, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0e], // 'O'
-    [0x1e, 0x11, 0x11, 0x1e, 0x10, 0x10, 0x10], // 'P'
-    [0x0e, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0d], // 'Q'
-    [0x1e, 0x11, 0x11, 0x1e, 0x14, 0x12, 0x11], // 'R'
-    [0x0f, 0x10, 0x10, 0x0e, 0x01, 0x01, 0x1e], // 'S'
-    [0x1f, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04], // 'T'
-    [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0e], // 'U'
-    [0x11, 0x11, 0x11, 0x11, 0x11, 0x0a, 0x04], // 'V'
-    [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0a], // 'W'
-    [0x11, 0x11, 0x0a, 0x04, 0x0a, 0x11, 0x11], // 'X'
-    [0x11, 0x11, 0x0a, 0x04, 0x04, 0x04, 0x04], // 'Y'
-    [0x1f, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1f], // 'Z'
-    [0x0e, 0x08, 0x08, 0x08, 0x08, 0x08, 0x0e], // '['
-    [0x00, 0x10, 0x08, 0x04, 0x02, 0x01, 0x00], // '\\'
-    [0x0e, 0x02, 0x02, 0x02, 0x02, 0x02, 0x0e], // ']'
-    [0x04, 0x0a, 0x11, 0x00, 0x00, 0x00, 0x00], // '^'
-    [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x1f], // '_'
-    [0x08, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00], // '`'
-    [0x00, 0x00, 0x0e, 0x01, 0x0f, 0x11, 0x0f], // 'a'
-    [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x1e], // 'b'
-    [0x00, 0x00, 0x0e, 0x10, 0x10, 0x11, 0x0e], // 'c'
-    [0x01, 0x01, 0x0d, 0x13, 0x11, 0x11, 0x0f], // 'd'
-    [0x00, 0x00, 0x0e, 0x11, 0x1f, 0x10, 0x0e], // 'e'
-    [0x06, 0x09, 0x08, 0x1c, 0x08, 0x08, 0x08], // 'f'
-    [0x00, 0x0f, 0x11, 0x11, 0x0f, 0x01, 0x0e], // 'g'
-    [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x11], // 'h'
-    [0x04, 0x00, 0x0c, 0x04, 0x04, 0x04, 0x0e], // 'i'
-    [0x02, 0x00, 0x06, 0x02, 0x02, 0x12, 0x0c], // 'j'
-    [0x10, 0x10, 0x12, 0x14, 0x18, 0x14, 0x12], // 'k'
-    [0x0c, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0e], // 'l'
-    [0x00, 0x00, 0x1a, 0x15, 0x15, 0x11, 0x11], // 'm'
-    [0x00, 0x00, 0x16, 0x19, 0x11, 0x11, 0x11], // 'n'
-    [0x00, 0x00, 0x0e, 0x11, 0x11, 0x11, 0x0e], // 'o'
-    [0x00, 0x00, 0x1e, 0x11, 0x1e, 0x10, 0x10], // 'p'
-    [0x00, 0x00, 0x0d, 0x13, 0x0f, 0x01, 0x01], // 'q'
-    [0x00, 0x00, 0x16, 0x19, 0x10, 0x10, 0x10], // 'r'
-    [0x00, 0x00, 0x0e, 0x10, 0x0e, 0x01, 0x1e], // 's'
-    [0x08, 0x08, 0x1c, 0x08, 0x08, 0x09, 0x06], // 't'
-    [0x00, 0x00, 0x11, 0x11, 0x11, 0x13, 0x0d], // 'u'
-    [0x00, 0x00, 0x11, 0x11, 0x11, 0x0a, 0x04], // 'v'
-    [0x00, 0x00, 0x11, 0x11, 0x15, 0x15, 0x0a], // 'w'
-    [0x00, 0x00, 0x11, 0x0a, 0x04, 0x0a, 0x11], // 'x'
-    [0x00, 0x00, 0x11, 0x11, 0x0f, 0x01, 0x0e], // 'y'
-    [0x00, 0x00, 0x1f, 0x02, 0x04, 0x08, 0x1f], // 'z'
-    [0x02, 0x04, 0x04, 0x08, 0x04, 0x04, 0x02], // '{'
-    [0x04, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04], // '|'
-    [0x08, 0x04, 0x04, 0x02, 0x04, 0x04, 0x08], // '}'
-    [0x00, 0x00, 0x08, 0x15, 0x02, 0x00, 0x00], // '~'
-];
-
-/// Glyph cell: 5 pixels wide plus 1 of spacing, 7 tall plus 2 of line spacing (at scale 1).
-const CELL_W: u32 = 6;
-const CELL_H: u32 = 9;
-
-/// A pixel rectangle: left, top, width, height.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rect {
-    pub x: i64,
-    pub y: i64,
-    pub w: i64,
-    pub h: i64,
+fn colour(i: usize) -> RGBColor {
+    let (r, g, b) = PALETTE[i % PALETTE.len()];
+    RGBColor(r, g, b)
 }
 
-struct Canvas {
-    img: RgbImage,
+/// Whisker and interval-edge colour: darker than any bar, so a whisker shows on its own bar.
+pub const WHISKER: Rgb<u8> = Rgb([40, 40, 40]);
+
+fn font(size: u32) -> TextStyle<'static> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    REGISTERED
+        .get_or_init(|| plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_ok());
+    (FAMILY, size).into_font().color(&INK)
 }
 
-impl Canvas {
-    fn new(w: u32, h: u32) -> Self {
-        Canvas {
-            img: RgbImage::from_pixel(w, h, BACKGROUND),
-        }
-    }
-
-    fn put(&mut self, x: i64, y: i64, c: Rgb<u8>) {
-        if x >= 0 && y >= 0 && (x as u32) < self.img.width() && (y as u32) < self.img.height() {
-            self.img.put_pixel(x as u32, y as u32, c);
-        }
-    }
-
-    fn fill(&mut self, r: Rect, c: Rgb<u8>) {
-        for y in r.y..r.y + r.h {
-            for x in r.x..r.x + r.w {
-                self.put(x, y, c);
-            }
-        }
-    }
-
-    /// A line `width` pixels thick (Bresenham with a square brush).
-    fn line(&mut self, (x0, y0): (i64, i64), (x1, y1): (i64, i64), width: i64, c: Rgb<u8>) {
-        let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
-        let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
-        let (mut x, mut y, mut err) = (x0, y0, dx + dy);
-        let half = width / 2;
-        loop {
-            self.fill(
-                Rect {
-                    x: x - half,
-                    y: y - half,
-                    w: width,
-                    h: width,
-                },
-                c,
-            );
-            if x == x1 && y == y1 {
-                break;
-            }
-            let e2 = 2 * err;
-            if e2 >= dy {
-                err += dy;
-                x += sx;
-            }
-            if e2 <= dx {
-                err += dx;
-                y += sy;
-            }
-        }
-    }
-
-    /// Draws `text` with its top-left corner at `(x, y)`; characters outside the font show
-    /// as `?`.
-    fn text(&mut self, x: i64, y: i64, text: &str, scale: i64, c: Rgb<u8>) {
-        for (i, ch) in text.chars().enumerate() {
-            let glyph = glyph(ch);
-            let gx = x + i as i64 * CELL_W as i64 * scale;
-            for (row, bits) in glyph.iter().enumerate() {
-                for col in 0..5 {
-                    if bits & (0x10 >> col) != 0 {
-                        let r = Rect {
-                            x: gx + col * scale,
-                            y: y + row as i64 * scale,
-                            w: scale,
-                            h: scale,
-                        };
-                        self.fill(r, c);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Draws `text` rotated a quarter turn anticlockwise (reading bottom to top), its
-    /// bounding box's top-left at `(x, y)`.
-    fn text_up(&mut self, x: i64, y: i64, text: &str, scale: i64, c: Rgb<u8>) {
-        let len = text.chars().count() as i64 * CELL_W as i64 * scale;
-        for (i, ch) in text.chars().enumerate() {
-            let glyph = glyph(ch);
-            for (row, bits) in glyph.iter().enumerate() {
-                for col in 0..5 {
-                    if bits & (0x10 >> col) != 0 {
-                        // Unrotated (u, v) -> rotated (v, len - u).
-                        let u = i as i64 * CELL_W as i64 * scale + col * scale;
-                        let v = row as i64 * scale;
-                        self.fill(
-                            Rect {
-                                x: x + v,
-                                y: y + len - u - scale,
-                                w: scale,
-                                h: scale,
-                            },
-                            c,
-                        );
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn glyph(ch: char) -> [u8; 7] {
-    let code = ch as u32;
-    if (32..=126).contains(&code) {
-        FONT[(code - 32) as usize]
-    } else {
-        FONT[('?' as u32 - 32) as usize]
-    }
-}
-
-/// Width in pixels of `text` at `scale`.
-pub fn text_width(text: &str, scale: u32) -> u32 {
-    (text.chars().count() as u32 * CELL_W).saturating_sub(1) * scale
-}
-
-/// `text` cut (with `..`) to fit `max_px` pixels at `scale`.
-fn fit(text: &str, max_px: u32, scale: u32) -> String {
-    if text_width(text, scale) <= max_px {
-        return text.to_string();
-    }
-    let keep = (max_px / (CELL_W * scale)).saturating_sub(2) as usize;
-    let mut s: String = text.chars().take(keep).collect();
-    s.push_str("..");
-    s
-}
-
-/// A "nice" axis range containing `[lo, hi]` with about five ticks: `(min, max, step)`.
+/// A "nice" range and tick step covering `lo..=hi` (steps of 1, 2 or 5 times a power of ten,
+/// about five ticks).
 pub fn nice_range(lo: f64, hi: f64) -> (f64, f64, f64) {
     let (lo, hi) = if hi > lo {
         (lo, hi)
@@ -304,7 +95,7 @@ pub fn nice_range(lo: f64, hi: f64) -> (f64, f64, f64) {
     };
     let raw = (hi - lo) / 5.0;
     let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+    let step = [1.0, 2.0, 5.0, 10.0]
         .iter()
         .map(|m| m * mag)
         .find(|s| *s >= raw)
@@ -312,132 +103,32 @@ pub fn nice_range(lo: f64, hi: f64) -> (f64, f64, f64) {
     ((lo / step).floor() * step, (hi / step).ceil() * step, step)
 }
 
-/// A tick label with as many decimals as the step needs.
-fn tick_label(v: f64, step: f64) -> String {
-    let decimals = if step >= 1.0 {
-        0
-    } else {
-        (-step.log10()).ceil().clamp(0.0, 6.0) as usize + 1
-    };
-    let s = format!("{v:.decimals$}");
-    if decimals > 0 && s.contains('.') {
-        let t = s.trim_end_matches('0').trim_end_matches('.');
-        if t == "-0" {
-            "0".into()
-        } else {
-            t.to_string()
-        }
-    } else {
-        s
+/// The value axis for `values`: their span (at least 5% of their size) plus a 15% margin each
+/// side, snapped to nice ticks;
+/// from 0 when all are non-negative and the lowest is within a span of 0 (so that bars of small
+/// positive values are not cut to slivers), never below 0 for non-negative data.
+pub fn value_axis(values: impl IntoIterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values
+        .into_iter()
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+    if !lo.is_finite() {
+        return (0.0, 1.0);
     }
-}
-
-/// Plot area and the axis mapping shared by both chart kinds.
-struct Frame {
-    area: Rect,
-    y_min: f64,
-    y_max: f64,
-}
-
-impl Frame {
-    fn y_px(&self, v: f64) -> i64 {
-        let t = (v - self.y_min) / (self.y_max - self.y_min);
-        self.area.y + self.area.h - (t * self.area.h as f64).round() as i64
+    // At least 5% of the values' size: equal values must not be blown up into a "difference"
+    // in the fourth decimal.
+    let size = lo.abs().max(hi.abs());
+    let span = (hi - lo).max(0.05 * size);
+    let span = if span > 0.0 { span } else { 1.0 };
+    let mut a = lo - 0.15 * span;
+    let b = hi + 0.15 * span;
+    if lo >= 0.0 && (a < 0.0 || lo <= span) {
+        a = 0.0;
     }
-}
-
-/// Title, y axis with ticks and grid, y label; returns the frame. `bottom` is the pixels kept
-/// below the plot area for x labels.
-fn draw_frame(cv: &mut Canvas, title: &str, y_label: &str, lo: f64, hi: f64, bottom: i64) -> Frame {
-    let (w, h) = (cv.img.width() as i64, cv.img.height() as i64);
-    let (y_min, y_max, step) = nice_range(lo, hi);
-    let ticks: Vec<f64> = (0..=((y_max - y_min) / step).round() as i64)
-        .map(|i| y_min + i as f64 * step)
-        .collect();
-    let label_w = ticks
-        .iter()
-        .map(|t| text_width(&tick_label(*t, step), 1))
-        .max()
-        .unwrap_or(0) as i64;
-    let left = 12 + CELL_H as i64 + 8 + label_w + 8;
-    let top = 12 + 2 * CELL_H as i64 + 10;
-    let area = Rect {
-        x: left,
-        y: top,
-        w: (w - left - 16).max(10),
-        h: (h - top - bottom).max(10),
-    };
-    let frame = Frame { area, y_min, y_max };
-    let title = fit(title, (w - 24) as u32, 2);
-    cv.text((w - text_width(&title, 2) as i64) / 2, 12, &title, 2, INK);
-    for t in &ticks {
-        let y = frame.y_px(*t);
-        cv.line((area.x, y), (area.x + area.w, y), 1, GRID);
-        cv.line((area.x - 4, y), (area.x, y), 1, INK);
-        let label = tick_label(*t, step);
-        cv.text(
-            area.x - 6 - text_width(&label, 1) as i64,
-            y - 3,
-            &label,
-            1,
-            INK,
-        );
-    }
-    let y_label = fit(y_label, area.h as u32, 1);
-    let ly = area.y + (area.h - text_width(&y_label, 1) as i64) / 2;
-    cv.text_up(12, ly, &y_label, 1, INK);
-    cv.line((area.x, area.y), (area.x, area.y + area.h), 1, INK);
-    frame
-}
-
-/// A legend box in the top-right corner of the plot area.
-fn draw_legend(cv: &mut Canvas, area: Rect, names: &[&str]) {
-    if names.is_empty() {
-        return;
-    }
-    let text_w = names.iter().map(|n| text_width(n, 1)).max().unwrap_or(0) as i64;
-    let (row_h, pad) = (CELL_H as i64 + 4, 6);
-    let w = pad * 2 + 12 + 6 + text_w;
-    let h = pad * 2 + row_h * names.len() as i64 - 4;
-    let r = Rect {
-        x: area.x + area.w - w - 6,
-        y: area.y + 6,
-        w,
-        h,
-    };
-    cv.fill(r, WHITE);
-    for (a, b) in [
-        ((r.x, r.y), (r.x + r.w, r.y)),
-        ((r.x, r.y + r.h), (r.x + r.w, r.y + r.h)),
-        ((r.x, r.y), (r.x, r.y + r.h)),
-        ((r.x + r.w, r.y), (r.x + r.w, r.y + r.h)),
-    ] {
-        cv.line(a, b, 1, GRID);
-    }
-    for (i, name) in names.iter().enumerate() {
-        let y = r.y + pad + i as i64 * row_h;
-        cv.fill(
-            Rect {
-                x: r.x + pad,
-                y,
-                w: 12,
-                h: 8,
-            },
-            series_color(i),
-        );
-        cv.text(r.x + pad + 18, y, name, 1, INK);
-    }
-}
-
-fn encode(path: &Path, img: &RgbImage) -> Result<(), PlotError> {
-    let mut bytes = Vec::new();
-    img.write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png)
-        .map_err(|e| PlotError::Encode {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-    write_atomic(path, &bytes)?;
-    Ok(())
+    let (a, b, _) = nice_range(a, b);
+    (if lo >= 0.0 { a.max(0.0) } else { a }, b)
 }
 
 fn check_finite(values: impl IntoIterator<Item = f64>, what: &str) -> Result<(), PlotError> {
@@ -447,93 +138,237 @@ fn check_finite(values: impl IntoIterator<Item = f64>, what: &str) -> Result<(),
     }
 }
 
-/// Renders a grouped bar chart: one cluster per group, one bar per series in each (series `s`
-/// has one value per group; NaN means "no value" and draws no bar, so runs that lack a metric
-/// can share a chart). Returns the image and every bar's rectangle, series-major (empty for
-/// NaN).
+fn encode(path: &Path, img: &RgbImage) -> Result<(), PlotError> {
+    let mut bytes = Cursor::new(Vec::new());
+    img.write_to(&mut bytes, ImageFormat::Png)
+        .map_err(|e| PlotError::Encode {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    write_atomic(path, bytes.get_ref())?;
+    Ok(())
+}
+
+/// Draws on a white `size` bitmap and returns it as an image.
+fn render<T>(
+    size: (u32, u32),
+    draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> Result<T, PlotError>,
+) -> Result<(RgbImage, T), PlotError> {
+    let (w, h) = (size.0.max(160), size.1.max(120));
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    let out = {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        let out = draw(&root)?;
+        root.present().map_err(draw_err)?;
+        out
+    };
+    let img = RgbImage::from_raw(w, h, buf)
+        .ok_or_else(|| PlotError::Draw("bitmap of the wrong size".into()))?;
+    Ok((img, out))
+}
+
+/// Where one bar was drawn, in pixels: `x0..x1` wide, from `y_top` down to `y_base`; its
+/// whisker, when it has an interval, spans `whisker = (y_hi, y_lo)` at the bar's centre.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BarPixels {
+    pub x0: i32,
+    pub x1: i32,
+    pub y_top: i32,
+    pub y_base: i32,
+    pub whisker: Option<(i32, i32)>,
+}
+
+/// One panel of bars: `groups` along x, one bar per series in each group, optional intervals
+/// `(lo, hi)` per value (NaN value: no bar).
+struct Bars<'a> {
+    title: &'a str,
+    groups: &'a [String],
+    series: &'a [(String, Vec<f64>)],
+    intervals: Option<&'a [Vec<(f64, f64)>]>,
+    y_label: &'a str,
+    legend: bool,
+}
+
+impl Bars<'_> {
+    fn check(&self) -> Result<(), PlotError> {
+        if self.groups.is_empty() || self.series.is_empty() {
+            return Err(PlotError::Input("bar chart: no groups or no series".into()));
+        }
+        for (s, (name, values)) in self.series.iter().enumerate() {
+            if values.len() != self.groups.len() {
+                return Err(PlotError::Input(format!(
+                    "bar chart: series {name:?} has {} values for {} groups",
+                    values.len(),
+                    self.groups.len()
+                )));
+            }
+            let present = values.iter().copied().filter(|v| !v.is_nan());
+            check_finite(present, &format!("bar chart series {name:?}"))?;
+            if let Some(iv) = self.intervals {
+                let Some(iv) = iv.get(s).filter(|iv| iv.len() == values.len()) else {
+                    return Err(PlotError::Input(format!(
+                        "bar chart: series {name:?} needs one (lo, hi) per value"
+                    )));
+                };
+                let ends = iv
+                    .iter()
+                    .flat_map(|(a, b)| [*a, *b])
+                    .filter(|v| !v.is_nan());
+                check_finite(ends, &format!("bar chart intervals of {name:?}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn draw(
+        &self,
+        area: &DrawingArea<BitMapBackend, Shift>,
+    ) -> Result<Vec<Vec<BarPixels>>, PlotError> {
+        let mut all: Vec<f64> = self.series.iter().flat_map(|(_, v)| v.clone()).collect();
+        for iv in self.intervals.into_iter().flatten() {
+            all.extend(iv.iter().flat_map(|(a, b)| [*a, *b]));
+        }
+        let (y0, y1) = value_axis(all);
+        let n = self.groups.len() as f64;
+        let mut chart = ChartBuilder::on(area)
+            .caption(self.title, font(20))
+            .margin(12)
+            .x_label_area_size(46)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0f64..n, y0..y1)
+            .map_err(draw_err)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .disable_x_axis()
+            .y_labels(7)
+            .max_light_lines(1)
+            .y_desc(self.y_label)
+            .label_style(font(14))
+            .axis_desc_style(font(15))
+            .draw()
+            .map_err(draw_err)?;
+        let k = self.series.len() as f64;
+        let width = 0.8 / k;
+        let mut pixels = vec![Vec::new(); self.series.len()];
+        for (s, (name, values)) in self.series.iter().enumerate() {
+            let c = colour(s);
+            let mut rects = Vec::new();
+            for (g, v) in values.iter().enumerate() {
+                let x0 = g as f64 + 0.1 + s as f64 * width;
+                let x1 = x0 + width * 0.92;
+                if v.is_nan() {
+                    let p = chart.backend_coord(&(x0, y0));
+                    pixels[s].push(BarPixels {
+                        x0: p.0,
+                        x1: p.0,
+                        y_top: p.1,
+                        y_base: p.1,
+                        whisker: None,
+                    });
+                    continue;
+                }
+                let top = v.clamp(y0, y1);
+                rects.push(Rectangle::new([(x0, y0), (x1, top)], c.filled()));
+                let (a, b) = (
+                    chart.backend_coord(&(x0, top)),
+                    chart.backend_coord(&(x1, y0)),
+                );
+                pixels[s].push(BarPixels {
+                    x0: a.0,
+                    x1: b.0,
+                    y_top: a.1,
+                    y_base: b.1,
+                    whisker: None,
+                });
+            }
+            let drawn = chart.draw_series(rects).map_err(draw_err)?;
+            if self.legend {
+                drawn.label(name.as_str()).legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 6), (x + 12, y + 6)], c.filled())
+                });
+            }
+            if let Some(iv) = self.intervals {
+                let mut whiskers = Vec::new();
+                for (g, &(lo, hi)) in iv[s].iter().enumerate() {
+                    if lo.is_nan() || hi.is_nan() || values[g].is_nan() {
+                        continue;
+                    }
+                    let xc = g as f64 + 0.1 + (s as f64 + 0.46) * width;
+                    let cap = width * 0.25;
+                    let style = ShapeStyle::from(&INK).stroke_width(2);
+                    whiskers.push(PathElement::new(vec![(xc, lo), (xc, hi)], style));
+                    for y in [lo, hi] {
+                        whiskers.push(PathElement::new(vec![(xc - cap, y), (xc + cap, y)], style));
+                    }
+                    let (t, b) = (
+                        chart.backend_coord(&(xc, hi)),
+                        chart.backend_coord(&(xc, lo)),
+                    );
+                    pixels[s][g].whisker = Some((t.1, b.1));
+                }
+                chart.draw_series(whiskers).map_err(draw_err)?;
+            }
+        }
+        // Group names under their groups (the x axis itself carries no numbers).
+        let base = area.get_base_pixel();
+        let label_y = chart.backend_coord(&(0.0, y0)).1 + 10 - base.1;
+        for (g, name) in self.groups.iter().enumerate() {
+            let x = chart.backend_coord(&(g as f64 + 0.5, y0)).0 - base.0;
+            let style = font(15).pos(Pos::new(HPos::Center, VPos::Top));
+            area.draw(&Text::new(name.as_str(), (x, label_y), style))
+                .map_err(draw_err)?;
+        }
+        if self.legend && self.series.len() > 1 {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .label_font(font(14))
+                .background_style(WHITE.mix(0.85))
+                .border_style(INK)
+                .draw()
+                .map_err(draw_err)?;
+        }
+        // Pixels of the whole image (`backend_coord`), also when `area` is one panel.
+        Ok(pixels)
+    }
+}
+
+/// Grouped bars without intervals (one colour per series, one cluster per group).
 pub fn render_bar_chart(
     size: (u32, u32),
     title: &str,
     groups: &[String],
     series: &[(String, Vec<f64>)],
     y_label: &str,
-) -> Result<(RgbImage, Vec<Vec<Rect>>), PlotError> {
-    if groups.is_empty() || series.is_empty() {
-        return Err(PlotError::Input("bar chart: no groups or no series".into()));
-    }
-    for (name, values) in series {
-        if values.len() != groups.len() {
-            return Err(PlotError::Input(format!(
-                "bar chart: series {name:?} has {} values for {} groups",
-                values.len(),
-                groups.len()
-            )));
-        }
-        let present = values.iter().copied().filter(|v| !v.is_nan());
-        check_finite(present, &format!("bar chart series {name:?}"))?;
-    }
-    let all = series
-        .iter()
-        .flat_map(|(_, v)| v.iter().copied())
-        .filter(|v| !v.is_nan());
-    let lo = all.clone().fold(0.0f64, f64::min);
-    let hi = all.fold(0.0f64, f64::max);
-    let mut cv = Canvas::new(size.0.max(120), size.1.max(100));
-    let frame = draw_frame(&mut cv, title, y_label, lo, hi, 12 + 2 * CELL_H as i64 + 14);
-    let area = frame.area;
-    let group_w = area.w as f64 / groups.len() as f64;
-    let bar_w = ((group_w * 0.8) / series.len() as f64).max(1.0);
-    let mut rects = vec![Vec::new(); series.len()];
-    let base = frame.y_px(0.0f64.clamp(frame.y_min, frame.y_max));
-    for (g, group) in groups.iter().enumerate() {
-        let gx = area.x as f64 + g as f64 * group_w + group_w * 0.1;
-        for (s, (_, values)) in series.iter().enumerate() {
-            let x = (gx + s as f64 * bar_w).round() as i64;
-            let x_end = (gx + (s + 1) as f64 * bar_w).round() as i64 - i64::from(bar_w >= 4.0);
-            if values[g].is_nan() {
-                rects[s].push(Rect {
-                    x,
-                    y: base,
-                    w: 0,
-                    h: 0,
-                });
-                continue;
-            }
-            let y = frame.y_px(values[g]);
-            let r = Rect {
-                x,
-                y: y.min(base),
-                w: (x_end - x).max(1),
-                h: (y - base).abs().max(1),
-            };
-            cv.fill(r, series_color(s));
-            rects[s].push(r);
-        }
-        // A label too wide for its group breaks at its first space onto a second line.
-        let lines: Vec<&str> = match group.split_once(' ') {
-            Some((a, b)) if text_width(group, 1) > group_w as u32 => vec![a, b],
-            _ => vec![group.as_str()],
-        };
-        for (k, line) in lines.iter().enumerate() {
-            let label = fit(line, group_w as u32, 1);
-            let lx = area.x
-                + (g as f64 * group_w + (group_w - text_width(&label, 1) as f64) / 2.0) as i64;
-            cv.text(
-                lx,
-                area.y + area.h + 8 + k as i64 * CELL_H as i64,
-                &label,
-                1,
-                INK,
-            );
-        }
-    }
-    cv.line((area.x, base), (area.x + area.w, base), 1, INK);
-    let names: Vec<&str> = series.iter().map(|(n, _)| n.as_str()).collect();
-    draw_legend(&mut cv, area, &names);
-    Ok((cv.img, rects))
+) -> Result<(RgbImage, Vec<Vec<BarPixels>>), PlotError> {
+    render_interval_bar_chart(size, title, groups, series, None, y_label)
 }
 
-/// Writes a grouped bar chart PNG of [`DEFAULT_SIZE`] to `path` (see [`render_bar_chart`]).
+/// Grouped bars, each with its 95% interval `(lo, hi)` drawn as a whisker when given.
+pub fn render_interval_bar_chart(
+    size: (u32, u32),
+    title: &str,
+    groups: &[String],
+    series: &[(String, Vec<f64>)],
+    intervals: Option<&[Vec<(f64, f64)>]>,
+    y_label: &str,
+) -> Result<(RgbImage, Vec<Vec<BarPixels>>), PlotError> {
+    let bars = Bars {
+        title,
+        groups,
+        series,
+        intervals,
+        y_label,
+        legend: true,
+    };
+    bars.check()?;
+    render(size, |root| {
+        root.fill(&WHITE).map_err(draw_err)?;
+        bars.draw(root)
+    })
+}
+
 pub fn bar_chart(
     path: &Path,
     title: &str,
@@ -544,7 +379,6 @@ pub fn bar_chart(
     bar_chart_sized(path, DEFAULT_SIZE, title, groups, series, y_label)
 }
 
-/// [`bar_chart`] at a given size in pixels (wide charts for many groups).
 pub fn bar_chart_sized(
     path: &Path,
     size: (u32, u32),
@@ -557,19 +391,241 @@ pub fn bar_chart_sized(
     encode(path, &img)
 }
 
-/// Renders a line chart: each series a polyline through its `(x, y)` points (in the given
-/// order) with a square marker on every point.
+/// A bar of a [`Panel`]: its label, value and 95% interval `(lo, hi)` if any.
+pub type PanelBar = (String, f64, Option<(f64, f64)>);
+
+/// One panel of [`render_bar_panels`]: one bar per label with its interval.
+#[derive(Debug, Clone)]
+pub struct Panel {
+    pub title: String,
+    pub y_label: String,
+    /// (bar label, value, 95% interval) in drawing order.
+    pub bars: Vec<PanelBar>,
+}
+
+/// Several metrics side by side, each panel on its own value axis (POPE F1 near 0.8 and CHAIR_s
+/// near 0.3 cannot share one axis without hiding both's differences); one colour per bar label,
+/// the same in every panel. Returns each panel's bar pixels.
+pub fn render_bar_panels(
+    size: (u32, u32),
+    title: &str,
+    panels: &[Panel],
+) -> Result<(RgbImage, Vec<Vec<BarPixels>>), PlotError> {
+    if panels.is_empty() {
+        return Err(PlotError::Input("panel chart: no panels".into()));
+    }
+    let names = |p: &Panel| p.bars.iter().map(|b| b.0.clone()).collect::<Vec<_>>();
+    if let Some(p) = panels.iter().find(|p| names(p) != names(&panels[0])) {
+        return Err(PlotError::Input(format!(
+            "panel chart: panel {:?} has bars {:?}, the first {:?} (one legend serves all)",
+            p.title,
+            names(p),
+            names(&panels[0])
+        )));
+    }
+    let cols = panels.len().min(3);
+    let rows = panels.len().div_ceil(cols);
+    render(size, |root| {
+        root.fill(&WHITE).map_err(draw_err)?;
+        let body = root.titled(title, font(22)).map_err(draw_err)?;
+        let height = body.dim_in_pixel().1 as i32;
+        let (grid, strip) = body.split_vertically(height - 36);
+        // One legend for the figure: the bar colours are the same in every panel.
+        let mut x = 16;
+        for (i, (name, _, _)) in panels[0].bars.iter().enumerate() {
+            strip
+                .draw(&Rectangle::new([(x, 10), (x + 14, 24)], colour(i).filled()))
+                .map_err(draw_err)?;
+            strip
+                .draw(&Text::new(name.as_str(), (x + 19, 10), font(14)))
+                .map_err(draw_err)?;
+            let w = strip
+                .estimate_text_size(name, &font(14))
+                .map_err(draw_err)?
+                .0 as i32;
+            x += 19 + w + 18;
+        }
+        let mut out = Vec::new();
+        for (panel, area) in panels.iter().zip(grid.split_evenly((rows, cols))) {
+            let groups = vec![String::new()];
+            let series: Vec<(String, Vec<f64>)> = panel
+                .bars
+                .iter()
+                .map(|(name, v, _)| (name.clone(), vec![*v]))
+                .collect();
+            let intervals: Vec<Vec<(f64, f64)>> = panel
+                .bars
+                .iter()
+                .map(|(_, _, iv)| vec![iv.unwrap_or((f64::NAN, f64::NAN))])
+                .collect();
+            let bars = Bars {
+                title: &panel.title,
+                groups: &groups,
+                series: &series,
+                intervals: Some(&intervals),
+                y_label: &panel.y_label,
+                legend: false,
+            };
+            bars.check()?;
+            let px = bars.draw(&area)?;
+            out.push(px.into_iter().map(|v| v[0]).collect());
+        }
+        Ok(out)
+    })
+}
+
+/// Writes [`render_bar_panels`].
+pub fn bar_panels(
+    path: &Path,
+    size: (u32, u32),
+    title: &str,
+    panels: &[Panel],
+) -> Result<(), PlotError> {
+    let (img, _) = render_bar_panels(size, title, panels)?;
+    encode(path, &img)
+}
+
+/// Where a point of a line chart was drawn, and its band's ends at the same x.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PointPixels {
+    pub x: i32,
+    pub y: i32,
+    pub band: Option<(i32, i32)>,
+}
+
+/// Lines (or points), each optionally with a band `(lo, hi)` per point.
+fn render_points(
+    size: (u32, u32),
+    title: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    bands: &[Vec<(f64, f64)>],
+    x_label: &str,
+    y_label: &str,
+    connect: bool,
+) -> Result<(RgbImage, Vec<Vec<PointPixels>>), PlotError> {
+    let mut points: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+    if points.is_empty() {
+        return Err(PlotError::Input("line chart: no points".into()));
+    }
+    for (iv, (_, pts)) in bands.iter().zip(series) {
+        for ((lo, hi), (x, _)) in iv.iter().zip(pts) {
+            points.extend([(*x, *lo), (*x, *hi)]);
+        }
+    }
+    check_finite(points.iter().flat_map(|(x, y)| [*x, *y]), "line chart")?;
+    let (x_lo, x_hi) = points
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.0), b.max(p.0))
+        });
+    let pad = if x_hi > x_lo {
+        0.04 * (x_hi - x_lo)
+    } else {
+        0.5
+    };
+    let (y0, y1) = value_axis(points.iter().map(|p| p.1));
+    render(size, |root| {
+        root.fill(&WHITE).map_err(draw_err)?;
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, font(20))
+            .margin(12)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d((x_lo - pad)..(x_hi + pad), y0..y1)
+            .map_err(draw_err)?;
+        chart
+            .configure_mesh()
+            .y_labels(7)
+            .max_light_lines(1)
+            .x_desc(x_label)
+            .y_desc(y_label)
+            .label_style(font(14))
+            .axis_desc_style(font(15))
+            .draw()
+            .map_err(draw_err)?;
+        let mut out = Vec::new();
+        for (s, (name, pts)) in series.iter().enumerate() {
+            let c = colour(s);
+            let band = bands.get(s);
+            if let Some(iv) = band {
+                // The band: the polygon through every hi, then back through every lo.
+                let mut poly: Vec<(f64, f64)> = pts
+                    .iter()
+                    .zip(iv)
+                    .map(|((x, _), (_, hi))| (*x, *hi))
+                    .collect();
+                poly.extend(pts.iter().zip(iv).rev().map(|((x, _), (lo, _))| (*x, *lo)));
+                chart
+                    .draw_series(std::iter::once(Polygon::new(poly, c.mix(0.2).filled())))
+                    .map_err(draw_err)?;
+            }
+            let drawn = if connect {
+                chart
+                    .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
+                    .map_err(draw_err)?
+            } else {
+                chart
+                    .draw_series(pts.iter().map(|p| Circle::new(*p, 2, c.filled())))
+                    .map_err(draw_err)?
+            };
+            drawn
+                .label(name.as_str())
+                .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], c.filled()));
+            if connect {
+                chart
+                    .draw_series(pts.iter().map(|p| Circle::new(*p, 3, c.filled())))
+                    .map_err(draw_err)?;
+            }
+            out.push(
+                pts.iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let (x, y) = chart.backend_coord(p);
+                        let band = band.and_then(|iv| iv.get(i)).map(|(lo, hi)| {
+                            (
+                                chart.backend_coord(&(p.0, *hi)).1,
+                                chart.backend_coord(&(p.0, *lo)).1,
+                            )
+                        });
+                        PointPixels { x, y, band }
+                    })
+                    .collect(),
+            );
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(font(14))
+            .background_style(WHITE.mix(0.85))
+            .border_style(INK)
+            .draw()
+            .map_err(draw_err)?;
+        Ok(out)
+    })
+}
+
+/// Lines through each series' points.
 pub fn render_line_chart(
     size: (u32, u32),
     title: &str,
     series: &[(String, Vec<(f64, f64)>)],
     x_label: &str,
     y_label: &str,
-) -> Result<RgbImage, PlotError> {
+) -> Result<(RgbImage, Vec<Vec<PointPixels>>), PlotError> {
     render_points(size, title, series, &[], x_label, y_label, true)
 }
 
-/// A scatter plot: the points of each series as dots, not joined (t-SNE maps).
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    x_label: &str,
+    y_label: &str,
+) -> Result<(), PlotError> {
+    let (img, _) = render_line_chart(DEFAULT_SIZE, title, series, x_label, y_label)?;
+    encode(path, &img)
+}
+
 pub fn scatter_chart(
     path: &Path,
     title: &str,
@@ -577,12 +633,12 @@ pub fn scatter_chart(
     x_label: &str,
     y_label: &str,
 ) -> Result<(), PlotError> {
-    let img = render_points(DEFAULT_SIZE, title, series, &[], x_label, y_label, false)?;
+    let (img, _) = render_points(DEFAULT_SIZE, title, series, &[], x_label, y_label, false)?;
     encode(path, &img)
 }
 
-/// Renders a line chart whose points carry intervals: `intervals[s][i]` is the `(lo, hi)` of
-/// point `i` of series `s`, drawn as a vertical whisker with caps (a sweep's 95% intervals).
+/// Lines with a band per series: `intervals[s][i]` is the `(lo, hi)` of point `i` of series `s`
+/// (the paper's sweeps, with each point's 95% interval over seeds).
 pub fn render_interval_chart(
     size: (u32, u32),
     title: &str,
@@ -590,7 +646,7 @@ pub fn render_interval_chart(
     intervals: &[Vec<(f64, f64)>],
     x_label: &str,
     y_label: &str,
-) -> Result<RgbImage, PlotError> {
+) -> Result<(RgbImage, Vec<Vec<PointPixels>>), PlotError> {
     if intervals.len() != series.len()
         || series
             .iter()
@@ -604,7 +660,6 @@ pub fn render_interval_chart(
     render_points(size, title, series, intervals, x_label, y_label, true)
 }
 
-/// Writes an interval chart PNG of [`DEFAULT_SIZE`] to `path` (see [`render_interval_chart`]).
 pub fn interval_chart(
     path: &Path,
     title: &str,
@@ -613,241 +668,9 @@ pub fn interval_chart(
     x_label: &str,
     y_label: &str,
 ) -> Result<(), PlotError> {
-    let img = render_interval_chart(DEFAULT_SIZE, title, series, intervals, x_label, y_label)?;
-    encode(path, &img)
-}
-
-/// Points of each series on shared axes, joined by lines when `connect`, with whiskers where
-/// `intervals` (empty, or one `(lo, hi)` per point) gives them.
-fn render_points(
-    size: (u32, u32),
-    title: &str,
-    series: &[(String, Vec<(f64, f64)>)],
-    intervals: &[Vec<(f64, f64)>],
-    x_label: &str,
-    y_label: &str,
-    connect: bool,
-) -> Result<RgbImage, PlotError> {
-    let mut points: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).collect();
-    if points.is_empty() {
-        return Err(PlotError::Input("line chart: no points".into()));
-    }
-    // The y range holds the whiskers too.
-    for (iv, (_, pts)) in intervals.iter().zip(series) {
-        for ((lo, hi), (x, _)) in iv.iter().zip(pts) {
-            points.extend([(*x, *lo), (*x, *hi)]);
-        }
-    }
-    check_finite(points.iter().flat_map(|(x, y)| [*x, *y]), "line chart")?;
-    let (x_lo, x_hi) = points
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
-            (a.min(p.0), b.max(p.0))
-        });
-    let (y_lo, y_hi) = points
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
-            (a.min(p.1), b.max(p.1))
-        });
-    // Losses and metrics read best against a zero baseline when they are all positive and
-    // not far from it; curves far from zero keep their own range.
-    let y_lo = if y_lo > 0.0 && y_lo < 0.5 * y_hi {
-        0.0
-    } else {
-        y_lo
-    };
-    let mut cv = Canvas::new(size.0.max(120), size.1.max(100));
-    let frame = draw_frame(
-        &mut cv,
-        title,
-        y_label,
-        y_lo,
-        y_hi,
-        12 + 2 * CELL_H as i64 + 18,
-    );
-    let area = frame.area;
-    let (x_min, x_max, x_step) = nice_range(x_lo, x_hi);
-    let x_px = |v: f64| area.x + ((v - x_min) / (x_max - x_min) * area.w as f64).round() as i64;
-    let mut t = x_min;
-    while t <= x_max + x_step * 1e-9 {
-        let x = x_px(t);
-        cv.line((x, area.y + area.h), (x, area.y + area.h + 4), 1, INK);
-        let label = tick_label(t, x_step);
-        cv.text(
-            x - text_width(&label, 1) as i64 / 2,
-            area.y + area.h + 8,
-            &label,
-            1,
-            INK,
-        );
-        t += x_step;
-    }
-    cv.line(
-        (area.x, area.y + area.h),
-        (area.x + area.w, area.y + area.h),
-        1,
-        INK,
-    );
-    let x_label = fit(x_label, area.w as u32, 1);
-    cv.text(
-        area.x + (area.w - text_width(&x_label, 1) as i64) / 2,
-        area.y + area.h + 10 + CELL_H as i64,
-        &x_label,
-        1,
-        INK,
-    );
-    for (s, (_, pts)) in series.iter().enumerate() {
-        let px: Vec<(i64, i64)> = pts
-            .iter()
-            .map(|(x, y)| (x_px(*x), frame.y_px(*y)))
-            .collect();
-        if connect {
-            for pair in px.windows(2) {
-                cv.line(pair[0], pair[1], 2, series_color(s));
-            }
-        }
-        for (p, (lo, hi)) in px.iter().zip(intervals.get(s).into_iter().flatten()) {
-            let (top, bottom) = (frame.y_px(*hi), frame.y_px(*lo));
-            cv.line((p.0, top), (p.0, bottom), 1, series_color(s));
-            for y in [top, bottom] {
-                cv.line((p.0 - 5, y), (p.0 + 5, y), 1, series_color(s));
-            }
-        }
-        for p in &px {
-            cv.fill(
-                Rect {
-                    x: p.0 - 2,
-                    y: p.1 - 2,
-                    w: 5,
-                    h: 5,
-                },
-                series_color(s),
-            );
-        }
-    }
-    let names: Vec<&str> = series.iter().map(|(n, _)| n.as_str()).collect();
-    draw_legend(&mut cv, area, &names);
-    Ok(cv.img)
-}
-
-/// Writes a line chart PNG of [`DEFAULT_SIZE`] to `path` (see [`render_line_chart`]).
-pub fn line_chart(
-    path: &Path,
-    title: &str,
-    series: &[(String, Vec<(f64, f64)>)],
-    x_label: &str,
-    y_label: &str,
-) -> Result<(), PlotError> {
-    let img = render_line_chart(DEFAULT_SIZE, title, series, x_label, y_label)?;
+    let (img, _) = render_interval_chart(DEFAULT_SIZE, title, series, intervals, x_label, y_label)?;
     encode(path, &img)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tmp(name: &str) -> std::path::PathBuf {
-        std::env::temp_dir().join(format!("misp-plot-{}-{name}", std::process::id()))
-    }
-
-    #[test]
-    fn bar_chart_decodes_with_bars_where_they_should_be() {
-        let path = tmp("bars.png");
-        let groups: Vec<String> = ["accuracy", "f1", "yes ratio"].map(String::from).to_vec();
-        let series = vec![
-            ("base".to_string(), vec![0.8, 0.75, 0.6]),
-            ("misp-dpo".to_string(), vec![0.9, 0.88, 0.5]),
-        ];
-        bar_chart(&path, "POPE overall", &groups, &series, "fraction").unwrap();
-        let img = image::open(&path).unwrap().to_rgb8();
-        assert_eq!(img.dimensions(), DEFAULT_SIZE);
-        let (rendered, rects) =
-            render_bar_chart(DEFAULT_SIZE, "POPE overall", &groups, &series, "fraction").unwrap();
-        assert_eq!(
-            rendered.as_raw(),
-            img.as_raw(),
-            "the file holds what was rendered"
-        );
-        for (s, bars) in rects.iter().enumerate() {
-            for (g, r) in bars.iter().enumerate() {
-                let centre = img.get_pixel((r.x + r.w / 2) as u32, (r.y + r.h / 2) as u32);
-                assert_eq!(*centre, series_color(s), "bar {s}/{g} at {r:?}");
-            }
-        }
-        // Taller value, taller bar.
-        assert!(rects[1][0].h > rects[0][0].h);
-        // Above the tallest bar of a group, near the plot top, is background or grid.
-        let r = rects[1][0];
-        assert_ne!(
-            *img.get_pixel((r.x + r.w / 2) as u32, (r.y - 30) as u32),
-            series_color(1)
-        );
-        std::fs::remove_file(&path).unwrap();
-    }
-
-    #[test]
-    fn line_chart_draws_its_series() {
-        let path = tmp("lines.png");
-        let series = vec![(
-            "loss".to_string(),
-            vec![(0.0, 1.0), (10.0, 0.5), (20.0, 0.25)],
-        )];
-        line_chart(&path, "Training", &series, "step", "loss").unwrap();
-        let img = image::open(&path).unwrap().to_rgb8();
-        assert_eq!(img.dimensions(), DEFAULT_SIZE);
-        let colored = img.pixels().filter(|p| **p == series_color(0)).count();
-        assert!(colored > 500, "only {colored} series pixels");
-        std::fs::remove_file(&path).unwrap();
-    }
-
-    #[test]
-    fn bad_input_is_an_error() {
-        let groups = vec!["a".to_string()];
-        let err = render_bar_chart(
-            (200, 100),
-            "t",
-            &groups,
-            &[("s".into(), vec![1.0, 2.0])],
-            "y",
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("2 values for 1 groups"), "{err}");
-        let err = render_bar_chart(
-            (200, 100),
-            "t",
-            &groups,
-            &[("s".into(), vec![f64::INFINITY])],
-            "y",
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("not finite"), "{err}");
-    }
-
-    #[test]
-    fn nice_ranges_and_labels() {
-        assert_eq!(nice_range(0.0, 0.93), (0.0, 1.0, 0.2));
-        assert_eq!(nice_range(0.0, 87.0), (0.0, 100.0, 20.0));
-        assert_eq!(tick_label(0.6000000000000001, 0.2), "0.6");
-        assert_eq!(tick_label(40.0, 20.0), "40");
-        assert_eq!(text_width("ab", 1), 11);
-    }
-
-    #[test]
-    fn interval_chart_draws_whiskers_at_the_interval_ends() {
-        let series = vec![("misp".to_string(), vec![(0.1, 50.0), (1.0, 60.0)])];
-        let intervals = vec![vec![(40.0, 55.0), (58.0, 62.0)]];
-        let img = render_interval_chart(DEFAULT_SIZE, "sweep", &series, &intervals, "beta", "F1")
-            .unwrap();
-        // The first point's whisker reaches far below its marker: somewhere on its column,
-        // well below the marker, pixels have the series colour.
-        let plain = render_line_chart(DEFAULT_SIZE, "sweep", &series, "beta", "F1").unwrap();
-        let colour = series_color(0);
-        let count = |im: &RgbImage| im.pixels().filter(|p| **p == colour).count();
-        assert!(
-            count(&img) > count(&plain) + 20,
-            "whiskers add coloured pixels"
-        );
-        // Mismatched shapes are an error, not a panic.
-        assert!(render_interval_chart(DEFAULT_SIZE, "x", &series, &[vec![]], "a", "b").is_err());
-    }
-}
+mod tests;
