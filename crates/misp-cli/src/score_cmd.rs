@@ -92,14 +92,22 @@ impl ModelArgs {
         })
     }
 
-    /// The resolved settings, for a run's config file.
+    /// The resolved settings, for a run's config file. Written before the model loads, so the
+    /// backbone comes from `config.json` here (unreadable: left to the load's own error); a
+    /// Qwen2.5-VL folder prompts with its checkpoint's chat template, not `--template`.
     pub(crate) fn to_json(&self) -> serde_json::Value {
+        let model_type = misp::model::vlm::model_type(&self.model).ok();
+        let template = match model_type.as_deref() {
+            Some("qwen2_5_vl") => json!("the checkpoint's chat template"),
+            _ => json!(self.template),
+        };
         json!({
             "model": self.model,
+            "model_type": model_type,
             "adapter": self.adapter,
             "dtype": format!("{:?}", self.dtype).to_lowercase(),
             "pad_to_square": self.pad_to_square,
-            "template": self.template,
+            "template": template,
             "batch_size": self.batch_size,
             "image_root": self.image_root,
             "device": self.runtime.device,

@@ -184,6 +184,14 @@ fn generate_gives_transformers_greedy_text() {
     for (r, c) in got.iter().zip(cases) {
         assert_eq!(r["text"], c["text"], "{}", c["image"]);
     }
+    // The resolved config names the backbone and the template it prompted with, not LLaVA's
+    // default `--template`.
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("answers.jsonl.config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["model_type"], "qwen2_5_vl");
+    assert_eq!(config["template"], "the checkpoint's chat template");
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -519,7 +527,7 @@ fn serve_answers_chat_requests_with_transformers_greedy_text() {
         s.set_read_timeout(Some(std::time::Duration::from_secs(120)))
             .unwrap();
         let head = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
         s.write_all(head.as_bytes()).unwrap();
