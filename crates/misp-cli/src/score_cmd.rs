@@ -33,7 +33,7 @@ impl Dtype {
 ///
 /// The group clap derives for this struct is named in `--model` explicitly: clap's derive
 /// leaves the group of a struct with a flattened field (`runtime`) empty, so a flattened
-/// `Option<ModelArgs>` would never be `Some` (clap issue 4697); with `--model` in it, the
+/// `Option<ModelArgs>` would never be `Some` (clap-rs/clap#4697 upstream); with `--model` in it, the
 /// option is present exactly when `--model` is given.
 #[derive(Args, Debug)]
 #[group(arg = "model")]
