@@ -208,8 +208,32 @@ fn pack_b(b: Mat<bf16>, parallel: bool) -> Vec<bf16> {
                     dst[p * 2 * NR + 2 * j + s] = v;
                 }
             }
+        } else if b.rs == 1 {
+            // Columns contiguous (`x W^T`: a column is a weight row), so a pair is two adjacent
+            // values. Blocks of pairs keep the panel's destination rows in L1 while each of
+            // the panel's weight rows is read a cache line at a time (column by column, the
+            // writes would land 128 bytes apart, one line each).
+            const PB: usize = 32;
+            let full = k / 2;
+            for p0 in (0..full).step_by(PB) {
+                let p1 = (p0 + PB).min(full);
+                for j in 0..cols {
+                    let col = &b.data[(q * NR + j) * b.cs + 2 * p0..][..2 * (p1 - p0)];
+                    for (i, pair) in col.chunks_exact(2).enumerate() {
+                        let at = (p0 + i) * 2 * NR + 2 * j;
+                        dst[at] = pair[0];
+                        dst[at + 1] = pair[1];
+                    }
+                }
+            }
+            if k % 2 == 1 {
+                // The last, half-empty pair (its upper half stays zero).
+                for j in 0..cols {
+                    dst[full * 2 * NR + 2 * j] = b.data[(q * NR + j) * b.cs + k - 1];
+                }
+            }
         } else {
-            // Columns contiguous or strided (`x W^T`: a column is a weight row).
+            // Any other strides: element by element.
             for j in 0..cols {
                 let col = (q * NR + j) * b.cs;
                 for r in 0..k {
@@ -537,6 +561,16 @@ mod tests {
             // A transposed left operand (strided rows) on the calling thread alone.
             let xt = data(k * m, 4);
             check(Mat::new(&xt, k, m).t(), Mat::new(&w, n, k).t(), "x^T W^T");
+            // A right operand with no unit stride (every other element of a wider buffer).
+            let wide = data(2 * n * k, 8);
+            let strided = Mat {
+                data: &wide,
+                rows: k,
+                cols: n,
+                rs: 2,
+                cs: 2 * k,
+            };
+            check(Mat::new(&x, m, k), strided, "x W^T, strided");
         }
     }
 

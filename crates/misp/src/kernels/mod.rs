@@ -13,7 +13,9 @@
 //! The interface:
 //! - element-wise and row-wise ops with backward: [`rms_norm`], [`swiglu`],
 //!   [`scaled_softmax`]; inference-only: [`layer_norm_no_grad`], [`quick_gelu_no_grad`];
-//! - [`linear`] / [`Linear`]: `nn.Linear` whose frozen weight gets no gradient;
+//! - [`linear`] / [`Linear`]: `nn.Linear` whose frozen weight gets no gradient; [`matmul`]:
+//!   a batched matmul whose bf16 CPU products take the bf16 kernel (attention's on the
+//!   generic path);
 //! - LLaMA's causal attention core from `q, k, v` to merged heads ([`attention`]), CLIP's
 //!   bidirectional attention at inference ([`encoder_attention`]);
 //! - LoRA's training step and its dropout masks ([`lora_step`] on the CPU, [`lora_branch`]
@@ -29,6 +31,7 @@
 
 pub(crate) mod attention;
 pub mod bf16_gemm;
+mod bf16_matmul;
 mod elementwise;
 pub(crate) mod encoder_attention;
 pub(crate) mod gemm;
@@ -40,6 +43,7 @@ pub(crate) mod real;
 #[cfg(test)]
 pub(crate) mod testing;
 
+pub use bf16_matmul::matmul;
 pub(crate) use elementwise::rope_data;
 pub use elementwise::{layer_norm_no_grad, quick_gelu_no_grad, rms_norm, scaled_softmax, swiglu};
 pub use linear::{input_grad, linear, Linear};

@@ -143,6 +143,19 @@ pub struct DecoderInputs {
     pub rope: Option<RopeTables>,
 }
 
+/// Image features computed so far, by the pixels they came from ([`Vlm::decoder_inputs_reusing`]).
+/// Lookups compare pixels exactly; a micro-step holds a few images, so a list serves.
+#[derive(Debug, Default)]
+pub struct ImageFeatures<'a> {
+    done: Vec<(&'a [f32], Tensor)>,
+}
+
+impl<'a> ImageFeatures<'a> {
+    fn get(&self, pixels: &[f32]) -> Option<&Tensor> {
+        self.done.iter().find(|(p, _)| *p == pixels).map(|(_, f)| f)
+    }
+}
+
 /// Model + processor + image preprocessing of one checkpoint.
 #[derive(Debug, Clone)]
 pub struct Vlm {
@@ -654,6 +667,19 @@ impl Vlm {
     /// rows' RoPE tables where the backbone has its own positions (Qwen2.5-VL's multimodal
     /// RoPE; `None`: positions `0..T`). The trainer's memory-saving path starts here.
     pub fn decoder_inputs(&self, items: &[&PreparedScore]) -> Result<DecoderInputs, ModelError> {
+        self.decoder_inputs_reusing(items, &mut ImageFeatures::default())
+    }
+
+    /// [`Self::decoder_inputs`], taking LLaVA's image features from `seen` where an earlier
+    /// call (or an earlier row) already ran the tower on the same pixels, and adding those it
+    /// computes: a DPO record's chosen and rejected sequences share their image, so a step
+    /// run group by group runs the tower once per distinct image. (Qwen2.5-VL's rows run their
+    /// tower as before.)
+    pub fn decoder_inputs_reusing<'a>(
+        &self,
+        items: &[&'a PreparedScore],
+        seen: &mut ImageFeatures<'a>,
+    ) -> Result<DecoderInputs, ModelError> {
         let seqs: Vec<(&[u32], &[u32])> = items
             .iter()
             .map(|i| (i.prompt_ids.as_slice(), i.response_ids.as_slice()))
@@ -661,8 +687,20 @@ impl Vlm {
         let batch = self.score_batch(&seqs)?;
         match &self.backbone {
             Backbone::Llava { model, .. } => {
-                let px: Vec<&[f32]> = items.iter().map(|i| i.pixels.as_slice()).collect();
-                let embeds = model.input_embeds(&batch.ids, &self.pixel_tensor(&px)?)?;
+                let mut feats = Vec::with_capacity(items.len());
+                for item in items {
+                    let px = item.pixels.as_slice();
+                    let f = match seen.get(px) {
+                        Some(f) => f.clone(),
+                        None => {
+                            let f = model.image_features(&self.pixel_tensor(&[px])?)?;
+                            seen.done.push((px, f.clone()));
+                            f
+                        }
+                    };
+                    feats.push(f);
+                }
+                let embeds = model.embeds_with_features(&batch.ids, &Tensor::cat(&feats, 0)?)?;
                 Ok(DecoderInputs {
                     batch,
                     embeds,

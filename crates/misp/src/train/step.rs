@@ -21,7 +21,7 @@ use super::data::{PixelCache, TrainItem};
 use super::reference::{RefCache, RefEntry};
 use super::TrainError;
 use crate::model::llava::Scored;
-use crate::model::vlm::{PreparedImage, PreparedScore, Vlm};
+use crate::model::vlm::{ImageFeatures, PreparedImage, PreparedScore, Vlm};
 use crate::objective::{
     misp_dpo_loss, NegativeSlots, ObjectiveConfig, ObjectiveOutput, SequenceLogps,
 };
@@ -330,13 +330,15 @@ fn in_pieces(
     //    masks seeded by the group, so that its backward pass draws the same ones).
     let mut pieces = Vec::new();
     let mut lps = Vec::with_capacity(n);
+    // The tower runs once per distinct image of the micro-step (chosen and rejected share).
+    let mut images = ImageFeatures::default();
     for (g, first) in (0..n).step_by(group).enumerate() {
         let seqs: Vec<usize> = (first..(first + group).min(n)).collect();
         switch.set_dropout_seed(crate::files::splitmix64(micro_seed ^ g as u64));
         let items_g: Vec<&PreparedScore> = seqs.iter().map(|&i| &l.seqs[i]).collect();
         // LLaVA's positions are 0..T; Qwen2.5-VL's rows bring their multimodal RoPE tables,
         // which the forward keeps for the recomputing backward.
-        let x = vlm.decoder_inputs(&items_g)?;
+        let x = vlm.decoder_inputs_reusing(&items_g, &mut images)?;
         let batch = x.batch;
         let forward = lm.forward_detached_with_rope(
             &x.embeds,

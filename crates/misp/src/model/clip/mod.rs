@@ -281,9 +281,11 @@ impl ClipAttention {
                 .contiguous()
         };
         let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        let scores = kernels::matmul(&q, &k.t()?)?.to_dtype(DType::F32)?;
         let probs = kernels::scaled_softmax(&scores, mask, self.scale)?.to_dtype(q.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, tq, d))?;
+        let out = kernels::matmul(&probs, &v)?
+            .transpose(1, 2)?
+            .reshape((b, tq, d))?;
         self.out_proj.forward(&out)
     }
 }

@@ -387,7 +387,7 @@ impl LlamaAttention {
         // need no copies.
         let k = repeat(k)?;
         let v = repeat(v)?;
-        let scores = q.matmul(&k.t()?)?;
+        let scores = kernels::matmul(&q, &k.t()?)?;
         let sdt = float_dtype(q.dtype());
         let probs = kernels::scaled_softmax(
             &scores.to_dtype(sdt)?,
@@ -395,7 +395,9 @@ impl LlamaAttention {
             1.0 / (hd as f64).sqrt(),
         )?
         .to_dtype(q.dtype())?;
-        probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * hd))
+        kernels::matmul(&probs, &v)?
+            .transpose(1, 2)?
+            .reshape((b, t, h * hd))
     }
 }
 

@@ -307,11 +307,21 @@ impl Llava {
     /// positions of `image_token_index` (row-major over the batch, as transformers'
     /// `masked_scatter`). Errors unless there are exactly `images * image_tokens` of them.
     pub fn input_embeds(&self, input_ids: &Tensor, pixels: &Tensor) -> Result<Tensor, ModelError> {
+        self.embeds_with_features(input_ids, &self.image_features(pixels)?)
+    }
+
+    /// [`Self::input_embeds`] from image features already computed (`[M, image_tokens,
+    /// hidden]`, [`Self::image_features`]), so that an image shared by several sequences runs
+    /// the tower once.
+    pub fn embeds_with_features(
+        &self,
+        input_ids: &Tensor,
+        feats: &Tensor,
+    ) -> Result<Tensor, ModelError> {
         let (b, t) = input_ids.dims2()?;
         let ids = input_ids.to_dtype(DType::U32)?;
         let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
         let img = self.config.image_token_index;
-        let feats = self.image_features(pixels)?;
         let (m, n, d) = feats.dims3()?;
         let found = flat.iter().filter(|&&i| i == img).count();
         if found != m * n {
