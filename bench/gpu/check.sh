@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, on whatever NVIDIA GPU the machine has, in one run that fits in minutes:
-#   1. LLaVA conformance with transformers (fixtures/llava) on cuda, f32 and bf16;
+#   1. LLaVA and Qwen2.5-VL conformance with transformers (fixtures/llava, fixtures/qwen2_5_vl)
+#      on cuda, f32 and bf16;
 #   2. a LLaVA-1.5-7B-shaped checkpoint (random bf16 weights, bench/memory/make_llava_7b_shaped.py,
 #      LAYERS decoder layers, 32 = the real shape) and one MISP-DPO training step on it, K = 3
 #      (5 sequences of ~700 tokens), bf16, gradient checkpointing, sequence_group 1: step time
@@ -41,8 +42,10 @@ fi
 "$MISP" --version
 
 step "1. conformance with transformers on $DEVICE"
-for dt in f32 bf16; do
-  "$MISP" bench conformance --fixture fixtures/llava --device "$DEVICE" --dtype "$dt" || status=1
+for fx in llava qwen2_5_vl; do
+  for dt in f32 bf16; do
+    "$MISP" bench conformance --fixture "fixtures/$fx" --device "$DEVICE" --dtype "$dt" || status=1
+  done
 done
 
 step "2. a LLaVA-1.5-7B-shaped checkpoint with $LAYERS decoder layers"

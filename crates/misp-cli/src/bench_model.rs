@@ -22,6 +22,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use misp::model::generate::greedy;
+use misp::model::llama::Llama;
 use misp::model::llava::Llava;
 use misp::model::lora::{init_rng, LoraConfig};
 use misp::model::qwen2_5_vl::image_processor::ImagePatches;
@@ -54,6 +55,11 @@ pub struct BenchModelArgs {
     rank: usize,
     #[arg(long, default_value_t = 0.05)]
     lora_dropout: f32,
+    /// Qwen2.5-VL: each image's side in pixels, rounded down to whole merge units (224 with
+    /// patch 14 and merge 2: 64 image tokens) [default: the largest square whose tokens fill
+    /// at most half of the shorter of --seq-len and --prompt-len].
+    #[arg(long)]
+    image_size: Option<usize>,
     /// Base weights' dtype: f32 or bf16 (LoRA stays f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -120,17 +126,17 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
         ..LoraConfig::default()
     };
     if model_type(&a.model)? == "qwen2_5_vl" {
-        return run_qwen(&a, dtype, &dev, &lora);
+        bench_qwen(&a, dtype, &dev, &lora)
+    } else {
+        if a.image_size.is_some() {
+            anyhow::bail!("--image-size: LLaVA's image size is its config's `image_size`");
+        }
+        bench_llava(&a, dtype, &dev, &lora)
     }
-    let mut model = Llava::load_dir(&a.model, dtype, &dev)
-        .with_context(|| format!("loading {}", a.model.display()))?;
-    model
-        .language_model_mut()
-        .attach_lora(&lora, &mut init_rng(a.seed))?;
-    let cfg = model.config().clone();
-    let (n_img, img) = (cfg.image_tokens(), cfg.image_token_index);
-    let vocab = cfg.text_config.vocab_size as u32;
-    let size = cfg.vision_config.image_size;
+}
+
+/// `--seq-len` and `--prompt-len` must hold a first token, the image's tokens and some text.
+fn check_lengths(a: &BenchModelArgs, n_img: usize) -> anyhow::Result<()> {
     let min_len = n_img + 2;
     if a.seq_len < min_len || a.prompt_len < min_len {
         anyhow::bail!(
@@ -139,24 +145,158 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
             a.prompt_len
         );
     }
-    let lm = model.language_model();
-    let vars = lm.trainable_vars();
-    let lora_params: usize = vars.iter().map(|v| v.elem_count()).sum();
-    let switch = lm.lora_switch().clone();
+    Ok(())
+}
+
+/// 0/1 weights `[b, t]` marking the second half of each sequence: the scored response.
+fn second_half(b: usize, t: usize) -> Vec<f32> {
+    (0..b)
+        .flat_map(|_| (0..t).map(move |i| if i >= t / 2 { 1.0 } else { 0.0 }))
+        .collect()
+}
+
+fn bench_llava(
+    a: &BenchModelArgs,
+    dtype: DType,
+    dev: &Device,
+    lora: &LoraConfig,
+) -> anyhow::Result<()> {
+    let mut model = Llava::load_dir(&a.model, dtype, dev)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    model
+        .language_model_mut()
+        .attach_lora(lora, &mut init_rng(a.seed))?;
+    let cfg = model.config().clone();
+    let (n_img, img) = (cfg.image_tokens(), cfg.image_token_index);
+    let vocab = cfg.text_config.vocab_size as u32;
+    let size = cfg.vision_config.image_size;
+    check_lengths(a, n_img)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
 
-    // 1. Forward + backward. The second half of each sequence is the scored response.
     let (b, t) = (a.batch, a.seq_len);
     let ids: Vec<u32> = (0..b)
         .flat_map(|_| sequence(&mut rng, t, n_img, img, vocab))
         .collect();
-    let ids = Tensor::from_vec(ids, (b, t), &dev)?;
-    let mask = Tensor::ones((b, t), DType::U8, &dev)?;
-    let labels: Vec<f32> = (0..b)
-        .flat_map(|_| (0..t).map(|i| if i >= t / 2 { 1.0 } else { 0.0 }))
-        .collect();
-    let labels = Tensor::from_vec(labels, (b, t), &dev)?;
+    let ids = Tensor::from_vec(ids, (b, t), dev)?;
+    let mask = Tensor::ones((b, t), DType::U8, dev)?;
+    let labels = Tensor::from_vec(second_half(b, t), (b, t), dev)?;
     let pixels = random_pixels(&mut rng, b, size)?;
+    let prompts: Vec<Vec<u32>> = (0..a.gen_batch)
+        .map(|_| sequence(&mut rng, a.prompt_len, n_img, img, vocab))
+        .collect();
+    let gen_pixels = random_pixels(&mut rng, a.gen_batch, size)?;
+
+    let figures = measure(
+        a,
+        model.language_model(),
+        || Ok(model.sequence_logprobs(&ids, &mask, &pixels, &labels)?.0),
+        || Ok(greedy(&model, &prompts, &gen_pixels, &[], 0, a.new_tokens)?),
+    )?;
+    let tc = &cfg.text_config;
+    report(
+        a,
+        &format!(
+            "{} layers, hidden {}, {n_img} image tokens",
+            tc.num_hidden_layers, tc.hidden_size
+        ),
+        figures,
+    );
+    Ok(())
+}
+
+/// Each sequence's image is a square of random patches: `--image-size` pixels a side (rounded
+/// down to whole merge units), or else the largest square of merge units that fills at most
+/// half of the shorter of `--seq-len` and `--prompt-len`.
+fn bench_qwen(
+    a: &BenchModelArgs,
+    dtype: DType,
+    dev: &Device,
+    lora: &LoraConfig,
+) -> anyhow::Result<()> {
+    let mut model = Qwen2_5Vl::load_dir(&a.model, dtype, dev)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    model
+        .language_model_mut()
+        .attach_lora(lora, &mut init_rng(a.seed))?;
+    let cfg = model.config().clone();
+    let (img, vocab) = (cfg.image_token_id, cfg.text.vocab_size as u32);
+    let merge = cfg.vision.spatial_merge_size;
+    let side = match a.image_size {
+        Some(px) => px / (cfg.vision.patch_size * merge),
+        None => ((a.seq_len.min(a.prompt_len) / 2) as f64).sqrt().floor() as usize,
+    };
+    if side == 0 {
+        anyhow::bail!(
+            "no room for an image: --image-size needs at least one {0} x {0} merge unit, \
+             --seq-len / --prompt-len at least 2 tokens",
+            cfg.vision.patch_size * merge
+        );
+    }
+    let n_img = side * side;
+    check_lengths(a, n_img)?;
+    let grid = side * merge;
+    let patch_values = grid * grid * cfg.vision.patch_dim();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
+    let image = |rng: &mut rand::rngs::StdRng| ImagePatches {
+        pixels: (0..patch_values)
+            .map(|_| rng.random_range(-1.5f32..1.5))
+            .collect(),
+        grid_h: grid,
+        grid_w: grid,
+    };
+
+    let (b, t) = (a.batch, a.seq_len);
+    let items: Vec<PreparedScore> = (0..b)
+        .map(|_| {
+            let mut ids = sequence(&mut rng, t, n_img, img, vocab);
+            let response = ids.split_off(t / 2);
+            PreparedScore {
+                prompt_ids: ids,
+                response_ids: response,
+                pixels: image(&mut rng).pixels,
+                grid: Some((grid, grid)),
+            }
+        })
+        .collect();
+    let refs: Vec<&PreparedScore> = items.iter().collect();
+    let prompts: Vec<Vec<u32>> = (0..a.gen_batch)
+        .map(|_| sequence(&mut rng, a.prompt_len, n_img, img, vocab))
+        .collect();
+    let patches: Vec<ImagePatches> = (0..a.gen_batch).map(|_| image(&mut rng)).collect();
+    let images: Vec<Vec<&ImagePatches>> = patches.iter().map(|p| vec![p]).collect();
+
+    let figures = measure(
+        a,
+        model.language_model(),
+        || Ok(qwen_item_logprobs(&model, &refs, 0, dev)?.0),
+        || Ok(model.greedy(&prompts, &images, &[], 0, a.new_tokens, dev)?),
+    )?;
+    let tc = &cfg.text;
+    report(
+        a,
+        &format!(
+            "Qwen2.5-VL: {} layers, hidden {}, {n_img} image tokens of a {grid} x {grid} patch grid",
+            tc.num_hidden_layers, tc.hidden_size
+        ),
+        figures,
+    );
+    Ok(())
+}
+
+/// The timing skeleton every backbone shares. `step`: a training forward of the batch, each
+/// sequence's summed response log-prob (with its graph); `generate`: one greedy run, each row's
+/// new ids.
+fn measure(
+    a: &BenchModelArgs,
+    lm: &Llama,
+    step: impl Fn() -> anyhow::Result<Tensor>,
+    generate: impl Fn() -> anyhow::Result<Vec<Vec<u32>>>,
+) -> anyhow::Result<Figures> {
+    let vars = lm.trainable_vars();
+    let lora_params: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let switch = lm.lora_switch().clone();
+
+    // 1. Forward + backward, dropout on as the trainer runs it.
     switch.set_training(true);
     // One instrumented step first: what the autograd graph holds once the forward is done
     // (every intermediate stays referenced by the loss until backward) and the peak of the
@@ -166,8 +306,7 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
     let load_peak = misp::rss::peak_mib();
     let peak_reset = misp::rss::reset_peak();
     let (graph_mib, step_peak_mib) = {
-        let (lp, _) = model.sequence_logprobs(&ids, &mask, &pixels, &labels)?;
-        let loss = lp.sum_all()?;
+        let loss = step()?.sum_all()?;
         let after_forward = misp::rss::current_mib();
         let _grads = loss.backward()?;
         let peak = misp::rss::peak_mib().filter(|_| peak_reset);
@@ -176,12 +315,11 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
             before.zip(peak).map(|(b, p)| p - b),
         )
     };
-    let mut step = 0u64;
+    let mut n = 0u64;
     let t_step = time_min(a.repeat, || {
-        step += 1;
-        switch.set_dropout_seed(step);
-        let (lp, _) = model.sequence_logprobs(&ids, &mask, &pixels, &labels)?;
-        let grads = lp.sum_all()?.backward()?;
+        n += 1;
+        switch.set_dropout_seed(n);
+        let grads = step()?.sum_all()?.backward()?;
         for v in &vars {
             grads
                 .get(v)
@@ -191,37 +329,23 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
     })?;
     switch.set_training(false);
 
-    // 2. Greedy generation; an empty EOS list lets no row stop early.
-    let prompts: Vec<Vec<u32>> = (0..a.gen_batch)
-        .map(|_| sequence(&mut rng, a.prompt_len, n_img, img, vocab))
-        .collect();
-    let gen_pixels = random_pixels(&mut rng, a.gen_batch, size)?;
+    // 2. Greedy generation; the backbones are given no EOS, so no row stops early.
     let t_gen = time_min(a.repeat, || {
-        let out = greedy(&model, &prompts, &gen_pixels, &[], 0, a.new_tokens)?;
+        let out = generate()?;
         if out.iter().any(|r| r.len() != a.new_tokens) {
             anyhow::bail!("a row stopped before {} new tokens", a.new_tokens);
         }
         Ok(())
     })?;
-
-    let tc = &cfg.text_config;
-    report(
-        &a,
-        &format!(
-            "{} layers, hidden {}, {n_img} image tokens",
-            tc.num_hidden_layers, tc.hidden_size
-        ),
-        Figures {
-            t_step,
-            train_tokens: b * t,
-            t_gen,
-            graph_mib,
-            step_peak_mib,
-            load_peak,
-            lora_params,
-        },
-    );
-    Ok(())
+    Ok(Figures {
+        t_step,
+        train_tokens: a.batch * a.seq_len,
+        t_gen,
+        graph_mib,
+        step_peak_mib,
+        load_peak,
+        lora_params,
+    })
 }
 
 /// What one run measured.
@@ -290,123 +414,4 @@ fn report(a: &BenchModelArgs, shape: &str, f: Figures) {
         });
         println!("{j}");
     }
-}
-
-/// The same two measurements on a Qwen2.5-VL checkpoint: each sequence's image is a square of
-/// `side x side` merge units (`side^2` image tokens, the largest that fill at most half of the
-/// shorter of `--seq-len` and `--prompt-len`), random patches.
-fn run_qwen(
-    a: &BenchModelArgs,
-    dtype: DType,
-    dev: &Device,
-    lora: &LoraConfig,
-) -> anyhow::Result<()> {
-    let mut model = Qwen2_5Vl::load_dir(&a.model, dtype, dev)
-        .with_context(|| format!("loading {}", a.model.display()))?;
-    model
-        .language_model_mut()
-        .attach_lora(lora, &mut init_rng(a.seed))?;
-    let cfg = model.config().clone();
-    let (img, vocab) = (cfg.image_token_id, cfg.text.vocab_size as u32);
-    let side = ((a.seq_len.min(a.prompt_len) / 2) as f64).sqrt().floor() as usize;
-    if side == 0 {
-        anyhow::bail!(
-            "--seq-len {} / --prompt-len {}: need at least 2 (one image token, text)",
-            a.seq_len,
-            a.prompt_len
-        );
-    }
-    let n_img = side * side;
-    let grid = side * cfg.vision.spatial_merge_size;
-    let patch_values = grid * grid * cfg.vision.patch_dim();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
-    let image = |rng: &mut rand::rngs::StdRng| ImagePatches {
-        pixels: (0..patch_values)
-            .map(|_| rng.random_range(-1.5f32..1.5))
-            .collect(),
-        grid_h: grid,
-        grid_w: grid,
-    };
-    let lm = model.language_model();
-    let vars = lm.trainable_vars();
-    let lora_params: usize = vars.iter().map(|v| v.elem_count()).sum();
-    let switch = lm.lora_switch().clone();
-
-    // 1. Forward + backward; the second half of each sequence is the scored response.
-    let (b, t) = (a.batch, a.seq_len);
-    let items: Vec<PreparedScore> = (0..b)
-        .map(|_| {
-            let mut ids = sequence(&mut rng, t, n_img, img, vocab);
-            let response = ids.split_off(t / 2);
-            let p = image(&mut rng);
-            PreparedScore {
-                prompt_ids: ids,
-                response_ids: response,
-                pixels: p.pixels,
-                grid: Some((grid, grid)),
-            }
-        })
-        .collect();
-    let refs: Vec<&PreparedScore> = items.iter().collect();
-    switch.set_training(true);
-    let before = misp::rss::current_mib();
-    let load_peak = misp::rss::peak_mib();
-    let peak_reset = misp::rss::reset_peak();
-    let (graph_mib, step_peak_mib) = {
-        let (lp, _) = qwen_item_logprobs(&model, &refs, 0, dev)?;
-        let loss = lp.sum_all()?;
-        let after_forward = misp::rss::current_mib();
-        let _grads = loss.backward()?;
-        let peak = misp::rss::peak_mib().filter(|_| peak_reset);
-        (
-            before.zip(after_forward).map(|(b, a)| a - b),
-            before.zip(peak).map(|(b, p)| p - b),
-        )
-    };
-    let mut step = 0u64;
-    let t_step = time_min(a.repeat, || {
-        step += 1;
-        switch.set_dropout_seed(step);
-        let (lp, _) = qwen_item_logprobs(&model, &refs, 0, dev)?;
-        let grads = lp.sum_all()?.backward()?;
-        for v in &vars {
-            grads
-                .get(v)
-                .context("a LoRA variable received no gradient")?;
-        }
-        Ok(())
-    })?;
-    switch.set_training(false);
-
-    // 2. Greedy generation; an empty EOS list lets no row stop early.
-    let prompts: Vec<Vec<u32>> = (0..a.gen_batch)
-        .map(|_| sequence(&mut rng, a.prompt_len, n_img, img, vocab))
-        .collect();
-    let patches: Vec<ImagePatches> = (0..a.gen_batch).map(|_| image(&mut rng)).collect();
-    let images: Vec<Vec<&ImagePatches>> = patches.iter().map(|p| vec![p]).collect();
-    let t_gen = time_min(a.repeat, || {
-        let out = model.greedy(&prompts, &images, &[], 0, a.new_tokens, dev)?;
-        if out.iter().any(|r| r.len() != a.new_tokens) {
-            anyhow::bail!("a row stopped before {} new tokens", a.new_tokens);
-        }
-        Ok(())
-    })?;
-    let tc = &cfg.text;
-    report(
-        a,
-        &format!(
-            "Qwen2.5-VL: {} layers, hidden {}, {n_img} image tokens of a {grid} x {grid} patch grid",
-            tc.num_hidden_layers, tc.hidden_size
-        ),
-        Figures {
-            t_step,
-            train_tokens: b * t,
-            t_gen,
-            graph_mib,
-            step_peak_mib,
-            load_peak,
-            lora_params,
-        },
-    );
-    Ok(())
 }

@@ -54,6 +54,15 @@ impl RuntimeArgs {
             let threads = candle_core::utils::get_num_threads();
             std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
         }
+        // candle splits element-wise ops of 64K elements or more (autograd's gradient sums,
+        // mostly) over a pool of its own, beside misp's rayon pool, and the calling thread
+        // spins until the pool's workers are done. On two shared cores a worker waiting for a
+        // core left the caller spinning: a third of the LoRA step's samples (perf), and the
+        // step 1.4-2x slower than with the ops on the calling thread (bench/README.md). The
+        // products run on misp's own pool either way. CANDLE_NUM_THREADS, if set, decides.
+        if device.is_cpu() && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
         Ok(device)
     }
 

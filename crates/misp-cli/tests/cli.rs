@@ -279,3 +279,136 @@ fn bench_conformance_passes_on_the_fixture_and_fails_on_a_changed_one() {
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("FAIL:"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The worst per-token difference `bench conformance` printed ("max abs diff X,").
+fn worst_diff(stdout: &str) -> f64 {
+    let rest = stdout.split("max abs diff ").nth(1).expect(stdout);
+    rest.split(',')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .expect(stdout)
+}
+
+/// The Qwen2.5-VL fixture's log-probs: within 1e-4 of transformers in f32 and, in bf16, within
+/// the command's 0.25 and within twice transformers' own bf16 error on the same inputs
+/// (`bf16.json`), on both kernel paths. bf16 must really be in force: its worst difference is
+/// far above f32's, and a tolerance under it fails the command.
+#[test]
+fn bench_conformance_checks_qwen2_5_vl_in_f32_and_bf16_on_both_kernel_paths() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen2_5_vl");
+    let fixture = root.to_str().unwrap();
+    for kernels in ["fused", "generic"] {
+        let mut worst = [0.0; 2];
+        for (i, dtype) in ["f32", "bf16"].into_iter().enumerate() {
+            let args = [
+                "bench",
+                "conformance",
+                "--fixture",
+                fixture,
+                "--dtype",
+                dtype,
+                "--kernels",
+                kernels,
+            ];
+            let o = misp(&args);
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                o.status.success() && out.starts_with("pass:"),
+                "{kernels} {dtype}: {out}{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            worst[i] = worst_diff(&out);
+        }
+        assert!(worst[0] < 1e-4, "{kernels}: f32 worst {}", worst[0]);
+        let own: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(root.join("bf16.json")).unwrap())
+                .unwrap();
+        let own = own["worst_vs_f32"].as_f64().unwrap();
+        assert!(
+            worst[1] <= 2.0 * own,
+            "{kernels}: bf16 worst {} vs transformers' own bf16 {own}",
+            worst[1]
+        );
+        assert!(
+            worst[1] > 10.0 * worst[0].max(1e-6),
+            "{kernels}: bf16 worst {} is not above f32's {}: is bf16 in force?",
+            worst[1],
+            worst[0]
+        );
+        let tight = format!("{:e}", worst[1] / 2.0);
+        let o = misp(&[
+            "bench",
+            "conformance",
+            "--fixture",
+            fixture,
+            "--dtype",
+            "bf16",
+            "--kernels",
+            kernels,
+            "--tolerance",
+            &tight,
+        ]);
+        assert!(!o.status.success(), "{kernels}: tolerance {tight} passed");
+        assert!(String::from_utf8_lossy(&o.stdout).starts_with("FAIL:"));
+    }
+}
+
+/// `bench model --image-size` sets the Qwen2.5-VL image (rounded down to whole 28 px merge
+/// units), refuses one whose tokens do not fit the sequences, and is refused for LLaVA, whose
+/// image size is its config's.
+#[test]
+fn bench_model_image_size_sets_the_qwen_image() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+    let qwen = fixtures.join("qwen2_5_vl/tiny");
+    let args = |model: &Path, size: &str| -> Vec<String> {
+        [
+            "bench",
+            "model",
+            "--model",
+            model.to_str().unwrap(),
+            "--batch",
+            "1",
+            "--seq-len",
+            "24",
+            "--gen-batch",
+            "1",
+            "--prompt-len",
+            "20",
+            "--new-tokens",
+            "2",
+            "--rank",
+            "2",
+            "--repeat",
+            "1",
+            "--image-size",
+            size,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let run = |a: Vec<String>| misp(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    // 83 px: two 28 px merge units a side (4 x 4 patches), 4 image tokens.
+    let o = run(args(&qwen, "83"));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("4 image tokens of a 4 x 4 patch grid"),
+        "{out}"
+    );
+    // 5 x 5 merge units = 25 image tokens do not fit a 20-token prompt.
+    let o = run(args(&qwen, "140"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("need at least 27"),
+        "{err}"
+    );
+    let o = run(args(&fixtures.join("llava/tiny"), "56"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--image-size"), "{err}");
+}
