@@ -609,41 +609,42 @@ impl Vlm {
         score_batch(seqs, self.pad_id(), &self.device)
     }
 
-    /// Summed response log-probs `[B]` and token counts `[B]` of a LLaVA batch whose images
-    /// are `pixels [B, 3, S, S]`, differentiable with respect to the adapter.
+    /// Summed response log-probs `[B]` and token counts `[B]` of prepared items, differentiable
+    /// with respect to the adapter (the trainer's forward). Each item's own image is used, or,
+    /// for LLaVA, `pixels [B, 3, S, S]` when the caller already holds the batch's images as one
+    /// tensor (pretraining keeps one pixel table for all examples, its items carry none).
     pub fn logprobs(
         &self,
         items: &[&PreparedScore],
-        pixels: &Tensor,
+        pixels: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor), ModelError> {
-        let seqs: Vec<(&[u32], &[u32])> = items
-            .iter()
-            .map(|i| (i.prompt_ids.as_slice(), i.response_ids.as_slice()))
-            .collect();
-        let batch = self.score_batch(&seqs)?;
         match &self.backbone {
             Backbone::Llava { model, .. } => {
+                let seqs: Vec<(&[u32], &[u32])> = items
+                    .iter()
+                    .map(|i| (i.prompt_ids.as_slice(), i.response_ids.as_slice()))
+                    .collect();
+                let batch = self.score_batch(&seqs)?;
+                let own;
+                let pixels = match pixels {
+                    Some(p) => p,
+                    None => {
+                        let px: Vec<&[f32]> = items.iter().map(|i| i.pixels.as_slice()).collect();
+                        own = self.pixel_tensor(&px)?;
+                        &own
+                    }
+                };
                 model.sequence_logprobs(&batch.ids, &batch.mask, pixels, &batch.labels)
             }
-            Backbone::Qwen2_5Vl { .. } => self.item_logprobs(items),
-        }
-    }
-
-    /// Summed response log-probs `[B]` and token counts `[B]` of prepared items, each with its
-    /// own image, differentiable with respect to the adapter (the trainer's forward).
-    pub fn item_logprobs(&self, items: &[&PreparedScore]) -> Result<(Tensor, Tensor), ModelError> {
-        let seqs: Vec<(&[u32], &[u32])> = items
-            .iter()
-            .map(|i| (i.prompt_ids.as_slice(), i.response_ids.as_slice()))
-            .collect();
-        let batch = self.score_batch(&seqs)?;
-        match &self.backbone {
-            Backbone::Llava { model, .. } => {
-                let px: Vec<&[f32]> = items.iter().map(|i| i.pixels.as_slice()).collect();
-                let pixels = self.pixel_tensor(&px)?;
-                model.sequence_logprobs(&batch.ids, &batch.mask, &pixels, &batch.labels)
-            }
             Backbone::Qwen2_5Vl { model, .. } => {
+                if pixels.is_some() {
+                    return Err(ModelError::Input {
+                        field: "pixels",
+                        message: "a pixel tensor of fixed-size images is LLaVA's; Qwen2.5-VL \
+                                  items carry their own patches"
+                            .into(),
+                    });
+                }
                 qwen_item_logprobs(model, items, self.pad_id(), &self.device)
             }
         }
@@ -686,7 +687,7 @@ impl Vlm {
             return Ok(Vec::new());
         }
         let refs: Vec<&PreparedScore> = items.iter().collect();
-        let (lp, n) = self.item_logprobs(&refs)?;
+        let (lp, n) = self.logprobs(&refs, None)?;
         let lp: Vec<f64> = lp.to_dtype(DType::F64)?.to_vec1()?;
         let n: Vec<f64> = n.to_dtype(DType::F64)?.to_vec1()?;
         Ok(lp
