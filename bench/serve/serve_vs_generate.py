@@ -2,18 +2,28 @@
 questions in one batch job.
 
 Both sides answer the same N (image, prompt) rows greedily with the same max tokens and batch
-size. `misp generate` is timed twice (all rows, and one row) so that its model loading cancels
-out: rows/s = (N - 1) / (t_N - t_1). The server is started once, warmed with one request, then
-C client threads send the N rows as chat requests (images as data: URLs, the bodies built
-before the clock starts so that the clients' Python costs the shared CPUs little), each thread
-on one persistent connection as a harness's `requests.Session` is (`--no-keep-alive`: a new
-connection per request); requests/s = N / wall time, and the p50 / p99 of the per-request
-latencies. `--repeat R` runs the pair R times (generate then serve each time) and reports every
-run and the median ratio, with the load average, since the machine may be shared. The server's
-own account of where the time went (`GET /health` timings) is printed after each run.
+size, and both leave model loading out of the clock:
+
+- `misp generate` times itself in-process, from the loaded model to the last answer (image
+  decoding and preprocessing, prompts, the batched forwards, detokenizing), and records it in
+  `OUT.config.json` (`timings.generate_s`); rows/s = N / generate_s. (Timing two process runs
+  and subtracting, as this script once did, is noise-dominated at N <= 128.)
+- The server is started (the clock starts after it has loaded the model and printed its
+  address), then C client threads send the N rows as chat requests (images as data: URLs, the
+  bodies built before the clock starts so that the clients' Python costs the shared CPUs
+  little), each thread on one persistent connection as a harness's `requests.Session` is
+  (`--no-keep-alive`: a new connection per request); requests/s = N / wall time from the first
+  request sent to the last reply read, and the p50 / p99 of the per-request latencies. Neither
+  side is warmed up: both pay their first batch's first-touch costs.
+
+`--repeat R` runs the pair R times (generate then serve each time) and reports every run and
+the median ratio, with the load average, since the machine may be shared. The server's own
+account of where the time went (`GET /health` timings) is printed after each run.
 
 Needs: python3 (standard library only) and a built misp (default target/release/misp).
     python bench/serve/serve_vs_generate.py --model models/shapes-llava --clients 16 --n 64
+Where the server's CPU time goes (perf's data in serve.perf):
+    python bench/serve/serve_vs_generate.py --n 512 --wrap 'perf record -g -o serve.perf --'
 """
 
 import argparse
@@ -21,6 +31,8 @@ import base64
 import http.client
 import json
 import os
+import shlex
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -44,12 +56,15 @@ def time_generate(misp, model, data, batch, max_tokens, tmp):
     with open(path, "w") as f:
         for i, (img, p) in enumerate(data):
             f.write(json.dumps({"id": i, "image": img, "prompt": p}) + "\n")
-    t = time.perf_counter()
-    subprocess.run([misp, "generate", "--model", model, "--data", path, "--out",
-                    os.path.join(tmp, "out.jsonl"), "--batch-size", str(batch),
-                    "--max-new-tokens", str(max_tokens), "--quiet"], check=True,
-                   stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t
+    out = os.path.join(tmp, "out.jsonl")
+    subprocess.run([misp, "generate", "--model", model, "--data", path, "--out", out,
+                    "--batch-size", str(batch), "--max-new-tokens", str(max_tokens), "--quiet"],
+                   check=True, stderr=subprocess.DEVNULL)
+    with open(out + ".config.json") as f:
+        timings = json.load(f)["timings"]
+    if timings["rows"] != len(data):
+        raise RuntimeError(f"misp generate answered {timings['rows']} of {len(data)} rows")
+    return timings["generate_s"]
 
 
 def chat_body(img, prompt, max_tokens):
@@ -89,7 +104,7 @@ def get_json(port, path):
 
 def time_serve(args, data):
     """(requests/s, sorted latencies, the server's /health timings) of one server run."""
-    server = subprocess.Popen([args.misp, "serve", "--model", args.model, "--port", "0",
+    server = subprocess.Popen(shlex.split(args.wrap) + [args.misp, "serve", "--model", args.model, "--port", "0",
                                "--batch-size", str(args.batch_size),
                                "--batch-wait-ms", str(args.batch_wait_ms)],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -97,8 +112,6 @@ def time_serve(args, data):
         line = server.stdout.readline()
         port = int(line.split("127.0.0.1:")[1].split("/")[0])
         bodies = [chat_body(img, p, args.max_tokens) for img, p in data]
-        warm = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        post(warm, bodies[0], False)
         latencies = []
         lock = threading.Lock()
         todo = list(bodies)
@@ -124,8 +137,13 @@ def time_serve(args, data):
         wall = time.perf_counter() - t
         timings = get_json(port, "/health")["timings"]
     finally:
-        server.kill()
-        server.wait()
+        # SIGINT, so that a wrapping profiler writes its data before it exits.
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
     return len(data) / wall, sorted(latencies), timings
 
 
@@ -141,6 +159,8 @@ def main():
     ap.add_argument("--no-keep-alive", dest="keep_alive", action="store_false",
                     help="a new connection per request")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--wrap", default="",
+                    help="command the server runs under, e.g. 'perf record -g -o serve.perf --'")
     args = ap.parse_args()
     data = rows(args.n)
     print(f"| n | clients | batch | generate rows/s | serve requests/s | ratio | p50 s | p99 s "
@@ -151,9 +171,7 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             t_n = time_generate(args.misp, args.model, data, args.batch_size, args.max_tokens,
                                 tmp)
-            t_1 = time_generate(args.misp, args.model, data[:1], args.batch_size,
-                                args.max_tokens, tmp)
-        gen_rate = (args.n - 1) / max(t_n - t_1, 1e-9)
+        gen_rate = args.n / t_n
         serve_rate, latencies, timings = time_serve(args, data)
         ratios.append(serve_rate / gen_rate)
         p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]

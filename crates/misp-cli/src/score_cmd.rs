@@ -2,6 +2,7 @@
 //! JSONL file.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -123,7 +124,8 @@ pub struct IoArgs {
     /// under --image-root).
     #[arg(long)]
     data: PathBuf,
-    /// Output JSONL (written atomically; `OUT.config.json` records the settings).
+    /// Output JSONL (written atomically; `OUT.config.json` records the settings, and for
+    /// `generate` its timings, model loading apart).
     #[arg(long)]
     out: PathBuf,
     /// No progress bar.
@@ -227,11 +229,25 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let (a, io) = (&args.model, &args.io);
     a.runtime.apply()?; // a device that cannot be had fails before anything is read
     let rows = infer::read_rows(&io.data, false, image_root(a)?.as_ref())?;
+    let loading = Instant::now();
     let vlm = a.load()?;
+    let load_s = loading.elapsed().as_secs_f64();
+    // Timed in-process, model loading excluded, so that a benchmark (bench/serve) can compare
+    // the answering alone: image decoding and preprocessing, prompts, the batched forwards,
+    // detokenizing.
+    let answering = Instant::now();
     let out = infer::generate(&vlm, &rows, a.batch_size, args.max_new_tokens, !io.quiet)?;
+    let generate_s = answering.elapsed().as_secs_f64();
     write_rows(&io.out, &out)?;
     let extra = json!({"max_new_tokens": args.max_new_tokens});
-    write_json_atomic(&config_path(&io.out), &config(a, io, "generate", extra))?;
+    let mut c = config(a, io, "generate", extra);
+    c["timings"] = json!({
+        "rows": out.len(),
+        "load_s": load_s,
+        "generate_s": generate_s,
+        "rows_per_s": out.len() as f64 / generate_s.max(1e-9),
+    });
+    write_json_atomic(&config_path(&io.out), &c)?;
     eprintln!("generated {} answers -> {}", out.len(), io.out.display());
     Ok(())
 }
