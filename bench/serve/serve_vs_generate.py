@@ -16,6 +16,11 @@ size, and both leave model loading out of the clock:
   request sent to the last reply read, and the p50 / p99 of the per-request latencies. Neither
   side is warmed up: both pay their first batch's first-touch costs.
 
+Both sides' CPU time (user + system, all threads) over the same span is reported per row too:
+on a shared machine it moves less with the load than the wall time (the server, with more
+threads, can also get a larger share of a busy machine than `misp generate`, which flatters its
+wall-clock rate). It is the server process's alone: the Python clients' CPU is not in it.
+
 `--repeat R` runs the pair R times (generate then serve each time) and reports every run and
 the median ratio, with the load average, since the machine may be shared. The server's own
 account of where the time went (`GET /health` timings) is printed after each run.
@@ -64,7 +69,17 @@ def time_generate(misp, model, data, batch, max_tokens, tmp):
         timings = json.load(f)["timings"]
     if timings["rows"] != len(data):
         raise RuntimeError(f"misp generate answered {timings['rows']} of {len(data)} rows")
-    return timings["generate_s"]
+    return timings["generate_s"], timings.get("cpu_s")
+
+
+def cpu_s(pid):
+    """CPU seconds (user + system, all threads) process `pid` has used; None off Linux."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def chat_body(img, prompt, max_tokens):
@@ -128,6 +143,7 @@ def time_serve(args, data):
                     latencies.append(dt)
             conn.close()
 
+        cpu_before = cpu_s(server.pid)
         t = time.perf_counter()
         threads = [threading.Thread(target=client) for _ in range(args.clients)]
         for th in threads:
@@ -135,6 +151,7 @@ def time_serve(args, data):
         for th in threads:
             th.join()
         wall = time.perf_counter() - t
+        cpu_after = cpu_s(server.pid)
         timings = get_json(port, "/health")["timings"]
     finally:
         # SIGINT, so that a wrapping profiler writes its data before it exits.
@@ -144,7 +161,8 @@ def time_serve(args, data):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-    return len(data) / wall, sorted(latencies), timings
+    cpu = None if None in (cpu_before, cpu_after) else cpu_after - cpu_before
+    return len(data) / wall, sorted(latencies), timings, cpu
 
 
 def main():
@@ -164,20 +182,21 @@ def main():
     args = ap.parse_args()
     data = rows(args.n)
     print(f"| n | clients | batch | generate rows/s | serve requests/s | ratio | p50 s | p99 s "
-          f"| load 1 min |")
-    print(f"|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"| CPU ms/row generate | CPU ms/request serve | load 1 min |")
+    print(f"|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     ratios = []
     for _ in range(args.repeat):
         with tempfile.TemporaryDirectory() as tmp:
-            t_n = time_generate(args.misp, args.model, data, args.batch_size, args.max_tokens,
-                                tmp)
+            t_n, gen_cpu = time_generate(args.misp, args.model, data, args.batch_size,
+                                         args.max_tokens, tmp)
         gen_rate = args.n / t_n
-        serve_rate, latencies, timings = time_serve(args, data)
+        serve_rate, latencies, timings, serve_cpu = time_serve(args, data)
+        ms = lambda c: "-" if c is None else f"{1000 * c / args.n:.2f}"
         ratios.append(serve_rate / gen_rate)
         p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
         print(f"| {args.n} | {args.clients} | {args.batch_size} | {gen_rate:.2f} | "
               f"{serve_rate:.2f} | {ratios[-1]:.2f} | {p(0.5):.3f} | {p(0.99):.3f} | "
-              f"{os.getloadavg()[0]:.2f} |", flush=True)
+              f"{ms(gen_cpu)} | {ms(serve_cpu)} | {os.getloadavg()[0]:.2f} |", flush=True)
         print(f"    server: {json.dumps(timings)}", flush=True)
     if args.repeat > 1:
         print(f"median ratio over {args.repeat} runs: {statistics.median(ratios):.2f}")

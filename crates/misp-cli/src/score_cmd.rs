@@ -235,9 +235,12 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     // Timed in-process, model loading excluded, so that a benchmark (bench/serve) can compare
     // the answering alone: image decoding and preprocessing, prompts, the batched forwards,
     // detokenizing.
-    let answering = Instant::now();
+    let (answering, cpu_before) = (Instant::now(), process_cpu_s());
     let out = infer::generate(&vlm, &rows, a.batch_size, args.max_new_tokens, !io.quiet)?;
     let generate_s = answering.elapsed().as_secs_f64();
+    let cpu_s = process_cpu_s()
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
     write_rows(&io.out, &out)?;
     let extra = json!({"max_new_tokens": args.max_new_tokens});
     let mut c = config(a, io, "generate", extra);
@@ -246,8 +249,21 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         "load_s": load_s,
         "generate_s": generate_s,
         "rows_per_s": out.len() as f64 / generate_s.max(1e-9),
+        "cpu_s": cpu_s,
     });
     write_json_atomic(&config_path(&io.out), &c)?;
     eprintln!("generated {} answers -> {}", out.len(), io.out.display());
     Ok(())
+}
+
+/// CPU seconds this process has used so far, all threads, user + system (Linux: utime + stime
+/// of `/proc/self/stat`, in its 100 Hz ticks); `None` elsewhere. On a shared machine the CPU
+/// time of a run moves less with the load than its wall time does.
+fn process_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let field = |i: usize| rest.split_whitespace().nth(i)?.parse::<f64>().ok();
+    // utime and stime are fields 14 and 15 of the line; `rest` starts at field 3.
+    Some((field(11)? + field(12)?) / 100.0)
 }

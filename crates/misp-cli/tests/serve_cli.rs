@@ -213,6 +213,12 @@ fn concurrent_requests_get_the_greedy_answers_of_misp_generate() {
         (rate * answer.as_f64().unwrap() - cases.len() as f64).abs() < 1e-6,
         "{timings}"
     );
+    // Its CPU time too, where /proc says it (Linux); never negative.
+    let cpu = &timings["cpu_s"];
+    assert!(
+        cpu.as_f64().is_some_and(|c| c >= 0.0) || (cpu.is_null() && !cfg!(target_os = "linux")),
+        "{timings}"
+    );
     let want: Vec<String> = jsonl(&out)
         .iter()
         .map(|r| r["text"].as_str().unwrap().to_string())
