@@ -885,6 +885,48 @@ mod tests {
         Vlm::load(&fixture("qwen2_5_vl/tiny"), None, &VlmOptions::default()).unwrap()
     }
 
+    /// The one log-prob forward: with the items' own images or with a pixel tensor the caller
+    /// holds, the same numbers; the tensor is really what is used; Qwen2.5-VL refuses one.
+    #[test]
+    fn logprobs_take_the_items_images_or_the_callers_pixel_tensor_alike() {
+        let vlm = Vlm::load(&fixture("llava_chat/tiny"), None, &VlmOptions::default()).unwrap();
+        let items: Vec<PreparedScore> = [
+            ("hopper.jpg", "Who is it?", "A woman."),
+            ("camera_gray.png", "What is this?", "A camera man."),
+        ]
+        .iter()
+        .map(|(img, p, r)| {
+            vlm.prepare_score(&fixture(&format!("clip/images/{img}")), p, r)
+                .unwrap()
+        })
+        .collect();
+        let refs: Vec<&PreparedScore> = items.iter().collect();
+        let values = |t: Tensor| t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+        let (own, n_own) = vlm.logprobs(&refs, None).unwrap();
+        let px: Vec<&[f32]> = items.iter().map(|i| i.pixels.as_slice()).collect();
+        let (given, n_given) = vlm
+            .logprobs(&refs, Some(&vlm.pixel_tensor(&px).unwrap()))
+            .unwrap();
+        let own = values(own);
+        assert_eq!(own, values(given));
+        assert_eq!(values(n_own), values(n_given));
+        assert!(own.iter().all(|v| v.is_finite() && *v < 0.0), "{own:?}");
+        let swapped = [px[1], px[0]];
+        let (other, _) = vlm
+            .logprobs(&refs, Some(&vlm.pixel_tensor(&swapped).unwrap()))
+            .unwrap();
+        assert_ne!(own, values(other), "the given pixels are the ones scored");
+
+        let q = qwen();
+        let item = q
+            .prepare_score(&fixture("clip/images/hopper.jpg"), "Who?", "A woman.")
+            .unwrap();
+        let pixels = Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        let err = q.logprobs(&[&item], Some(&pixels)).unwrap_err().to_string();
+        assert!(err.contains("LLaVA's"), "{err}");
+        assert!(q.logprobs(&[&item], None).is_ok());
+    }
+
     /// The reference cache's key moves with every processor setting a log-prob depends on.
     #[test]
     fn the_processor_key_changes_with_the_pixel_bounds() {
