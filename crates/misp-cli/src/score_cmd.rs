@@ -2,6 +2,7 @@
 //! JSONL file.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -123,7 +124,8 @@ pub struct IoArgs {
     /// under --image-root).
     #[arg(long)]
     data: PathBuf,
-    /// Output JSONL (written atomically; `OUT.config.json` records the settings).
+    /// Output JSONL (written atomically; `OUT.config.json` records the settings, and for
+    /// `generate` its timings, model loading apart).
     #[arg(long)]
     out: PathBuf,
     /// No progress bar.
@@ -227,11 +229,41 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let (a, io) = (&args.model, &args.io);
     a.runtime.apply()?; // a device that cannot be had fails before anything is read
     let rows = infer::read_rows(&io.data, false, image_root(a)?.as_ref())?;
+    let loading = Instant::now();
     let vlm = a.load()?;
+    let load_s = loading.elapsed().as_secs_f64();
+    // Timed in-process, model loading excluded, so that a benchmark (bench/serve) can compare
+    // the answering alone: image decoding and preprocessing, prompts, the batched forwards,
+    // detokenizing.
+    let (answering, cpu_before) = (Instant::now(), process_cpu_s());
     let out = infer::generate(&vlm, &rows, a.batch_size, args.max_new_tokens, !io.quiet)?;
+    let generate_s = answering.elapsed().as_secs_f64();
+    let cpu_s = process_cpu_s()
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
     write_rows(&io.out, &out)?;
     let extra = json!({"max_new_tokens": args.max_new_tokens});
-    write_json_atomic(&config_path(&io.out), &config(a, io, "generate", extra))?;
+    let mut c = config(a, io, "generate", extra);
+    c["timings"] = json!({
+        "rows": out.len(),
+        "load_s": load_s,
+        "generate_s": generate_s,
+        "rows_per_s": out.len() as f64 / generate_s.max(1e-9),
+        "cpu_s": cpu_s,
+    });
+    write_json_atomic(&config_path(&io.out), &c)?;
     eprintln!("generated {} answers -> {}", out.len(), io.out.display());
     Ok(())
+}
+
+/// CPU seconds this process has used so far, all threads, user + system (Linux: utime + stime
+/// of `/proc/self/stat`, in its 100 Hz ticks); `None` elsewhere. On a shared machine the CPU
+/// time of a run moves less with the load than its wall time does.
+fn process_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let field = |i: usize| rest.split_whitespace().nth(i)?.parse::<f64>().ok();
+    // utime and stime are fields 14 and 15 of the line; `rest` starts at field 3.
+    Some((field(11)? + field(12)?) / 100.0)
 }

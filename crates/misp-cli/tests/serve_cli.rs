@@ -9,25 +9,16 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-const MODEL: &str = "fixtures/llava_chat/tiny";
-const IMAGES: &str = "fixtures/clip/images";
+mod common;
+use common::{json_file, jsonl, misp, ok, s, tmp_dir, IMAGES, MODEL, ROOT};
 
 fn root() -> PathBuf {
     PathBuf::from(ROOT)
-}
-
-fn misp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_misp"))
-        .args(args)
-        .current_dir(ROOT)
-        .output()
-        .expect("run misp")
 }
 
 /// A `misp serve` child, killed when dropped.
@@ -170,13 +161,6 @@ fn chat(image_url: &str, prompt: &str, max_tokens: usize) -> Vec<u8> {
     .into_bytes()
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("misp-serve-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[test]
 fn concurrent_requests_get_the_greedy_answers_of_misp_generate() {
     let cases = [
@@ -187,7 +171,7 @@ fn concurrent_requests_get_the_greedy_answers_of_misp_generate() {
         ("chelsea_rgba.png", "Is there a cat?"),
         ("hopper.jpg", "What colour?"),
     ];
-    let dir = tmp("generate");
+    let dir = tmp_dir("serve", "generate");
     let rows: String = cases
         .iter()
         .enumerate()
@@ -200,28 +184,44 @@ fn concurrent_requests_get_the_greedy_answers_of_misp_generate() {
         .collect();
     std::fs::write(dir.join("in.jsonl"), rows).unwrap();
     let out = dir.join("out.jsonl");
-    let o = misp(&[
+    ok(misp(&[
         "generate",
         "--model",
         MODEL,
         "--data",
-        dir.join("in.jsonl").to_str().unwrap(),
+        s(&dir.join("in.jsonl")),
         "--out",
-        out.to_str().unwrap(),
+        s(&out),
         "--max-new-tokens",
         "6",
         "--quiet",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let want: Vec<String> = std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
+    ]));
+    // generate times its own answering, model loading apart (what bench/serve compares with).
+    let timings = &json_file(&dir.join("out.jsonl.config.json"))["timings"];
+    assert_eq!(
+        timings["rows"].as_u64(),
+        Some(cases.len() as u64),
+        "{timings}"
+    );
+    let (load, answer) = (&timings["load_s"], &timings["generate_s"]);
+    assert!(
+        load.as_f64().unwrap() > 0.0 && answer.as_f64().unwrap() > 0.0,
+        "{timings}"
+    );
+    let rate = timings["rows_per_s"].as_f64().unwrap();
+    assert!(
+        (rate * answer.as_f64().unwrap() - cases.len() as f64).abs() < 1e-6,
+        "{timings}"
+    );
+    // Its CPU time too, where /proc says it (Linux); never negative.
+    let cpu = &timings["cpu_s"];
+    assert!(
+        cpu.as_f64().is_some_and(|c| c >= 0.0) || (cpu.is_null() && !cfg!(target_os = "linux")),
+        "{timings}"
+    );
+    let want: Vec<String> = jsonl(&out)
+        .iter()
+        .map(|r| r["text"].as_str().unwrap().to_string())
         .collect();
 
     let served = serve(&["--batch-size", "4", "--batch-wait-ms", "50"]);
@@ -361,15 +361,81 @@ fn bad_requests_get_clear_statuses() {
     );
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+/// Reads from `s` until the bytes read hold `end` (or the peer closes); what was read.
+fn read_until(s: &mut TcpStream, end: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(end) {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!(
+                "reading the reply: {e} (read so far: {:?})",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn expect_100_continue_gets_the_go_ahead_and_an_oversized_body_gets_413_unread() {
+    let served = serve(&["--max-body-mb", "1"]);
+    // What curl does for a body over 1 KiB: the head with `Expect: 100-continue`, then the
+    // body only after the server's `100 Continue` (curl gives up waiting after a second).
+    // The base64 wrapped in lines of 76, as MIME encoders write it: whitespace is skipped.
+    let url = data_url("hopper.jpg");
+    let (head, b64) = url.split_once(',').unwrap();
+    let lines: Vec<String> = b64
+        .as_bytes()
+        .chunks(76)
+        .map(|c| String::from_utf8(c.to_vec()).unwrap())
+        .collect();
+    let body = chat(
+        &format!("{head},{}", lines.join("\r\n")),
+        "Is there a person?",
+        2,
+    );
+    assert!(body.len() > 1024);
+    let mut s = TcpStream::connect(("127.0.0.1", served.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    // Nothing of the body sent yet: the interim response must come on the head alone.
+    let interim = read_until(&mut s, "\r\n\r\n");
+    assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(&body).unwrap();
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).unwrap();
+    assert!(rest.starts_with("HTTP/1.1 200 OK\r\n"), "{rest}");
+    let reply: Value = serde_json::from_str(rest.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(reply["object"], "chat.completion", "{reply}");
+
+    // Over the limit: 413 on the head, no go-ahead, and the body is never asked for.
+    let mut s = TcpStream::connect(("127.0.0.1", served.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2000000\r\n\r\n",
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(
+        text.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+        "{text}"
+    );
+    assert!(!text.contains("100 Continue"), "{text}");
+    assert!(text.contains("over the limit of 1048576 bytes"), "{text}");
 }
 
 #[test]
 fn judged_runs_talk_to_misp_serve_and_stop_on_its_errors() {
     let served = serve(&[]);
     let url = format!("http://127.0.0.1:{}/v1", served.port);
-    let dir = tmp("judged");
+    let dir = tmp_dir("serve", "judged");
     let fixture = root().join("fixtures/mmhal/response.json");
     let out = dir.join("mmhal");
     let o = misp(&[
@@ -396,8 +462,7 @@ fn judged_runs_talk_to_misp_serve_and_stop_on_its_errors() {
             && err.contains("context"),
         "{err}"
     );
-    let config: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let config = json_file(&out.join("config.json"));
     assert_eq!(config["command"], "eval mmhal");
     assert_eq!(config["judge_url"], url.as_str());
 }
@@ -413,29 +478,21 @@ fn long_context_model(dir: &Path) -> PathBuf {
         std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
     }
     let path = model.join("config.json");
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut config = json_file(&path);
     config["text_config"]["max_position_embeddings"] = json!(8192);
     std::fs::write(&path, config.to_string()).unwrap();
     model
 }
 
-fn jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn mmhal_judged_by_a_real_misp_serve_accounts_for_every_reply_and_reruns_from_the_cache() {
-    let dir = tmp("mmhal_real_judge");
+    let dir = tmp_dir("serve", "mmhal_real_judge");
     let model = long_context_model(&dir);
     // Three of the fixture's questions, with its model answers: three judge prompts.
-    let all: Vec<Value> = serde_json::from_str(
-        &std::fs::read_to_string(root().join("fixtures/mmhal/response.json")).unwrap(),
-    )
-    .unwrap();
+    let all = json_file(&root().join("fixtures/mmhal/response.json"))
+        .as_array()
+        .unwrap()
+        .clone();
     let questions = dir.join("questions.json");
     std::fs::write(&questions, Value::Array(all[..3].to_vec()).to_string()).unwrap();
     let out = dir.join("out");
@@ -478,8 +535,7 @@ fn mmhal_judged_by_a_real_misp_serve_accounts_for_every_reply_and_reruns_from_th
         );
         assert!(a["judge_reply"].is_string(), "{a}");
     }
-    let excluded: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("excluded.json")).unwrap()).unwrap();
+    let excluded = json_file(&out.join("excluded.json"));
     assert_eq!(excluded["unrated"].as_u64(), Some(unrated as u64));
     if unrated == 3 {
         // A random judge writes no rating: nothing to average, said, not scored as 0.
@@ -490,9 +546,7 @@ fn mmhal_judged_by_a_real_misp_serve_accounts_for_every_reply_and_reruns_from_th
         );
     } else {
         assert!(first.status.success(), "{err}");
-        let metrics: Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap())
-                .unwrap();
+        let metrics = json_file(&out.join("metrics.json"));
         assert_eq!(metrics["mmhal"]["n"].as_u64(), Some(3 - unrated as u64));
         assert_eq!(metrics["mmhal"]["unrated"].as_u64(), Some(unrated as u64));
         assert!(err.contains("0 from the cache, 3 requests"), "{err}");

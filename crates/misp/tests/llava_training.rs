@@ -95,7 +95,7 @@ fn batch_logp(vlm: &Vlm, items: &[PreparedScore]) -> Tensor {
     let pixels: Vec<&[f32]> = items.iter().map(|i| i.pixels.as_slice()).collect();
     let pixels = vlm.pixel_tensor(&pixels).unwrap();
     let refs: Vec<&PreparedScore> = items.iter().collect();
-    let (lp, _) = vlm.logprobs(&refs, &pixels).unwrap();
+    let (lp, _) = vlm.logprobs(&refs, Some(&pixels)).unwrap();
     lp.sum_all().unwrap()
 }
 

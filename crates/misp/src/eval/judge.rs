@@ -516,6 +516,58 @@ mod tests {
     }
 
     #[test]
+    fn a_judge_failing_partway_keeps_what_it_judged_and_a_rerun_asks_only_for_the_rest() {
+        let dir = tmp("partway");
+        // Two answers, then the endpoint is down (HTTP 503) for good.
+        let fake = fake::start(
+            vec![(200, None), (200, None)],
+            (503, "down".into()),
+            |body| {
+                let v: Value = serde_json::from_str(body).unwrap();
+                format!("re: {}", v["messages"][0]["content"].as_str().unwrap())
+            },
+        );
+        let mut c = config(&fake.url, &dir);
+        c.concurrency = 1; // in order: q0 and q1 answered, q2 and q3 refused
+        c.retries = 1;
+        let reqs: Vec<ChatRequest> = (0..4)
+            .map(|i| ChatRequest::user_text(&format!("q{i}")))
+            .collect();
+        let judge = Judge::new(c).unwrap();
+        let msg = all_or_error(judge.complete_all(&reqs, "test"), &dir)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("2 of 4 judge requests failed")
+                && msg.contains("the 2 answered are cached")
+                && msg.contains("HTTP 503")
+                && msg.contains("after 2 attempts"),
+            "{msg}"
+        );
+        // Two answers and their retries' failures: 2 + 2 x 2 requests.
+        assert_eq!(fake.bodies.lock().unwrap().len(), 6);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+
+        // The endpoint back: the re-run sends only the two that failed.
+        let back = fake::start(
+            (0..2).map(|_| (200, None)).collect(),
+            (500, "no more".into()),
+            |body| {
+                let v: Value = serde_json::from_str(body).unwrap();
+                format!("re: {}", v["messages"][0]["content"].as_str().unwrap())
+            },
+        );
+        let again = Judge::new(config(&back.url, &dir)).unwrap();
+        let out = all_or_error(again.complete_all(&reqs, "test"), &dir).unwrap();
+        assert_eq!(out, ["re: q0", "re: q1", "re: q2", "re: q3"]);
+        let sent: Vec<String> = back.bodies.lock().unwrap().clone();
+        assert_eq!(sent.len(), 2);
+        assert!(sent[0].contains("q2") || sent[0].contains("q3"), "{sent:?}");
+        assert_eq!(again.stats().cached, 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn complete_all_keeps_order_across_threads() {
         let dir = tmp("all");
         let fake = fake::start(

@@ -400,6 +400,7 @@ pub fn write_outputs(out: &Path, run: &MmhalRun) -> Result<Value, EvalError> {
 mod tests {
     use super::super::judge::{fake, JudgeConfig};
     use super::*;
+    use std::path::PathBuf;
     use std::time::Duration;
 
     const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/mmhal");
@@ -524,6 +525,70 @@ mod tests {
         let again = judge_answers(&questions, &saved, &judge).unwrap();
         assert_eq!(fake.bodies.lock().unwrap().len(), sent);
         assert_eq!(again, run.answers);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn questions_whose_image_is_missing_are_not_asked_and_are_counted() {
+        let dir = std::env::temp_dir().join(format!("misp-mmhal-missing-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("images")).unwrap();
+        let questions = read_questions(Path::new(&format!("{FIXTURE}/response.json"))).unwrap();
+        // Only the even questions' images exist.
+        for q in questions.iter().filter(|q| q.index % 2 == 0) {
+            std::fs::write(dir.join("images").join(&q.image), b"not read here").unwrap();
+        }
+        let mut asked = Vec::new();
+        let mut generate = |items: &[(PathBuf, String)]| -> Result<Vec<String>, String> {
+            asked.extend(items.iter().map(|(_, q)| q.clone()));
+            Ok(items.iter().map(|_| "an answer".to_string()).collect())
+        };
+        let images = Images::in_dir(&dir.join("images"));
+        let (answers, excluded) = answer(&questions, &images, 4, &mut generate).unwrap();
+        let even: Vec<&MmhalQuestion> = questions.iter().filter(|q| q.index % 2 == 0).collect();
+        assert_eq!(
+            asked,
+            even.iter().map(|q| q.question.clone()).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            answers.iter().map(|a| a.0).collect::<Vec<_>>(),
+            even.iter().map(|q| q.index).collect::<Vec<_>>()
+        );
+        assert_eq!(excluded.len(), questions.len() - even.len());
+        assert!(excluded.iter().all(|e| e.index % 2 == 1), "{excluded:?}");
+        assert!(excluded[0].reason.contains("not found"), "{excluded:?}");
+        // The count and the list land in excluded.json, next to the judged answers.
+        let judged: Vec<MmhalAnswer> = even
+            .iter()
+            .map(|q| MmhalAnswer {
+                index: q.index,
+                question_type: q.question_type.clone(),
+                image: q.image.clone(),
+                question: q.question.clone(),
+                model_answer: "an answer".into(),
+                judge_reply: "Rating: 4".into(),
+                rating: Some(4),
+            })
+            .collect();
+        let run = MmhalRun {
+            answers: judged,
+            excluded: excluded.clone(),
+        };
+        let m = write_outputs(&dir.join("out"), &run).unwrap();
+        assert_eq!(m["mmhal"]["n"], even.len());
+        let written: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("out/excluded.json")).unwrap())
+                .unwrap();
+        assert_eq!(written["missing_images"], excluded.len());
+        assert_eq!(written["excluded"][0]["image"], excluded[0].image.as_str());
+        // No image at all: a clear error rather than an empty run.
+        let none = Images::in_dir(&dir.join("nowhere"));
+        let e = answer(&questions, &none, 4, &mut |_: &[(PathBuf, String)]| {
+            Ok(vec![])
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("none of the 16 questions has its image"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

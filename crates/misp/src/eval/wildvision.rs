@@ -536,6 +536,68 @@ mod tests {
     }
 
     #[test]
+    fn questions_without_their_image_or_baseline_are_excluded_and_counted() {
+        let dir = std::env::temp_dir().join(format!("misp-wv-missing-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("images")).unwrap();
+        // img1.png is missing.
+        for i in [0, 2] {
+            std::fs::write(dir.join(format!("images/img{i}.png")), b"not read here").unwrap();
+        }
+        let questions = read_questions(Path::new(&format!("{FIXTURE}/questions.jsonl"))).unwrap();
+        let (mut reference, _) =
+            read_reference(Path::new(&format!("{FIXTURE}/reference.jsonl"))).unwrap();
+        let no_baseline = questions
+            .iter()
+            .find(|q| q.image != "img1.png")
+            .unwrap()
+            .question_id
+            .clone();
+        reference.remove(&no_baseline);
+        let (asked, excluded) =
+            askable(&questions, &reference, &Images::in_dir(&dir.join("images")));
+        let without_image = questions.iter().filter(|q| q.image == "img1.png").count();
+        assert!(without_image > 0);
+        assert_eq!(excluded.len(), without_image + 1, "{excluded:?}");
+        assert_eq!(asked.len() + excluded.len(), questions.len());
+        for e in &excluded {
+            if e.question_id == no_baseline {
+                assert!(e.reason.contains("no baseline answer"), "{e:?}");
+            } else {
+                assert_eq!(e.image, "img1.png");
+                assert!(e.reason.contains("not found"), "{e:?}");
+            }
+        }
+        assert!(asked
+            .iter()
+            .all(|(q, _)| q.image != "img1.png" && q.question_id != no_baseline));
+        // One judged question beside them, so that there are metrics to write.
+        let (q, _) = &asked[0];
+        let game = |v: &str| Game {
+            judgement: format!("\n[[{v}]]"),
+            verdict: Some(v.into()),
+        };
+        let judged = WvAnswer {
+            question_id: q.question_id.clone(),
+            image: q.image.clone(),
+            instruction: q.instruction.clone(),
+            model_answer: "a".into(),
+            baseline_answer: "b".into(),
+            games: vec![game("A>B"), game("B>A")],
+        };
+        write_outputs(&dir.join("out"), &[judged], &excluded).unwrap();
+        let written: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("out/excluded.json")).unwrap())
+                .unwrap();
+        assert_eq!(written["excluded_questions"], excluded.len());
+        assert_eq!(
+            written["excluded"].as_array().unwrap().len(),
+            excluded.len()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_judged_run_against_a_scripted_judge_matches_the_official_code() {
         let dir = std::env::temp_dir().join(format!("misp-wv-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

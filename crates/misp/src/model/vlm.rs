@@ -622,41 +622,42 @@ impl Vlm {
         score_batch(seqs, self.pad_id(), &self.device)
     }
 
-    /// Summed response log-probs `[B]` and token counts `[B]` of a LLaVA batch whose images
-    /// are `pixels [B, 3, S, S]`, differentiable with respect to the adapter.
+    /// Summed response log-probs `[B]` and token counts `[B]` of prepared items, differentiable
+    /// with respect to the adapter (the trainer's forward). Each item's own image is used, or,
+    /// for LLaVA, `pixels [B, 3, S, S]` when the caller already holds the batch's images as one
+    /// tensor (pretraining keeps one pixel table for all examples, its items carry none).
     pub fn logprobs(
         &self,
         items: &[&PreparedScore],
-        pixels: &Tensor,
+        pixels: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor), ModelError> {
-        let seqs: Vec<(&[u32], &[u32])> = items
-            .iter()
-            .map(|i| (i.prompt_ids.as_slice(), i.response_ids.as_slice()))
-            .collect();
-        let batch = self.score_batch(&seqs)?;
         match &self.backbone {
             Backbone::Llava { model, .. } => {
+                let seqs: Vec<(&[u32], &[u32])> = items
+                    .iter()
+                    .map(|i| (i.prompt_ids.as_slice(), i.response_ids.as_slice()))
+                    .collect();
+                let batch = self.score_batch(&seqs)?;
+                let own;
+                let pixels = match pixels {
+                    Some(p) => p,
+                    None => {
+                        let px: Vec<&[f32]> = items.iter().map(|i| i.pixels.as_slice()).collect();
+                        own = self.pixel_tensor(&px)?;
+                        &own
+                    }
+                };
                 model.sequence_logprobs(&batch.ids, &batch.mask, pixels, &batch.labels)
             }
-            Backbone::Qwen2_5Vl { .. } => self.item_logprobs(items),
-        }
-    }
-
-    /// Summed response log-probs `[B]` and token counts `[B]` of prepared items, each with its
-    /// own image, differentiable with respect to the adapter (the trainer's forward).
-    pub fn item_logprobs(&self, items: &[&PreparedScore]) -> Result<(Tensor, Tensor), ModelError> {
-        let seqs: Vec<(&[u32], &[u32])> = items
-            .iter()
-            .map(|i| (i.prompt_ids.as_slice(), i.response_ids.as_slice()))
-            .collect();
-        let batch = self.score_batch(&seqs)?;
-        match &self.backbone {
-            Backbone::Llava { model, .. } => {
-                let px: Vec<&[f32]> = items.iter().map(|i| i.pixels.as_slice()).collect();
-                let pixels = self.pixel_tensor(&px)?;
-                model.sequence_logprobs(&batch.ids, &batch.mask, &pixels, &batch.labels)
-            }
             Backbone::Qwen2_5Vl { model, .. } => {
+                if pixels.is_some() {
+                    return Err(ModelError::Input {
+                        field: "pixels",
+                        message: "a pixel tensor of fixed-size images is LLaVA's; Qwen2.5-VL \
+                                  items carry their own patches"
+                            .into(),
+                    });
+                }
                 qwen_item_logprobs(model, items, self.pad_id(), &self.device)
             }
         }
@@ -724,7 +725,7 @@ impl Vlm {
             return Ok(Vec::new());
         }
         let refs: Vec<&PreparedScore> = items.iter().collect();
-        let (lp, n) = self.item_logprobs(&refs)?;
+        let (lp, n) = self.logprobs(&refs, None)?;
         let lp: Vec<f64> = lp.to_dtype(DType::F64)?.to_vec1()?;
         let n: Vec<f64> = n.to_dtype(DType::F64)?.to_vec1()?;
         Ok(lp
@@ -920,6 +921,48 @@ mod tests {
 
     fn qwen() -> Vlm {
         Vlm::load(&fixture("qwen2_5_vl/tiny"), None, &VlmOptions::default()).unwrap()
+    }
+
+    /// The one log-prob forward: with the items' own images or with a pixel tensor the caller
+    /// holds, the same numbers; the tensor is really what is used; Qwen2.5-VL refuses one.
+    #[test]
+    fn logprobs_take_the_items_images_or_the_callers_pixel_tensor_alike() {
+        let vlm = Vlm::load(&fixture("llava_chat/tiny"), None, &VlmOptions::default()).unwrap();
+        let items: Vec<PreparedScore> = [
+            ("hopper.jpg", "Who is it?", "A woman."),
+            ("camera_gray.png", "What is this?", "A camera man."),
+        ]
+        .iter()
+        .map(|(img, p, r)| {
+            vlm.prepare_score(&fixture(&format!("clip/images/{img}")), p, r)
+                .unwrap()
+        })
+        .collect();
+        let refs: Vec<&PreparedScore> = items.iter().collect();
+        let values = |t: Tensor| t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+        let (own, n_own) = vlm.logprobs(&refs, None).unwrap();
+        let px: Vec<&[f32]> = items.iter().map(|i| i.pixels.as_slice()).collect();
+        let (given, n_given) = vlm
+            .logprobs(&refs, Some(&vlm.pixel_tensor(&px).unwrap()))
+            .unwrap();
+        let own = values(own);
+        assert_eq!(own, values(given));
+        assert_eq!(values(n_own), values(n_given));
+        assert!(own.iter().all(|v| v.is_finite() && *v < 0.0), "{own:?}");
+        let swapped = [px[1], px[0]];
+        let (other, _) = vlm
+            .logprobs(&refs, Some(&vlm.pixel_tensor(&swapped).unwrap()))
+            .unwrap();
+        assert_ne!(own, values(other), "the given pixels are the ones scored");
+
+        let q = qwen();
+        let item = q
+            .prepare_score(&fixture("clip/images/hopper.jpg"), "Who?", "A woman.")
+            .unwrap();
+        let pixels = Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        let err = q.logprobs(&[&item], Some(&pixels)).unwrap_err().to_string();
+        assert!(err.contains("LLaVA's"), "{err}");
+        assert!(q.logprobs(&[&item], None).is_ok());
     }
 
     /// The reference cache's key moves with every processor setting a log-prob depends on.

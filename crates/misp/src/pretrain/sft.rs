@@ -53,7 +53,7 @@ pub fn sft_loss(
     let idx: Vec<usize> = batch.iter().map(|e| e.image).collect();
     let px = pixels.batch(&idx, vlm.device())?;
     let items: Vec<&PreparedScore> = batch.iter().map(|e| &e.ids).collect();
-    let (lp, n) = vlm.logprobs(&items, &px)?;
+    let (lp, n) = vlm.logprobs(&items, Some(&px))?;
     Ok((lp.sum_all()?.neg()? / n.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64)?)
 }
 

@@ -1,6 +1,7 @@
 //! Just enough HTTP/1.1 for `misp serve`: persistent connections (HTTP/1.1's default, as the
 //! harnesses' clients use them: a request per round trip, no pipelining needed), bodies by
-//! `Content-Length` only, limits on the head and the body.
+//! `Content-Length` only, limits on the head and the body, and `Expect: 100-continue` (curl
+//! sends it for bodies over 1 KiB and waits a second for the go-ahead before sending the body).
 
 use std::io::{BufRead, Write};
 
@@ -37,8 +38,14 @@ impl HttpError {
 
 /// Reads one request; `Ok(None)` when the client closed the connection (or let it idle past
 /// the read timeout) before sending one. A body over `max_body` bytes is refused (413) before
-/// it is read.
-pub fn read_request(r: &mut impl BufRead, max_body: usize) -> Result<Option<Request>, HttpError> {
+/// it is read. A client that sent `Expect: 100-continue` is told `100 Continue` on `w` once
+/// the head is accepted, and only then sends the body; one refused on its head (413) never
+/// sends it.
+pub fn read_request(
+    r: &mut impl BufRead,
+    w: &mut impl Write,
+    max_body: usize,
+) -> Result<Option<Request>, HttpError> {
     let mut head = 0usize;
     let mut line = String::new();
     let n = match r.read_line(&mut line) {
@@ -57,8 +64,10 @@ pub fn read_request(r: &mut impl BufRead, max_body: usize) -> Result<Option<Requ
     };
     let method = method.to_string();
     let path = target.split('?').next().unwrap_or("").to_string();
-    let mut keep_alive = parts.next() != Some("HTTP/1.0");
+    let http10 = parts.next() == Some("HTTP/1.0");
+    let mut keep_alive = !http10;
     let mut length: Option<usize> = None;
+    let mut expect_continue = false;
     loop {
         let mut h = String::new();
         let n = r
@@ -90,6 +99,15 @@ pub fn read_request(r: &mut impl BufRead, max_body: usize) -> Result<Option<Requ
                     keep_alive = true;
                 }
             }
+        } else if name == "expect" {
+            if !value.eq_ignore_ascii_case("100-continue") {
+                return Err(HttpError::new(
+                    417,
+                    format!("Expect: {value} is not supported (only 100-continue)"),
+                ));
+            }
+            // HTTP/1.0 has no interim responses: such a client sends its body anyway.
+            expect_continue = !http10;
         } else if name == "transfer-encoding" && !value.eq_ignore_ascii_case("identity") {
             return Err(HttpError::new(
                 411,
@@ -105,6 +123,11 @@ pub fn read_request(r: &mut impl BufRead, max_body: usize) -> Result<Option<Requ
                 "request body of {len} bytes is over the limit of {max_body} bytes (--max-body-mb)"
             ),
         ));
+    }
+    if expect_continue && len > 0 {
+        w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .and_then(|()| w.flush())
+            .map_err(|e| HttpError::new(400, format!("answering Expect: 100-continue: {e}")))?;
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)
@@ -126,6 +149,7 @@ fn reason(status: u16) -> &'static str {
         405 => "Method Not Allowed",
         411 => "Length Required",
         413 => "Payload Too Large",
+        417 => "Expectation Failed",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
@@ -168,7 +192,11 @@ mod tests {
     use std::io::BufReader;
 
     fn parse(raw: &str, max: usize) -> Result<Option<Request>, HttpError> {
-        read_request(&mut BufReader::new(raw.as_bytes()), max)
+        read_request(
+            &mut BufReader::new(raw.as_bytes()),
+            &mut std::io::sink(),
+            max,
+        )
     }
 
     #[test]
@@ -219,16 +247,58 @@ mod tests {
         let mut two = BufReader::new(
             "POST /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nxyGET /b HTTP/1.1\r\n\r\n".as_bytes(),
         );
-        let first = read_request(&mut two, 10).unwrap().unwrap();
+        let first = read_request(&mut two, &mut std::io::sink(), 10)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (first.path.as_str(), first.body.as_slice()),
             ("/a", &b"xy"[..])
         );
-        let second = read_request(&mut two, 10).unwrap().unwrap();
+        let second = read_request(&mut two, &mut std::io::sink(), 10)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (second.method.as_str(), second.path.as_str()),
             ("GET", "/b")
         );
-        assert_eq!(read_request(&mut two, 10).unwrap(), None);
+        assert_eq!(
+            read_request(&mut two, &mut std::io::sink(), 10).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn expect_100_continue_is_answered_once_the_head_is_accepted() {
+        let mut said = Vec::new();
+        let raw = "POST /a HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc";
+        let r = read_request(&mut BufReader::new(raw.as_bytes()), &mut said, 10)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.body, b"abc");
+        assert_eq!(said, b"HTTP/1.1 100 Continue\r\n\r\n");
+        // Over the limit: 413, and no go-ahead, so the client never sends the body.
+        let mut said = Vec::new();
+        let raw = "POST /a HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 11\r\n\r\n";
+        let e = read_request(&mut BufReader::new(raw.as_bytes()), &mut said, 10).unwrap_err();
+        assert_eq!((e.status, said.len()), (413, 0));
+        // No Expect header, or an HTTP/1.0 client: no interim response.
+        for raw in [
+            "POST /a HTTP/1.1\r\nContent-Length: 1\r\n\r\nx",
+            "POST /a HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx",
+        ] {
+            let mut said = Vec::new();
+            read_request(&mut BufReader::new(raw.as_bytes()), &mut said, 10)
+                .unwrap()
+                .unwrap();
+            assert!(said.is_empty(), "{raw:?}");
+        }
+        let raw = "POST /a HTTP/1.1\r\nExpect: something-else\r\n\r\n";
+        let e = read_request(
+            &mut BufReader::new(raw.as_bytes()),
+            &mut std::io::sink(),
+            10,
+        )
+        .unwrap_err();
+        assert_eq!(e.status, 417);
     }
 }

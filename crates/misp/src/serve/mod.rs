@@ -19,7 +19,9 @@
 //!   model's thread does nothing but forwards. It takes up to `max_batch` queued requests at
 //!   once (holding the batch open while requests keep arriving less than `batch_wait` apart or
 //!   are being prepared) and answers them in one batched greedy forward. The queue is bounded: a request arriving when it is full gets 503. Bodies
-//!   over the size limit get 413, malformed JSON 400, an image path outside `--image-root` 403.
+//!   over the size limit get 413 (before they are read; a client that sent `Expect:
+//!   100-continue` gets `100 Continue` only for a body within the limit), malformed JSON 400, an
+//!   image path outside `--image-root` 403.
 
 pub mod http;
 
@@ -303,7 +305,8 @@ impl Server {
                 Ok(_) => {}
             }
             let start = Instant::now();
-            let (status, body, keep_alive) = match read_request(&mut reader, self.config.max_body) {
+            let limit = self.config.max_body;
+            let (status, body, keep_alive) = match read_request(&mut reader, &mut writer, limit) {
                 Ok(None) => break,
                 Ok(Some(req)) => {
                     add(&self.timings.read_ns, start);
@@ -448,8 +451,15 @@ impl Server {
                     "data: URLs must be base64 (data:image/...;base64,...)",
                 ));
             }
-            let clean: String = data.chars().filter(|c| !c.is_whitespace()).collect();
-            return base64::decode(clean)
+            // Line breaks inside the base64 are allowed; copying only when there are any keeps
+            // a char-by-char pass off every request (it was 2 % of the server's profile).
+            let decoded = if data.bytes().any(|b| b.is_ascii_whitespace()) {
+                let clean: Vec<u8> = data.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+                base64::decode(clean)
+            } else {
+                base64::decode(data)
+            };
+            return decoded
                 .map_err(|e| HttpError::new(400, format!("data: URL is not valid base64: {e}")));
         }
         if source.starts_with("http://") || source.starts_with("https://") {

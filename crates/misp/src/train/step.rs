@@ -113,7 +113,7 @@ fn layout(
 /// Summed log-probs of every sequence `[S]` (differentiable when LoRA is on and trainable).
 fn forward(vlm: &Vlm, seqs: &[PreparedScore]) -> Result<Tensor, TrainError> {
     let refs: Vec<&PreparedScore> = seqs.iter().collect();
-    let (lp, _) = vlm.item_logprobs(&refs)?;
+    let (lp, _) = vlm.logprobs(&refs, None)?;
     Ok(lp.to_dtype(DType::F32)?)
 }
 
