@@ -205,6 +205,50 @@ fn pope_runs_on_a_qwen_folder() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// `misp bench memory` on Qwen2.5-VL-7B's config: the backbone from `model_type`, the image
+/// tokens from smart_resize of `--image` (640 x 480 -> 34 x 46 patches -> 391 tokens, as
+/// transformers' processor gives), the default sequence 391 + 124 text tokens.
+#[test]
+fn bench_memory_takes_a_qwen_config_and_an_image_size() {
+    let config = "fixtures/model_configs/qwen2.5-vl-7b.config.json";
+    let args = ["bench", "memory", "--model-config", config, "--json"];
+    let stdout = ok(misp(&args));
+    assert!(
+        stdout.contains("qwen2_5_vl, 28 layers, hidden 3584"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("515 tokens (391 of a 640x480 image"),
+        "{stdout}"
+    );
+    let json: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(json["shape"]["tokens"], 515);
+    let weights = &json["persistent"][0];
+    assert_eq!(weights["bytes"].as_f64().unwrap(), 8_292_166_656.0 * 2.0);
+    // A square 28 x 28 photo: 56 x 56 after smart_resize (min_pixels), 4 tokens.
+    let small = ok(misp(&[&args[..], &["--image", "28x28"]].concat()));
+    assert!(small.contains("128 tokens (4 of a 28x28 image"), "{small}");
+    for (bad, says) in [
+        ("640", "expected WIDTHxHEIGHT"),
+        ("0x480", "two positive pixel counts"),
+        ("1x201", "aspect ratio must be smaller than 200"),
+    ] {
+        let out = misp(&[&args[..], &["--image", bad]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{bad}: {err}");
+    }
+    let dir = tmp("bench-memory");
+    let other = dir.join("config.json");
+    std::fs::write(&other, r#"{"model_type": "bert"}"#).unwrap();
+    let out = misp(&["bench", "memory", "--model-config", s(&other)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("\"bert\"") && err.contains("qwen2_5_vl"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
 /// `eval hallusionbench`, `mmvp` and `amber` load their questions as `pope` does but each asks
 /// its own prompts; on the Qwen fixture each must run, answer every askable question and write
 /// metrics that re-scoring the saved answers reproduces.
