@@ -1,5 +1,7 @@
 """Checks `misp bench memory`'s predictions against the peak resident memory `misp train`
-measures, on a checkpoint made by bench/memory/make_llava_7b_shaped.py.
+measures, on a checkpoint made by bench/memory/make_llava_7b_shaped.py (LLaVA) or
+bench/memory/make_qwen_small.py (Qwen2.5-VL: its shape.json gives the tokens per sequence and the
+photos' size, which `misp bench memory --image` resizes as the image processor does).
 
 For each setting (batched, sequence groups, activation checkpointing, head chunks), runs one
 optimiser step of the `misp` config (K = 3: 5 sequences) on the folder's one record, on the CPU
@@ -11,11 +13,13 @@ compares:
     the largest phase), the process's own overhead (libraries, tokenizer, thread stacks)
     included on the measured side only;
   - the step's own memory: measured peak minus the resident size at the step's start vs the
-    predicted largest phase plus the gradient sum the first step allocates.
+    predicted largest phase plus the gradient sum the first step allocates and the pixels of
+    the images the step reads.
 
 Needs only a release build (`cargo build --release -p misp-cli`) and Python 3 (no torch). Run
 from the repository root:
     python bench/memory/check.py --dir out/llava-7b-slice [--settings batched,ckpt1]
+    python bench/memory/check.py --dir out/qwen-small --settings batched,group1,ckpt1,ckpt2
 A setting is one of: batched, group1, ckpt1, ckpt2, ckpt1-chunk16, ckpt1-nodrop.
 """
 
@@ -46,13 +50,20 @@ args = ap.parse_args()
 d = os.path.abspath(args.dir)
 cfg = json.load(open(os.path.join(d, "model", "config.json")))
 rec = json.loads(open(os.path.join(d, "records.jsonl")).readline())
-v = cfg["vision_config"]
-grid = v["image_size"] // v["patch_size"]
-# The template `USER: <image>\n{prompt} ASSISTANT:` in the word-level tokenizer: BOS, "USER",
-# ":", the image tokens, the prompt's words, "ASSISTANT", ":"; the response's words and EOS.
-prompt = 1 + 2 + grid * grid + len(rec["prompt"].split()) + 2
-response = len(rec["chosen"].split()) + 1
-tokens = prompt + response
+image_flags = []
+if cfg.get("model_type") == "qwen2_5_vl":
+    # Counted by make_qwen_small.py with transformers' processor.
+    shape = json.load(open(os.path.join(d, "shape.json")))
+    tokens, response = shape["tokens"], shape["response_tokens"]
+    image_flags = ["--image", "{}x{}".format(*shape["image"])]
+else:
+    v = cfg["vision_config"]
+    grid = v["image_size"] // v["patch_size"]
+    # The template `USER: <image>\n{prompt} ASSISTANT:` in the word-level tokenizer: BOS, "USER",
+    # ":", the image tokens, the prompt's words, "ASSISTANT", ":"; the response's words and EOS.
+    prompt = 1 + 2 + grid * grid + len(rec["prompt"].split()) + 2
+    response = len(rec["chosen"].split()) + 1
+    tokens = prompt + response
 
 rows = []
 for name in args.settings.split(","):
@@ -78,7 +89,7 @@ for name in args.settings.split(","):
     lines = open(os.path.join(out, "metrics.jsonl")).read().splitlines()
     first, m = json.loads(lines[0]), json.loads(lines[1])
     flags = ["--model-config", os.path.join(d, "model", "config.json"), "--tokens", str(tokens),
-             "--sequences", "5", "--response-tokens", str(response), "--json"]
+             "--sequences", "5", "--response-tokens", str(response), "--json"] + image_flags
     opts = dict(s.split("=") for s in sets)
     if opts.get("gradient_checkpointing") == "true":
         flags.append("--checkpointing")
@@ -93,8 +104,11 @@ for name in args.settings.split(","):
     mib = 1 << 20
     persistent = sum(i["bytes"] for i in pred["persistent"])
     grad_sum = next(i["bytes"] for i in pred["persistent"] if i["name"].startswith("LoRA")) / 4
+    # The micro-batch's pixels are read during the step (after its start's RSS is taken); for
+    # LLaVA they are 7 MB, for Qwen2.5-VL's 640 x 480 photos 35 MiB.
+    pixels = next(i["bytes"] for i in pred["persistent"] if i["name"].startswith("pixels"))
     peak_phase = max(pred["phases"], key=lambda p: sum(i["bytes"] for i in p["items"]))
-    step_pred = sum(i["bytes"] for i in peak_phase["items"]) + grad_sum
+    step_pred = sum(i["bytes"] for i in peak_phase["items"]) + grad_sum + pixels
     measured_peak = m["memory/step_peak_rss_mib"]
     step_meas = measured_peak - m["memory/rss_at_step_start_mib"]
     step_seconds = m.get("step_seconds", float("nan"))

@@ -5,20 +5,15 @@
 //! (bit for bit: the same code scores both) what `misp eval score-only` recomputes from the
 //! saved answers.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
 mod common;
-use common::{json_file, jsonl, misp, ok, s, tmp_dir, IMAGES, MODEL};
+use common::{json_file, jsonl, misp, ok, s, tmp_dir, write_jsonl, IMAGES, MODEL};
 
 fn tmp(name: &str) -> PathBuf {
     tmp_dir("evalmodel", name)
-}
-
-fn write_jsonl(path: &Path, rows: &[Value]) {
-    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-    std::fs::write(path, text).unwrap();
 }
 
 #[test]

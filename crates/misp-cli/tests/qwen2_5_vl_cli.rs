@@ -3,40 +3,21 @@
 //! `config.json`'s `model_type` with no flag saying so.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::{json, Value};
 
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+mod common;
+use common::{json_file, jsonl, misp, ok, s, tmp_dir, write_jsonl, ROOT};
+
 const MODEL: &str = "fixtures/qwen2_5_vl/tiny";
 
 fn root() -> PathBuf {
     PathBuf::from(ROOT)
 }
 
-fn misp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_misp"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("run misp")
-}
-
-fn ok(out: Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "misp failed:\n{err}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("misp-qwen-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+    tmp_dir("qwen-cli", name)
 }
 
 fn expected() -> Value {
@@ -52,19 +33,6 @@ fn image(name: &str) -> PathBuf {
     } else {
         root().join("fixtures/clip/images").join(name)
     }
-}
-
-fn jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn write_jsonl(path: &Path, rows: &[Value]) {
-    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-    std::fs::write(path, text).unwrap();
 }
 
 /// The fixture's scored response log-prob: the sum of transformers' per-token log-probs over
@@ -233,6 +201,156 @@ fn pope_runs_on_a_qwen_folder() {
         let pred = a["pred"].as_str().unwrap();
         assert!(pred == "yes" || pred == "no", "{a}");
         assert!(a["answer"].is_string(), "{a}");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// `misp bench memory` on Qwen2.5-VL-7B's config: the backbone from `model_type`, the image
+/// tokens from smart_resize of `--image` (640 x 480 -> 34 x 46 patches -> 391 tokens, as
+/// transformers' processor gives), the default sequence 391 + 124 text tokens.
+#[test]
+fn bench_memory_takes_a_qwen_config_and_an_image_size() {
+    let config = "fixtures/model_configs/qwen2.5-vl-7b.config.json";
+    let args = ["bench", "memory", "--model-config", config, "--json"];
+    let stdout = ok(misp(&args));
+    assert!(
+        stdout.contains("qwen2_5_vl, 28 layers, hidden 3584"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("515 tokens (391 of a 640x480 image"),
+        "{stdout}"
+    );
+    let json: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(json["shape"]["tokens"], 515);
+    let weights = &json["persistent"][0];
+    assert_eq!(weights["bytes"].as_f64().unwrap(), 8_292_166_656.0 * 2.0);
+    // A square 28 x 28 photo: 56 x 56 after smart_resize (min_pixels), 4 tokens.
+    let small = ok(misp(&[&args[..], &["--image", "28x28"]].concat()));
+    assert!(small.contains("128 tokens (4 of a 28x28 image"), "{small}");
+    for (bad, says) in [
+        ("640", "expected WIDTHxHEIGHT"),
+        ("0x480", "two positive pixel counts"),
+        ("1x201", "aspect ratio must be smaller than 200"),
+    ] {
+        let out = misp(&[&args[..], &["--image", bad]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{bad}: {err}");
+    }
+    let dir = tmp("bench-memory");
+    let other = dir.join("config.json");
+    std::fs::write(&other, r#"{"model_type": "bert"}"#).unwrap();
+    let out = misp(&["bench", "memory", "--model-config", s(&other)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("\"bert\"") && err.contains("qwen2_5_vl"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// `eval hallusionbench`, `mmvp` and `amber` load their questions as `pope` does but each asks
+/// its own prompts; on the Qwen fixture each must run, answer every askable question and write
+/// metrics that re-scoring the saved answers reproduces.
+#[test]
+fn hallusionbench_mmvp_and_amber_run_on_a_qwen_folder() {
+    let dir = tmp("benchmarks");
+    // `rescore`: the flags `--answers` re-scoring needs beside the answers (AMBER's annotations).
+    let run = |name: &str, input: &[&str], rescore: &[&str], images: &Path| -> PathBuf {
+        let out = dir.join(name);
+        let mut args = vec!["eval", name, "--model", MODEL, "--images", s(images)];
+        args.extend(input);
+        args.extend([
+            "--out",
+            s(&out),
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "3",
+        ]);
+        ok(misp(&args));
+        let rescored = dir.join(format!("{name}-rescored"));
+        let answers = out.join("answers.jsonl");
+        let mut args = vec![
+            "eval",
+            name,
+            "--answers",
+            s(&answers),
+            "--out",
+            s(&rescored),
+        ];
+        args.extend(rescore);
+        ok(misp(&args));
+        assert_eq!(
+            json_file(&out.join("metrics.json")),
+            json_file(&rescored.join("metrics.json")),
+            "{name}"
+        );
+        assert_eq!(
+            json_file(&out.join("config.json"))["command"],
+            format!("eval {name}")
+        );
+        out
+    };
+    let clip = root().join("fixtures/clip/images");
+
+    let hb = |qid: &str, gt: &str, file: &str| {
+        json!({"category": "VD", "subcategory": "chart", "visual_input": "1", "set_id": "0",
+               "figure_id": "0", "question_id": qid, "question": format!("Is it {qid}?"),
+               "gt_answer_details": "", "gt_answer": gt, "filename": file})
+    };
+    let questions = dir.join("HallusionBench.json");
+    let rows = json!([
+        hb("0", "1", "./hopper.jpg"),
+        hb("1", "0", "camera_gray.png")
+    ]);
+    std::fs::write(&questions, rows.to_string()).unwrap();
+    let out = run(
+        "hallusionbench",
+        &["--questions", s(&questions)],
+        &[],
+        &clip,
+    );
+    for a in jsonl(&out.join("answers.jsonl")) {
+        assert!(
+            ["yes", "no", "unknown"].contains(&a["pred"].as_str().unwrap()),
+            "{a}"
+        );
+    }
+
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for (i, src) in ["hopper.jpg", "rocket_rgb16.png"].iter().enumerate() {
+        std::fs::copy(clip.join(src), images.join(format!("{}.jpg", i + 1))).unwrap();
+    }
+    let csv = dir.join("Questions.csv");
+    std::fs::write(
+        &csv,
+        "Index,Question,Options,Correct Answer,Visual Pattern\n\
+         1,Open?,(a) Open (b) Closed,(a),state\n\
+         2,Open?,(a) Open (b) Closed,(b),state\n",
+    )
+    .unwrap();
+    let out = run("mmvp", &["--questions", s(&csv)], &[], &images);
+    assert_eq!(jsonl(&out.join("answers.jsonl")).len(), 2);
+
+    let amber_images = dir.join("amber-images");
+    std::fs::create_dir_all(&amber_images).unwrap();
+    for i in 1..=8 {
+        let src = ["hopper.jpg", "camera_gray.png", "astronaut_small.png"][i % 3];
+        std::fs::copy(clip.join(src), amber_images.join(format!("AMBER_{i}.jpg"))).unwrap();
+    }
+    let data = root().join("fixtures/amber/data");
+    let out = run(
+        "amber",
+        &["--annotations", s(&data), "--kind", "discriminative"],
+        &["--annotations", s(&data)],
+        &amber_images,
+    );
+    let answers = jsonl(&out.join("answers.jsonl"));
+    assert!(!answers.is_empty());
+    for a in &answers {
+        assert!(a["pred"].is_string(), "{a}");
     }
     std::fs::remove_dir_all(dir).ok();
 }
@@ -495,7 +613,7 @@ fn serve_answers_chat_requests_with_transformers_greedy_text() {
             let _ = self.0.wait();
         }
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_misp"))
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_misp"))
         .args([
             "serve",
             "--model",

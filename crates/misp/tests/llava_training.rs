@@ -9,7 +9,7 @@
 //! with `VarBuilder::from_tensors` for the finite-difference checks.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
@@ -19,26 +19,11 @@ use misp::model::lora::{init_rng, LoraConfig};
 use misp::model::vlm::{PreparedPrompt, PreparedScore, Vlm, VlmOptions};
 use rand::{Rng, SeedableRng};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
+use common::{clip_image as image, lora_cfg, root, GradSums};
 
 fn checkpoint() -> PathBuf {
     root().join("fixtures/llava_chat/tiny")
-}
-
-fn image(name: &str) -> PathBuf {
-    root().join("fixtures/clip/images").join(name)
-}
-
-/// A small adapter so the tests stay fast; the code path is the same as r 64.
-fn lora_cfg() -> LoraConfig {
-    LoraConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout: 0.0,
-        ..LoraConfig::default()
-    }
 }
 
 fn load_vlm(dtype: DType) -> Vlm {
@@ -412,7 +397,7 @@ fn pieces_grads(
     let (ids, mask, pixels, labels) = f64_batch(model);
     let lm = model.language_model();
     let b = ids.dim(0).unwrap();
-    let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let mut sums = GradSums::new(vars.len());
     for first in (0..b).step_by(group) {
         let n = group.min(b - first);
         let ids_g = ids.narrow(0, first, n).unwrap();
@@ -426,22 +411,10 @@ fn pieces_grads(
         let scored = Scored::new(&ids_g, &labels.narrow(0, first, n).unwrap()).unwrap();
         let c = Tensor::from_slice(&coef[first..first + n], n, &Device::Cpu).unwrap();
         let grad_h = lm.head_backward(&fwd.hidden, &scored, &c, chunk).unwrap();
-        lm.backward_from(&fwd, &grad_h, |grads| {
-            for (sum, v) in sums.iter_mut().zip(vars) {
-                if let Some(g) = grads.get(v.as_tensor()) {
-                    *sum = Some(match sum.take() {
-                        None => g.clone(),
-                        Some(s) => (s + g)?,
-                    });
-                }
-            }
-            Ok(())
-        })
-        .unwrap();
+        lm.backward_from(&fwd, &grad_h, |grads| sums.add(grads, vars))
+            .unwrap();
     }
-    sums.into_iter()
-        .map(|g| g.unwrap().flatten_all().unwrap().to_vec1().unwrap())
-        .collect()
+    sums.into_vecs()
 }
 
 #[test]

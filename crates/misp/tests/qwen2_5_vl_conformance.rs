@@ -63,58 +63,92 @@ fn pixel_values_and_grids_match_transformers() {
             dir.display()
         );
         for case in want["images"].as_array().unwrap() {
-            let name = case["image"].as_str().unwrap();
-            let img = p.decode_file(&image(name)).unwrap();
-            let got = p.patches(&img).unwrap();
-            let grid = usizes(&case["image_grid_thw"]);
-            assert_eq!(vec![1, got.grid_h, got.grid_w], grid, "{name}");
-            let shape = usizes(&case["shape"]);
-            assert_eq!(got.pixels.len(), shape[0] * shape[1], "{name}");
-            assert_eq!(p.patch_dim(), shape[1]);
-            let stride = case["stride"].as_u64().unwrap() as usize;
-            let strided: Vec<f64> = got
-                .pixels
-                .iter()
-                .step_by(stride)
-                .map(|&v| v as f64)
-                .collect();
-            let want_strided = floats(&case["strided"]);
-            assert_eq!(strided.len(), want_strided.len(), "{name}");
-            for (i, (a, b)) in strided.iter().zip(&want_strided).enumerate() {
-                assert!(
-                    (a - b).abs() < 1e-5,
-                    "{name}: value {} is {a}, want {b}",
-                    i * stride
-                );
-            }
-            for (i, (a, b)) in got
-                .pixels
-                .iter()
-                .zip(floats(&case["first_patch"]))
-                .enumerate()
-            {
-                assert!(
-                    (*a as f64 - b).abs() < 1e-5,
-                    "{name}: first patch [{i}] {a} vs {b}"
-                );
-            }
-            let sum: f64 = got.pixels.iter().map(|&v| v as f64).sum();
-            let sum_sq: f64 = got.pixels.iter().map(|&v| (v as f64).powi(2)).sum();
-            let n = got.pixels.len() as f64;
-            let (ws, wq) = (
-                case["sum"].as_f64().unwrap(),
-                case["sum_sq"].as_f64().unwrap(),
-            );
-            assert!(
-                (sum - ws).abs() < 1e-4 * n.sqrt().max(1.0),
-                "{name}: sum {sum} vs {ws}"
-            );
-            assert!(
-                (sum_sq - wq).abs() < 1e-5 * wq.abs().max(1.0),
-                "{name}: sum_sq {sum_sq} vs {wq}"
-            );
+            check_pixels(&p, case);
         }
     }
+}
+
+/// Images below one 28 x 28 merge unit (`make_small_images.py`): scaled up as transformers
+/// scales them, under the fixture's bounds and transformers' defaults; the aspect ratio
+/// transformers refuses, refused with its message.
+#[test]
+fn images_smaller_than_a_merge_unit_are_resized_as_transformers_does() {
+    let text = std::fs::read_to_string(fixture().join("small_images.json")).unwrap();
+    let want: Value = serde_json::from_str(&text).unwrap();
+    for bounds in want["bounds"].as_array().unwrap() {
+        let p = QwenImageProcessor {
+            min_pixels: bounds["min_pixels"].as_u64().unwrap() as usize,
+            max_pixels: bounds["max_pixels"].as_u64().unwrap() as usize,
+            ..QwenImageProcessor::default()
+        };
+        for case in bounds["images"].as_array().unwrap() {
+            let (w, h) = (
+                case["width"].as_u64().unwrap(),
+                case["height"].as_u64().unwrap(),
+            );
+            assert!(w < 28 || h < 28, "{case}");
+            check_pixels(&p, case);
+        }
+    }
+    let refused = &want["refused"];
+    let (w, h) = (
+        refused["width"].as_u64().unwrap() as u32,
+        refused["height"].as_u64().unwrap() as u32,
+    );
+    let img = image::RgbImage::new(w, h);
+    let e = QwenImageProcessor::default().patches(&img).unwrap_err();
+    assert_eq!(e, refused["message"].as_str().unwrap());
+}
+
+/// One photo's patches against the fixture's summary of transformers' pixel values: grid,
+/// shape, every `stride`-th value, the first patch when recorded, sum and sum of squares.
+fn check_pixels(p: &QwenImageProcessor, case: &Value) {
+    let name = case["image"].as_str().unwrap();
+    let img = p.decode_file(&image(name)).unwrap();
+    let got = p.patches(&img).unwrap();
+    let grid = usizes(&case["image_grid_thw"]);
+    assert_eq!(vec![1, got.grid_h, got.grid_w], grid, "{name}");
+    let shape = usizes(&case["shape"]);
+    assert_eq!(got.pixels.len(), shape[0] * shape[1], "{name}");
+    assert_eq!(p.patch_dim(), shape[1]);
+    let stride = case["stride"].as_u64().unwrap() as usize;
+    let strided: Vec<f64> = got
+        .pixels
+        .iter()
+        .step_by(stride)
+        .map(|&v| v as f64)
+        .collect();
+    let want_strided = floats(&case["strided"]);
+    assert_eq!(strided.len(), want_strided.len(), "{name}");
+    for (i, (a, b)) in strided.iter().zip(&want_strided).enumerate() {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "{name}: value {} is {a}, want {b}",
+            i * stride
+        );
+    }
+    let first_patch = case.get("first_patch").map(floats).unwrap_or_default();
+    for (i, (a, b)) in got.pixels.iter().zip(first_patch).enumerate() {
+        assert!(
+            (*a as f64 - b).abs() < 1e-5,
+            "{name}: first patch [{i}] {a} vs {b}"
+        );
+    }
+    let sum: f64 = got.pixels.iter().map(|&v| v as f64).sum();
+    let sum_sq: f64 = got.pixels.iter().map(|&v| (v as f64).powi(2)).sum();
+    let n = got.pixels.len() as f64;
+    let (ws, wq) = (
+        case["sum"].as_f64().unwrap(),
+        case["sum_sq"].as_f64().unwrap(),
+    );
+    assert!(
+        (sum - ws).abs() < 1e-4 * n.sqrt().max(1.0),
+        "{name}: sum {sum} vs {ws}"
+    );
+    assert!(
+        (sum_sq - wq).abs() < 1e-5 * wq.abs().max(1.0),
+        "{name}: sum_sq {sum_sq} vs {wq}"
+    );
 }
 
 fn u32s(v: &Value) -> Vec<u32> {

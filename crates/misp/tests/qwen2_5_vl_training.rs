@@ -8,19 +8,22 @@
 //!
 //! Both on the fused CPU kernels and on candle's ordinary ops (`--kernels generic`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use misp::kernels::{Kernels, ThreadKernels};
 use misp::model::llama::{sequence_logprobs, Scored};
-use misp::model::lora::{init_rng, LoraConfig};
+use misp::model::lora::init_rng;
 use misp::model::qwen2_5_vl::image_processor::{ImagePatches, QwenImageProcessor};
 use misp::model::qwen2_5_vl::Qwen2_5Vl;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
+mod common;
+use common::{lora_cfg, GradSums};
+
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen2_5_vl")
+    common::root().join("fixtures/qwen2_5_vl")
 }
 
 /// The photos the fixture used: its own PNGs, then the CLIP fixture's.
@@ -29,7 +32,7 @@ fn image(name: &str) -> PathBuf {
     if own.exists() {
         own
     } else {
-        fixture().join("../clip/images").join(name)
+        common::clip_image(name)
     }
 }
 
@@ -39,16 +42,6 @@ fn u32s(v: &Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
-}
-
-/// PEFT's seven targets (the default), small so the tests stay fast.
-fn lora_cfg() -> LoraConfig {
-    LoraConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout: 0.0,
-        ..LoraConfig::default()
-    }
 }
 
 /// The tiny checkpoint in f64 with fresh adapters, every `B` (odd entries of
@@ -241,7 +234,7 @@ fn pieces(
     chunk: usize,
 ) -> (Vec<Vec<f64>>, Vec<f64>) {
     let lm = m.language_model();
-    let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let mut sums = GradSums::new(vars.len());
     let mut lps = Vec::new();
     for first in (0..samples.len()).step_by(group) {
         let n = group.min(samples.len() - first);
@@ -262,24 +255,10 @@ fn pieces(
         lps.extend(lp);
         let c = Tensor::from_slice(&coef[first..first + n], n, &Device::Cpu).unwrap();
         let grad_h = lm.head_backward(&fwd.hidden, &scored, &c, chunk).unwrap();
-        lm.backward_from(&fwd, &grad_h, |grads| {
-            for (sum, v) in sums.iter_mut().zip(vars) {
-                if let Some(g) = grads.get(v.as_tensor()) {
-                    *sum = Some(match sum.take() {
-                        None => g.clone(),
-                        Some(s) => (s + g)?,
-                    });
-                }
-            }
-            Ok(())
-        })
-        .unwrap();
+        lm.backward_from(&fwd, &grad_h, |grads| sums.add(grads, vars))
+            .unwrap();
     }
-    let grads = sums
-        .into_iter()
-        .map(|g| g.unwrap().flatten_all().unwrap().to_vec1().unwrap())
-        .collect();
-    (grads, lps)
+    (sums.into_vecs(), lps)
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! Helpers the `misp eval` end-to-end tests share: running the binary from the repository root,
-//! per-test scratch folders, and reading what a run wrote.
+//! Helpers the end-to-end tests share: running the binary from the repository root, per-test
+//! scratch folders, and reading and writing the JSON a run reads and writes.
 
 // Each test binary includes this module and uses only part of it.
 #![allow(dead_code)]
@@ -48,6 +48,12 @@ pub fn jsonl(path: &Path) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// Writes `rows` as JSON lines.
+pub fn write_jsonl(path: &Path, rows: &[Value]) {
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(path, text).unwrap();
 }
 
 pub fn s(p: &Path) -> &str {

@@ -108,10 +108,19 @@ pub fn chat_text(messages: &[Value], role: &str) -> Result<String, String> {
             Some(Value::String(s)) => texts.push(s.as_str()),
             Some(Value::Array(parts)) => {
                 for part in parts {
-                    if part.get("type").and_then(Value::as_str) == Some("text") {
-                        if let Some(t) = part.get("text").and_then(Value::as_str) {
-                            texts.push(t);
+                    match part.get("type").and_then(Value::as_str) {
+                        Some("text") => {
+                            if let Some(t) = part.get("text").and_then(Value::as_str) {
+                                texts.push(t);
+                            }
                         }
+                        // Dropping the clip would leave a prompt that speaks of it.
+                        Some("video" | "video_url") => {
+                            return Err(format!(
+                                "message {i} has a video part: video inputs are not supported"
+                            ))
+                        }
+                        _ => {}
                     }
                 }
             }

@@ -87,6 +87,19 @@ fn record(
         .unwrap_or_else(|| fallback_id.to_owned());
     let fail = |reason: String| (Some(id.clone()), reason);
     let missing = |name: &str| fail(format!("missing field `{name}`"));
+    // TRL's video datasets name their clips in `videos` (or `video`); misp trains on still
+    // images, and a record whose video were dropped would be scored on its text alone.
+    for name in ["videos", "video"] {
+        match obj.get(name) {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(list)) if list.is_empty() => {}
+            Some(_) => {
+                return Err(fail(format!(
+                "`{name}`: video inputs are not supported (misp reads one still image per record)"
+            )))
+            }
+        }
+    }
     let prompt = match field_text(obj, "prompt", "user").map_err(fail)? {
         Some(p) => p,
         // Implicit prompt: the conversation in `chosen` starts with the user's turn.
@@ -206,6 +219,36 @@ mod tests {
         assert!(matches!(image(&obj(json!({}))), RawImage::Missing(_)));
         let bad = obj(json!({"images": [{"bytes": "!!"}]}));
         assert!(matches!(image(&bad), RawImage::Invalid(_)));
+    }
+
+    #[test]
+    fn videos_are_refused_by_name() {
+        let base = json!({"prompt": "Q?", "chosen": "Yes.", "rejected": "No.", "image": "a.jpg"});
+        let with = |k: &str, v: Value| {
+            let mut o = obj(base.clone());
+            o.insert(k.into(), v);
+            o
+        };
+        for (field, v) in [
+            ("videos", json!(["clip.mp4"])),
+            ("video", json!("clip.mp4")),
+        ] {
+            let (id, reason) = record(&with(field, v), "f:3").unwrap_err();
+            assert_eq!(id.as_deref(), Some("f:3"));
+            assert!(
+                reason.contains(&format!("`{field}`")) && reason.contains("not supported"),
+                "{reason}"
+            );
+        }
+        // An empty `videos` list (a mixed dataset's image rows) is no video.
+        assert!(record(&with("videos", json!([])), "f:4").is_ok());
+        let part = json!({"role": "user", "content": [{"type": "video", "video": "c.mp4"}]});
+        let chat = json!({"prompt": [part], "chosen": "Yes.", "rejected": "No.", "image": "a.jpg"});
+        let (_, reason) = record(&obj(chat), "f:5").unwrap_err();
+        assert!(
+            reason.contains("video inputs are not supported"),
+            "{reason}"
+        );
     }
 
     #[test]

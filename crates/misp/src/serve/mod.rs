@@ -538,6 +538,11 @@ pub fn parse_chat(req: &Value, config: &ServeConfig) -> Result<Chat, HttpError> 
                                 return Err(bad("one image per request at most (the prompt template holds one)".into()));
                             }
                         }
+                        Some("video_url" | "video") => {
+                            return Err(bad(format!(
+                                "messages[{i}].content[{j}]: video inputs are not supported (text, image_url)"
+                            )))
+                        }
                         other => {
                             return Err(bad(format!(
                                 "messages[{i}].content[{j}]: type {other:?} is not served (text, image_url)"
@@ -681,6 +686,8 @@ mod tests {
             json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}),
             json!({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}),
             json!({"messages": [{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}]}]}),
+            json!({"messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": "a"}},
                 {"type": "image_url", "image_url": {"url": "b"}}]}]}),
         ] {
@@ -690,5 +697,13 @@ mod tests {
                 "{bad}"
             );
         }
+        let video = json!({"messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}]}]});
+        let e = parse_chat(&video, &config()).unwrap_err();
+        assert!(
+            e.message.contains("video inputs are not supported"),
+            "{}",
+            e.message
+        );
     }
 }

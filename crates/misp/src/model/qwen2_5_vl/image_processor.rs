@@ -113,12 +113,19 @@ struct RawConfig {
     image_mean: Option<Vec<f32>>,
     image_std: Option<Vec<f32>>,
     resample: Option<u32>,
+    image_processor_type: Option<String>,
+    video_processor_type: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct RawProcessorConfig {
     image_processor: Option<RawConfig>,
+    video_processor: Option<serde_json::Value>,
 }
+
+/// Why a processor config that describes only a video processor is refused.
+const NO_VIDEO: &str = "video inputs are not supported: misp reads still images, and this \
+     describes a video processor only (give the checkpoint's image processor config)";
 
 impl Default for QwenImageProcessor {
     /// transformers' defaults: 56 x 56 to 28 x 28 x 1280 pixels, patch 14, temporal 2, merge 2,
@@ -157,6 +164,13 @@ impl QwenImageProcessor {
             if let Some(raw) = raw.image_processor {
                 return Self::from_raw(raw, &nested);
             }
+            if raw.video_processor.is_some() {
+                return Err(ProcessorConfigError::Field {
+                    path: nested,
+                    field: "video_processor",
+                    message: NO_VIDEO.into(),
+                });
+            }
         }
         let flat = dir.join("preprocessor_config.json");
         match read_optional(&flat)? {
@@ -178,6 +192,11 @@ impl QwenImageProcessor {
             field,
             message,
         };
+        // transformers writes `video_processor_type` into a video processor's own file; a file
+        // with it and no image processor's type cannot configure the images.
+        if raw.video_processor_type.is_some() && raw.image_processor_type.is_none() {
+            return Err(field("video_processor_type", NO_VIDEO.into()));
+        }
         let mut p = Self::default();
         if let Some(s) = raw.size {
             if let Some(v) = s.shortest_edge.or(s.min_pixels) {
@@ -346,7 +365,7 @@ pub fn smart_resize(
     let ratio = hf.max(wf) / hf.min(wf);
     if ratio > 200.0 {
         return Err(format!(
-            "absolute aspect ratio must be smaller than 200, got {ratio}"
+            "absolute aspect ratio must be smaller than 200, got {ratio:?}"
         ));
     }
     let mut h_bar = (hf / ff).round_ties_even() * ff;
@@ -380,5 +399,42 @@ mod tests {
         assert_eq!(smart_resize(1, 150, 28, 3136, 7840).unwrap(), (28, 700));
         assert!(smart_resize(1, 201, 28, 3136, 7840).is_err());
         assert!(smart_resize(0, 10, 28, 3136, 7840).is_err());
+    }
+
+    #[test]
+    fn a_video_processor_config_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("misp-qwen-video-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+        write(
+            "processor_config.json",
+            r#"{"video_processor": {"fps": 2.0}, "processor_class": "Qwen2_5_VLProcessor"}"#,
+        );
+        let e = QwenImageProcessor::from_dir(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("processor_config.json")
+                && e.contains("`video_processor`")
+                && e.contains("video inputs are not supported"),
+            "{e}"
+        );
+        std::fs::remove_file(dir.join("processor_config.json")).unwrap();
+        write(
+            "preprocessor_config.json",
+            r#"{"video_processor_type": "Qwen2VLVideoProcessor", "fps": 2.0}"#,
+        );
+        let e = QwenImageProcessor::from_dir(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("preprocessor_config.json") && e.contains("`video_processor_type`"),
+            "{e}"
+        );
+        // Both processors nested (what transformers saves with torchvision): the images' is read.
+        write(
+            "processor_config.json",
+            r#"{"image_processor": {"min_pixels": 3136, "max_pixels": 7840},
+                "video_processor": {"fps": 2.0}}"#,
+        );
+        let p = QwenImageProcessor::from_dir(&dir).unwrap();
+        assert_eq!((p.min_pixels, p.max_pixels), (3136, 7840));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
