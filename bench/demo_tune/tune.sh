@@ -16,12 +16,15 @@ misp=${MISP:-target/release/misp}
 here=$(dirname "$0")
 mkdir -p "$out"
 # Grid: learning rate at the demo's compute budget (240 records, one epoch, 15 steps of 16),
-# and LoRA rank at one rate.
+# LoRA rank at one rate, and every record of the world (600, 38 steps: 2.5x the training time)
+# to see whether more data is worth the budget.
 points=(
   "lr=5e-4"
+  "lr=1e-3"
   "lr=2e-3"
   "lr=5e-3"
   "lr=2e-3 lora_r=4 lora_alpha=8"
+  "max_records=600"
 )
 for p in "${points[@]}"; do
   name=$(echo "$p" | tr ' =' '_-')

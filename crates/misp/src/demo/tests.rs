@@ -276,10 +276,10 @@ fn variants_must_be_shipped_configs() {
     let plan = plan.with_variants(&["dpo".into()]).unwrap();
     assert_eq!(plan.variants, vec!["dpo".to_string()]);
     // --set overrides come after the demo's own, so they win.
-    let plan = plan.with_sets(&["lr=1e-3".into()]);
+    let plan = plan.with_sets(&["lr=3e-3".into()]);
     let sets = plan.train_sets(4);
     let lr: Vec<&String> = sets.iter().filter(|s| s.starts_with("lr=")).collect();
-    assert_eq!(lr.last().map(|s| s.as_str()), Some("lr=1e-3"));
+    assert_eq!(lr.last().map(|s| s.as_str()), Some("lr=3e-3"));
     assert_eq!(sets.last().map(|s| s.as_str()), Some("seed=4"));
 }
 

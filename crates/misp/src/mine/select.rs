@@ -64,6 +64,28 @@ impl<'a> Diversity<'a> {
         self.min_dist.as_ref().map_or(0.0, |d| d[i])
     }
 
+    /// What the diversity terms are divided by at this step: their largest value among the
+    /// candidates not yet taken, so that each lies in `[0, 1]` like each term of Eq. 12 (`None`
+    /// when that maximum is 0: the term then contributes 0). Why: sigmoid codes keep a positive
+    /// floor on every latent, so raw `1 - cos` between two candidates' codes stays small (about
+    /// 0.1 on ShapesWorld, docs/design.md §12) while Eq. 12's scores spread over about 0.65;
+    /// unscaled, `lambda` barely moved the picks off a plain top-K by score.
+    fn normaliser(&self, taken: &[bool]) -> Option<f64> {
+        let d = self.min_dist.as_ref()?;
+        let max = d
+            .iter()
+            .zip(taken)
+            .filter(|(_, t)| !**t)
+            .map(|(v, _)| *v)
+            .fold(0.0, f64::max);
+        (max > 0.0).then_some(max)
+    }
+
+    /// The max-normalised diversity term of candidate `i` (see [`Diversity::normaliser`]).
+    fn scaled(&self, i: usize, normaliser: Option<f64>) -> f64 {
+        normaliser.map_or(0.0, |m| self.get(i) / m)
+    }
+
     fn add(&mut self, j: usize) {
         let h = self.hidden;
         let zj = &self.z[j * h..(j + 1) * h];
@@ -83,8 +105,9 @@ impl<'a> Diversity<'a> {
 }
 
 /// Algorithm 1: first `argmax_i s_i`, then repeatedly
-/// `argmax_{i not in S} s_i + lambda * min_{j in S} (1 - cos(z_i, z_j))` until `|S| = k` (or the
-/// candidates run out). Ties go to the earlier candidate. Each pick carries `q_i` of
+/// `argmax_{i not in S} s_i + lambda * min_{j in S} (1 - cos(z_i, z_j)) / max_i(...)` until
+/// `|S| = k` (or the candidates run out); the diversity term is max-normalised over the
+/// candidates left, as Eq. 12 normalises its own terms. Ties go to the earlier candidate. Each pick carries `q_i` of
 /// [`proposal`] with temperature `tau`.
 pub fn greedy(
     scores: &[f64],
@@ -100,11 +123,12 @@ pub fn greedy(
     let mut picks = Vec::with_capacity(k);
     while picks.len() < k.min(scores.len()) {
         let mut best: Option<(usize, f64)> = None;
+        let norm = div.normaliser(&taken);
         for (i, s) in scores.iter().enumerate() {
             if taken[i] {
                 continue;
             }
-            let v = s + lambda * div.get(i);
+            let v = s + lambda * div.scaled(i, norm);
             if best.is_none_or(|(_, b)| v > b) {
                 best = Some((i, v));
             }
@@ -118,8 +142,8 @@ pub fn greedy(
 }
 
 /// The stochastic analogue of Algorithm 1: pick `t` is drawn among the candidates left with
-/// probability proportional to `exp((s_i + lambda * div_i) / tau)`; each pick carries that
-/// probability. The first draw is therefore from the proposal `q` itself.
+/// probability proportional to `exp((s_i + lambda * div_i) / tau)` (`div_i` max-normalised as
+/// in [`greedy`]); each pick carries that probability. The first draw is therefore from the proposal `q` itself.
 pub fn sample(
     scores: &[f64],
     z: &[f32],
@@ -133,12 +157,13 @@ pub fn sample(
     let mut taken = vec![false; scores.len()];
     let mut picks = Vec::with_capacity(k);
     while picks.len() < k.min(scores.len()) {
+        let norm = div.normaliser(&taken);
         let logits: Vec<f64> = (0..scores.len())
             .map(|i| {
                 if taken[i] {
                     f64::NEG_INFINITY
                 } else {
-                    (scores[i] + lambda * div.get(i)) / tau
+                    (scores[i] + lambda * div.scaled(i, norm)) / tau
                 }
             })
             .collect();
@@ -209,6 +234,32 @@ mod tests {
     }
 
     #[test]
+    fn the_diversity_term_is_max_normalised_like_eq12s_terms() {
+        // Sigmoid-like codes: every latent sits on a floor of 0.1, so the codes of candidates
+        // 0 and 2 are only 1 - cos = 1 - 0.05 / 0.06 = 0.167 apart. Unnormalised, lambda = 0.5
+        // would add 0.083 to candidate 2 (0.883 < 0.95: candidate 1, a copy of 0, wins);
+        // normalised by the largest distance left (0.167), candidate 2 gets the full 0.5.
+        let scores = [1.0, 0.95, 0.8];
+        let z = [
+            0.2, 0.1, 0.1, //
+            0.2, 0.1, 0.1, //
+            0.1, 0.2, 0.1, //
+        ];
+        let idx: Vec<usize> = greedy(&scores, &z, 3, 2, 0.5, 1.0)
+            .iter()
+            .map(|p| p.index)
+            .collect();
+        assert_eq!(idx, vec![0, 2]);
+        // When every candidate left is a copy of a pick, the term is 0, not 0/0.
+        let same = [0.3, 0.3, 0.3, 0.3];
+        let idx: Vec<usize> = greedy(&[0.5, 0.7], &same, 2, 2, 0.5, 1.0)
+            .iter()
+            .map(|p| p.index)
+            .collect();
+        assert_eq!(idx, vec![1, 0]);
+    }
+
+    #[test]
     fn k_larger_than_the_set_returns_every_candidate_once() {
         let picks = greedy(&[0.1, 0.3], &[1.0, 0.5], 1, 5, 0.5, 1.0);
         assert_eq!(picks.len(), 2);
@@ -259,12 +310,18 @@ mod tests {
         let mut div = Diversity::new(&z, 3);
         let mut taken = [false; 20];
         for p in &picks {
+            // The diversity term, max-normalised over the candidates left.
+            let max = (0..20)
+                .filter(|&i| !taken[i])
+                .map(|i| div.get(i))
+                .fold(0.0, f64::max);
+            let d = |i: usize| if max > 0.0 { div.get(i) / max } else { 0.0 };
             let w: Vec<f64> = (0..20)
                 .map(|i| {
                     if taken[i] {
                         0.0
                     } else {
-                        ((scores[i] + 0.5 * div.get(i)) / 0.7).exp()
+                        ((scores[i] + 0.5 * d(i)) / 0.7).exp()
                     }
                 })
                 .collect();
