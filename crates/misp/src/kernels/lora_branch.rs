@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 
-use super::linear::linear;
+use super::linear::{input_grad, linear};
 use super::lora_step::dropout;
 
 /// `x W^T + s (drop(x) A^T) B^T` for `x [.., in]`, `W [out, in]` (frozen), `A [r, in]`,
@@ -168,7 +168,9 @@ impl CustomOp3 for LoraBranch {
         if let Some((p, seed)) = self.dropout {
             dh = dropout(&dh, p, seed)?;
         }
-        let dx = (g.matmul(&self.w)? + dh.to_dtype(x.dtype())?)?.reshape(x.shape())?;
+        // The frozen weight's share on the bf16 kernel where it runs (candle's matmul would
+        // widen this, the largest product of the backward, to f32).
+        let dx = (input_grad(&g, &self.w)? + dh.to_dtype(x.dtype())?)?.reshape(x.shape())?;
         Ok((Some(dx), Some(da), Some(db)))
     }
 }
