@@ -44,6 +44,8 @@ const KC: usize = 128;
 const MC: usize = 240;
 /// Multiply-adds below which a product stays on the calling thread (as in [`super::gemm`]).
 const PARALLEL_FROM: usize = 1 << 21;
+/// Bytes of the right operand packed at a time (a chunk of panels, kept in L2 / L3).
+const B_CHUNK_BYTES: usize = 8 << 20;
 
 /// 0: not decided yet, 1: on, 2: off.
 static STATE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
@@ -133,86 +135,123 @@ pub(crate) fn product(a: Mat<bf16>, b: Mat<bf16>) -> Vec<bf16> {
         return out;
     }
     let parallel = m * k * n >= PARALLEL_FROM && rayon::current_num_threads() > 1;
-    let packed = pack_b(b, parallel);
-    let pairs = k.div_ceil(2);
-    // Tasks: blocks of rows, each over a group of column panels.
-    let panels = n.div_ceil(NR);
     let threads = if parallel {
         rayon::current_num_threads()
     } else {
         1
     };
-    // Blocks of rows in a multiple of the thread count, of equal size (a 3510-row product on
-    // two threads: 16 blocks of 220 rather than 15 of 240, which left one thread idle for a
-    // block's time).
-    let row_blocks = m
-        .div_ceil(MC)
-        .max(1)
-        .next_multiple_of(threads)
-        .min(m.div_ceil(MR));
-    // Too few row blocks to occupy every thread twice over: split the columns as well.
-    let col_groups = if row_blocks >= 2 * threads {
-        1
-    } else {
-        (2 * threads).div_ceil(row_blocks).min(panels)
-    };
-    let mc = m.div_ceil(row_blocks);
-    let row_blocks = m.div_ceil(mc);
-    let per_group = panels.div_ceil(col_groups);
-    let col_groups = panels.div_ceil(per_group);
-    let dst = Dst(out.as_mut_ptr());
-    let task = |t: usize| {
-        let (rb, cg) = (t / col_groups, t % col_groups);
-        let (r0, r1) = (rb * mc, ((rb + 1) * mc).min(m));
-        let (p0, p1) = (cg * per_group, ((cg + 1) * per_group).min(panels));
-        let (c0, c1) = (p0 * NR, (p1 * NR).min(n));
-        let rows = Mat {
-            data: &a.data[r0 * a.rs..],
-            rows: r1 - r0,
-            ..a
-        };
-        let acc = block_product(rows, &packed, pairs, p0, p1, c1 - c0);
-        for (i, row) in acc.chunks_exact(c1 - c0).enumerate() {
-            // SAFETY: row `r0 + i`, columns `c0..c1` of the `m x n` output belong to this
-            // task alone (tasks are disjoint blocks of rows and column groups).
-            unsafe {
-                let out_row = std::slice::from_raw_parts_mut(dst.add((r0 + i) * n + c0), c1 - c0);
-                narrow(row, out_row);
-            }
-        }
+    let pairs = k.div_ceil(2);
+    let tiles = m.div_ceil(MR);
+    // The left operand packed once, block of pairs by block: block `kb / KC` at
+    // `tiles * MR * kb`, laid out as `pack_a` writes it.
+    let mut apack = vec![0u32; tiles * MR * pairs];
+    let pack_block = |(i, dst): (usize, &mut [u32])| {
+        let kb = i * KC;
+        pack_a(a, kb, (pairs - kb).min(KC), dst);
     };
     if parallel {
-        (0..row_blocks * col_groups).into_par_iter().for_each(task);
+        apack
+            .par_chunks_mut(tiles * MR * KC)
+            .enumerate()
+            .for_each(pack_block);
     } else {
-        (0..row_blocks * col_groups).for_each(task);
+        apack
+            .chunks_mut(tiles * MR * KC)
+            .enumerate()
+            .for_each(pack_block);
+    }
+    // Blocks of row tiles in a multiple of the thread count, of equal size (a 3510-row
+    // product on two threads: 16 blocks of 220 rather than 15 of 240, which left one thread
+    // idle for a block's time).
+    let row_blocks = tiles
+        .div_ceil(MC / MR)
+        .max(1)
+        .next_multiple_of(threads)
+        .min(tiles);
+    let per_block = tiles.div_ceil(row_blocks);
+    let row_blocks = tiles.div_ceil(per_block);
+    // The right operand in chunks of panels packed just before use, small enough to stay in
+    // cache while every row block passes over them: packing the whole of a 7B weight first
+    // wrote it out to memory and read it back, 14 % of a training step.
+    let panels = n.div_ceil(NR);
+    let per_chunk = (B_CHUNK_BYTES / (pairs * NR * 4)).clamp(1, panels);
+    let dst = Dst(out.as_mut_ptr());
+    for q0 in (0..panels).step_by(per_chunk) {
+        let q1 = (q0 + per_chunk).min(panels);
+        let (c0, c1) = (q0 * NR, (q1 * NR).min(n));
+        let chunk = Mat {
+            data: &b.data[c0 * b.cs..],
+            cols: c1 - c0,
+            ..b
+        };
+        let packed = pack_b(chunk, parallel);
+        // Too few row blocks to occupy every thread twice over (few rows, as in decoding):
+        // split the chunk's panels as well.
+        let groups = if row_blocks >= 2 * threads {
+            1
+        } else {
+            (2 * threads).div_ceil(row_blocks).min(q1 - q0)
+        };
+        let per_group = (q1 - q0).div_ceil(groups);
+        let groups = (q1 - q0).div_ceil(per_group);
+        let task = |t: usize| {
+            let (rb, g) = (t / groups, t % groups);
+            let (t0, t1) = (rb * per_block, ((rb + 1) * per_block).min(tiles));
+            let (r0, r1) = (t0 * MR, (t1 * MR).min(m));
+            let (g0, g1) = (g * per_group * NR, ((g + 1) * per_group * NR).min(c1 - c0));
+            let panels = &packed[g * per_group * pairs * NR..];
+            let acc = block_product(&apack, tiles, (t0, t1), r1 - r0, panels, pairs, g1 - g0);
+            for (i, row) in acc.chunks_exact(g1 - g0).enumerate() {
+                // SAFETY: row `r0 + i`, columns `c0 + g0..c0 + g1` of the `m x n` output belong
+                // to this task alone (tasks are disjoint blocks of rows and panels).
+                unsafe {
+                    let out_row =
+                        std::slice::from_raw_parts_mut(dst.add((r0 + i) * n + c0 + g0), g1 - g0);
+                    narrow(row, out_row);
+                }
+            }
+        };
+        if parallel {
+            (0..row_blocks * groups).into_par_iter().for_each(task);
+        } else {
+            (0..row_blocks * groups).for_each(task);
+        }
     }
     out
 }
 
-/// The right operand `k x n` as panels of [`NR`] columns, pairs of rows interleaved, zero
-/// padded: panel `q`, pair `p`, column `j` of the panel, half `s` at
-/// `q * pairs * 2 NR + p * 2 NR + 2 j + s`.
-fn pack_b(b: Mat<bf16>, parallel: bool) -> Vec<bf16> {
+/// The right operand `k x n` as panels of [`NR`] columns, pairs of rows packed into one `u32`
+/// each (the even row in the low half, as `vdpbf16ps` pairs them), zero padded: panel `q`,
+/// pair `p`, column `j` of the panel at `q * pairs * NR + p * NR + j`.
+fn pack_b(b: Mat<bf16>, parallel: bool) -> Vec<u32> {
     let (k, n) = (b.rows, b.cols);
     let pairs = k.div_ceil(2);
-    let panel_len = pairs * 2 * NR;
-    let mut packed = vec![bf16::ZERO; n.div_ceil(NR) * panel_len];
-    let fill = |(q, dst): (usize, &mut [bf16])| {
+    let panel_len = pairs * NR;
+    let mut packed = vec![0u32; n.div_ceil(NR) * panel_len];
+    let bits = |v: bf16| u32::from(v.to_bits());
+    let fill = |(q, dst): (usize, &mut [u32])| {
         let cols = (n - q * NR).min(NR);
         if b.cs == 1 {
-            // Rows contiguous (`g W`): copy row by row.
-            for r in 0..k {
-                let src = &b.data[r * b.rs + q * NR..][..cols];
-                let (p, s) = (r / 2, r % 2);
-                for (j, &v) in src.iter().enumerate() {
-                    dst[p * 2 * NR + 2 * j + s] = v;
+            // Rows contiguous (`g W`): two rows at a time, zipped into pairs (a loop the
+            // compiler vectorises).
+            for p in 0..pairs {
+                let even = &b.data[2 * p * b.rs + q * NR..][..cols];
+                let out = &mut dst[p * NR..][..cols];
+                if 2 * p + 1 < k {
+                    let odd = &b.data[(2 * p + 1) * b.rs + q * NR..][..cols];
+                    for ((d, &e), &o) in out.iter_mut().zip(even).zip(odd) {
+                        *d = bits(e) | (bits(o) << 16);
+                    }
+                } else {
+                    for (d, &e) in out.iter_mut().zip(even) {
+                        *d = bits(e);
+                    }
                 }
             }
         } else if b.rs == 1 {
             // Columns contiguous (`x W^T`: a column is a weight row), so a pair is two adjacent
             // values. Blocks of pairs keep the panel's destination rows in L1 while each of
-            // the panel's weight rows is read a cache line at a time (column by column, the
-            // writes would land 128 bytes apart, one line each).
+            // the panel's weight rows is read a cache line at a time.
             const PB: usize = 32;
             let full = k / 2;
             for p0 in (0..full).step_by(PB) {
@@ -220,16 +259,14 @@ fn pack_b(b: Mat<bf16>, parallel: bool) -> Vec<bf16> {
                 for j in 0..cols {
                     let col = &b.data[(q * NR + j) * b.cs + 2 * p0..][..2 * (p1 - p0)];
                     for (i, pair) in col.chunks_exact(2).enumerate() {
-                        let at = (p0 + i) * 2 * NR + 2 * j;
-                        dst[at] = pair[0];
-                        dst[at + 1] = pair[1];
+                        dst[(p0 + i) * NR + j] = bits(pair[0]) | (bits(pair[1]) << 16);
                     }
                 }
             }
             if k % 2 == 1 {
                 // The last, half-empty pair (its upper half stays zero).
                 for j in 0..cols {
-                    dst[full * 2 * NR + 2 * j] = b.data[(q * NR + j) * b.cs + k - 1];
+                    dst[full * NR + j] = bits(b.data[(q * NR + j) * b.cs + k - 1]);
                 }
             }
         } else {
@@ -237,7 +274,7 @@ fn pack_b(b: Mat<bf16>, parallel: bool) -> Vec<bf16> {
             for j in 0..cols {
                 let col = (q * NR + j) * b.cs;
                 for r in 0..k {
-                    dst[(r / 2) * 2 * NR + 2 * j + r % 2] = b.data[col + r * b.rs];
+                    dst[(r / 2) * NR + j] |= bits(b.data[col + r * b.rs]) << (16 * (r % 2));
                 }
             }
         }
@@ -250,38 +287,36 @@ fn pack_b(b: Mat<bf16>, parallel: bool) -> Vec<bf16> {
     packed
 }
 
-/// Rows `a` (a task's block) times panels `p0..p1` of the packed right operand: a row-major
-/// `a.rows x width` f32 block.
+/// Row tiles `t0..t1` of the packed left operand (`rows` rows; `tiles` tiles in all) times
+/// every panel of the packed right operand chunk: a row-major `rows x width` f32 block.
 fn block_product(
-    a: Mat<bf16>,
-    packed: &[bf16],
+    apack: &[u32],
+    tiles: usize,
+    (t0, t1): (usize, usize),
+    rows: usize,
+    packed: &[u32],
     pairs: usize,
-    p0: usize,
-    p1: usize,
     width: usize,
 ) -> Vec<f32> {
-    let rows = a.rows;
-    let tiles = rows.div_ceil(MR);
     let mut acc = vec![0f32; rows * width];
-    let mut apack = vec![0u32; tiles * MR * KC];
-    let panel_len = pairs * 2 * NR;
+    let panel_len = pairs * NR;
     let mut kb = 0;
     while kb < pairs {
         let kp = (pairs - kb).min(KC);
-        pack_a(a, kb, kp, &mut apack);
-        for q in p0..p1 {
-            let cols = ((q - p0) * NR..width).len().min(NR);
-            let b = &packed[q * panel_len + kb * 2 * NR..][..kp * 2 * NR];
-            for t in 0..tiles {
-                let r = (rows - t * MR).min(MR);
-                let c = &mut acc[t * MR * width + (q - p0) * NR..];
+        let ablock = &apack[tiles * MR * kb..][..tiles * MR * kp];
+        for q in 0..width.div_ceil(NR) {
+            let cols = (width - q * NR).min(NR);
+            let b = &packed[q * panel_len + kb * NR..][..kp * NR];
+            for t in t0..t1 {
+                let r = (rows - (t - t0) * MR).min(MR);
+                let c = &mut acc[(t - t0) * MR * width + q * NR..];
                 // SAFETY: `supported()` was checked by `product`; the tile's `r` rows of
-                // `cols` columns, `width` apart, lie in `acc` from this offset; `apack` holds
+                // `cols` columns, `width` apart, lie in `acc` from this offset; `ablock` holds
                 // `kp` pairs of `MR` values for tile `t`, `b` holds `kp` pairs of the panel.
                 unsafe {
                     tile(
                         r,
-                        &apack[t * MR * kp..][..MR * kp],
+                        &ablock[t * MR * kp..][..MR * kp],
                         b,
                         kp,
                         c,
@@ -369,7 +404,7 @@ impl Dst {
 unsafe fn tile(
     r: usize,
     a: &[u32],
-    b: &[bf16],
+    b: &[u32],
     kp: usize,
     c: &mut [f32],
     ldc: usize,
@@ -377,7 +412,7 @@ unsafe fn tile(
     first: bool,
 ) {
     debug_assert!((1..=MR).contains(&r) && (1..=NR).contains(&cols));
-    debug_assert!(a.len() >= kp * MR && b.len() >= kp * 2 * NR);
+    debug_assert!(a.len() >= kp * MR && b.len() >= kp * NR);
     debug_assert!(c.len() >= (r - 1) * ldc + cols);
     #[cfg(target_arch = "x86_64")]
     unsafe {
@@ -440,7 +475,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub(super) unsafe fn tile<const R: usize>(
         a: *const u32,
-        b: *const bf16,
+        b: *const u32,
         kp: usize,
         c: *mut f32,
         ldc: usize,
@@ -450,7 +485,7 @@ mod x86 {
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); 2]; R];
             for p in 0..kp {
-                let bp = b.add(p * 2 * super::NR) as *const __m512i;
+                let bp = b.add(p * super::NR) as *const __m512i;
                 let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp));
                 let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(1)));
                 let ap = a.add(p * super::MR);
@@ -543,6 +578,10 @@ mod tests {
             (13, 1, 33),
             (29, 301, 65),
             (253, 519, 97),
+            // A right operand of several chunks (`B_CHUNK_BYTES`), with many rows and with
+            // too few rows to occupy the threads (panels split across tasks).
+            (29, 4101, 300),
+            (3, 4101, 300),
         ];
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
