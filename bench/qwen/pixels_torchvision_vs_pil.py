@@ -6,11 +6,11 @@
 The reference venv has no torchvision; this runs in a throwaway venv with a torch that
 torchvision's wheel pairs with and the same transformers, e.g. (CPU use only; the CUDA libraries
 the torch wheel asks for can be taken from an existing torch install):
-    python -m venv /tmp/tvenv
-    /tmp/tvenv/bin/pip install --no-deps "torch>=2.14,<2.15" torchvision==0.29.2
-    /tmp/tvenv/bin/pip install transformers==5.24.0 pillow==13.0.0 numpy filelock \
+    python -m venv .venv-torchvision
+    .venv-torchvision/bin/pip install --no-deps "torch>=2.14,<2.15" torchvision==0.29.2
+    .venv-torchvision/bin/pip install transformers==5.24.0 pillow==13.0.0 numpy filelock \
         typing-extensions sympy networkx jinja2 fsspec
-    /tmp/tvenv/bin/python bench/qwen/pixels_torchvision_vs_pil.py
+    .venv-torchvision/bin/python bench/qwen/pixels_torchvision_vs_pil.py
 
 Compares, per photo of fixtures/qwen2_5_vl and a 640 x 480 enlargement of one, under the
 conformance fixture's min / max pixels and transformers' default bounds: the grids (equal, as both use the same smart_resize) and
