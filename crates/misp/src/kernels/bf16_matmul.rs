@@ -105,6 +105,7 @@ impl CustomOp2 for Bf16Matmul {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::max_diff;
     use super::*;
     use candle_core::Var;
 
@@ -112,17 +113,6 @@ mod tests {
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         super::super::testing::rand(shape, seed)
             .to_dtype(DType::BF16)
-            .unwrap()
-    }
-
-    fn max_diff(x: &Tensor, y: &Tensor) -> f32 {
-        (x.to_dtype(DType::F32).unwrap() - y.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
             .unwrap()
     }
 

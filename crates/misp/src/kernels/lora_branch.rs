@@ -178,19 +178,8 @@ impl CustomOp3 for LoraBranch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testing::rand;
+    use crate::kernels::testing::{max_diff, rand};
     use candle_core::{DType, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     /// The plain composition the node replaces (the reference).
     fn composed(

@@ -1,6 +1,6 @@
 //! Helpers shared by the kernels' tests.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// Uniform values in [-1, 1) from a seeded LCG (shared with the attention tests).
 pub(crate) fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -27,5 +27,17 @@ pub(crate) fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
         .max(0)
         .unwrap()
         .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// The largest absolute element-wise difference of two tensors of any float dtype, in f64.
+pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
         .unwrap()
 }
