@@ -27,7 +27,7 @@ pub struct DemoArgs {
     /// Folder holding the shipped checkpoints `shapes-clip/` and `shapes-llava/`.
     #[arg(long, default_value = "models")]
     models: PathBuf,
-    /// Seeds of every trained variant (default: 0-4, only 0 with --quick); a seed fixes the
+    /// Seeds of every trained variant (default: 0-14, only 0 with --quick); a seed fixes the
     /// LoRA initialisation, record order and dropout of every variant, so runs pair by seed.
     #[arg(long, value_delimiter = ',')]
     seeds: Option<Vec<u64>>,
