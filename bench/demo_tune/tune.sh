@@ -16,8 +16,9 @@ misp=${MISP:-target/release/misp}
 here=$(dirname "$0")
 mkdir -p "$out"
 # Grid: learning rate at the demo's compute budget (240 records, one epoch, 15 steps of 16),
-# LoRA rank at one rate, and every record of the world (600, 38 steps: 2.5x the training time)
-# to see whether more data is worth the budget.
+# LoRA rank at one rate, every record of the world (600, 38 steps: 2.5x the training time) to
+# see whether more data is worth the budget, then at lr 1e-3: a second epoch, mDPO's beta (0.1
+# instead of the paper's 0.5), both, and twice the image term's weight.
 points=(
   "lr=5e-4"
   "lr=1e-3"
@@ -25,6 +26,10 @@ points=(
   "lr=5e-3"
   "lr=2e-3 lora_r=4 lora_alpha=8"
   "max_records=600"
+  "epochs=2"
+  "beta=0.1"
+  "beta=0.1 epochs=2"
+  "image_weight=2"
 )
 for p in "${points[@]}"; do
   name=$(echo "$p" | tr ' =' '_-')

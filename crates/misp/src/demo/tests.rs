@@ -360,3 +360,56 @@ fn a_world_seed_draws_other_scenes_of_the_same_distribution_and_a_folder_keeps_i
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+/// A CHAIR-only run with its CHAIR_s and the two kinds.
+fn kinds_run(variant: &str, seed: Option<u64>, all: f64, cooc: f64, misnamed: f64) -> RunMetrics {
+    let m = BTreeMap::from([(
+        "chair".to_string(),
+        BTreeMap::from([
+            ("chair_s".to_string(), all),
+            ("chair_s_cooccurrence".to_string(), cooc),
+            ("chair_s_misnamed".to_string(), misnamed),
+        ]),
+    )]);
+    (variant.to_string(), seed, m)
+}
+
+#[test]
+fn the_kinds_section_gives_multiples_of_the_base_and_the_target_verdict() {
+    let v = aggregate_metrics(&[
+        kinds_run("base", None, 0.40, 0.20, 0.25),
+        kinds_run("dpo", Some(0), 0.36, 0.18, 0.24),
+        kinds_run("dpo", Some(1), 0.34, 0.18, 0.22),
+        kinds_run("misp", Some(0), 0.33, 0.10, 0.24),
+        kinds_run("misp", Some(1), 0.31, 0.08, 0.24),
+    ]);
+    let names: Vec<String> = ["base", "dpo", "misp"].map(String::from).to_vec();
+    let md = kinds_section(&v, &names);
+    // misp: CHAIR_s 32.0 = 0.80x of 40, co-occurrence 9.0 = 0.45x of 20, misnamed 24.0 = 0.96x.
+    assert!(
+        md.contains("| misp | 32.0 (0.80x) | 9.0 (0.45x) | 24.0 (0.96x) |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| base | 40.0 (1.00x) | 20.0 (1.00x) | 25.0 (1.00x) |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("The lowest CHAIR_s is misp's, **0.80x**"),
+        "{md}"
+    );
+    assert!(md.contains("NOT met"), "{md}");
+    assert!(
+        md.contains("20% hallucinate by co-occurrence and 25% misname"),
+        "{md}"
+    );
+    // Under 0.75x the sentence says met.
+    let v = aggregate_metrics(&[
+        kinds_run("base", None, 0.40, 0.20, 0.25),
+        kinds_run("misp", Some(0), 0.28, 0.05, 0.24),
+    ]);
+    let md = kinds_section(&v, &["base".to_string(), "misp".to_string()]);
+    assert!(md.contains("**0.70x** the base's (met;"), "{md}");
+    // A results file without the kinds (an older demo) gets no section.
+    assert!(kinds_section(&three_seeds(), &names).is_empty());
+}
