@@ -63,10 +63,11 @@ def main():
     print(
         f"Lowest mean validation CHAIR_s of the grid: {best:.1f}, {ratio:.2f}x the base's "
         f"(the target of <= 0.75x is {'met' if ratio <= 0.75 else 'NOT met'}); "
-        "larger rates cut CHAIR_s no further and cost POPE F1, and every record of the world "
-        "(600, 2.5x the steps) did not help either: at this model and world, training settings "
-        "alone do not reach the target. Differences of a point or less between points are "
-        "within the noise of two seeds.\n"
+        "larger rates cut CHAIR_s no further and cost POPE F1, and neither every record of the "
+        "world (600, 2.5x the steps), a second epoch, mDPO's beta of 0.1 nor a doubled image "
+        "term cut it further: at this model and world, training settings alone do not reach the "
+        "target (docs/design.md §13 says why). Differences of a point or less between points "
+        "are within the noise of two seeds.\n"
     )
     print("| point (`--set`) | mean adv F1 | mean CHAIR_s | dpo CHAIR_s | misp CHAIR_s | |")
     print("|---|---|---|---|---|---|")

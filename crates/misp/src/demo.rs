@@ -131,6 +131,7 @@ impl DemoPlan {
             "lora_alpha=32",
             "lora_dropout=0.0",
             "lr=1e-3",
+            "image_weight=2",
             "batch_size=16",
             "micro_batch_size=8",
             "warmup_ratio=0.1",
