@@ -27,7 +27,7 @@ pub struct DemoArgs {
     /// Folder holding the shipped checkpoints `shapes-clip/` and `shapes-llava/`.
     #[arg(long, default_value = "models")]
     models: PathBuf,
-    /// Seeds of every trained variant (default: 0-14, only 0 with --quick); a seed fixes the
+    /// Seeds of every trained variant (default: 0-19, only 0 with --quick); a seed fixes the
     /// LoRA initialisation, record order and dropout of every variant, so runs pair by seed.
     #[arg(long, value_delimiter = ',')]
     seeds: Option<Vec<u64>>,
@@ -75,9 +75,16 @@ fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-/// Refuses an output folder whose finished steps were made with other base models (or by a misp
-/// from before the stamp existed); stamps a fresh one.
-fn check_models_stamp(out: &Path, clip: &Path, llava: &Path) -> anyhow::Result<()> {
+/// Refuses an output folder whose finished steps were made with other base models or other
+/// settings (training overrides, evaluation split and sizes), or by a misp from before the stamp
+/// recorded them; stamps a fresh one. Seeds and variants may differ: a re-run with more of
+/// either adds runs beside the finished ones, which is how a demo grows.
+fn check_stamp(
+    out: &Path,
+    clip: &Path,
+    llava: &Path,
+    settings: &serde_json::Value,
+) -> anyhow::Result<()> {
     let mut h = misp::files::Fnv::default();
     for dir in [clip, llava] {
         misp::train::reference::hash_model(dir, &mut h)?;
@@ -100,7 +107,24 @@ fn check_models_stamp(out: &Path, clip: &Path, llava: &Path) -> anyhow::Result<(
                     "this demo was made with other base models (hash {had}, now {hash})"
                 )));
             }
-            Ok(())
+            match v.get("settings") {
+                None => Err(stale(
+                    "this demo was made by an earlier misp, which did not record its training and evaluation settings".into(),
+                )),
+                Some(had) if had != settings => {
+                    let fields = ["train", "split", "pope_per_split", "chair_images"];
+                    let differ: Vec<String> = fields
+                        .iter()
+                        .filter(|f| had.get(**f) != settings.get(**f))
+                        .map(|f| format!("{f} was {} and is now {}", had[*f], settings[*f]))
+                        .collect();
+                    Err(stale(format!(
+                        "this demo was made with other settings ({})",
+                        differ.join("; ")
+                    )))
+                }
+                Some(_) => Ok(()),
+            }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if out.join("world").exists() {
@@ -110,7 +134,9 @@ fn check_models_stamp(out: &Path, clip: &Path, llava: &Path) -> anyhow::Result<(
             }
             misp::files::write_json_atomic(
                 &stamp,
-                &serde_json::json!({"models_hash": hash, "clip": clip, "llava": llava}),
+                &serde_json::json!({
+                    "models_hash": hash, "clip": clip, "llava": llava, "settings": settings,
+                }),
             )?;
             Ok(())
         }
@@ -145,7 +171,14 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let model_flags = a.runtime.to_flags();
     let out = &a.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    check_models_stamp(out, &clip, &llava)?;
+    let split = if a.validation { "val" } else { "test" };
+    let settings = serde_json::json!({
+        "train": plan.train,
+        "split": split,
+        "pope_per_split": plan.pope_per_split,
+        "chair_images": plan.chair_images,
+    });
+    check_stamp(out, &clip, &llava, &settings)?;
     let mut timings: Vec<(String, f64)> = Vec::new();
     let mut timed =
         |name: &str, t: Instant| timings.push((name.to_string(), t.elapsed().as_secs_f64()));
@@ -334,7 +367,6 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
 
     // 5. Evaluation: POPE (3 splits) and CHAIR for the base and every run.
     let t = Instant::now();
-    let split = if a.validation { "val" } else { "test" };
     let questions = demo::pope_subsets(&world, split, plan.pope_per_split, &out.join("eval-sets"))?;
     for run in &runs {
         let eval_dir = out.join("eval").join(&run.name);

@@ -32,13 +32,21 @@ fn quick_demo_writes_a_complete_report() {
                 "{variant} {bench}"
             );
         }
+        // CHAIR_s split by kind, from the scene graphs.
+        for kind in ["chair_s_cooccurrence", "chair_s_misnamed"] {
+            let x = variants[variant]["chair"][kind]["mean"].as_f64();
+            assert!(
+                x.is_some_and(|x| (0.0..=1.0).contains(&x)),
+                "{variant} {kind}"
+            );
+        }
         // Every run's value is kept, with its seed.
         let cs = variants[variant]["chair"]["chair_s"]["runs"].as_array();
         assert_eq!(cs.map(Vec::len), Some(1), "{variant}");
     }
     // misp vs random, mDPO and dpo on every metric; one seed: no interval, no verdict.
     let comps = results["comparisons"].as_array().unwrap();
-    assert_eq!(comps.len(), 3 * 6, "{comps:?}");
+    assert_eq!(comps.len(), 3 * 7, "{comps:?}");
     assert!(comps
         .iter()
         .all(|c| c["verdict"].as_str().unwrap().contains("no verdict")));
@@ -47,6 +55,7 @@ fn quick_demo_writes_a_complete_report() {
         "Does the base model hallucinate?",
         "The paper's claims",
         "Negative validity",
+        "CHAIR_s by kind of hallucination",
     ] {
         assert!(report.contains(needle), "{needle}");
     }
@@ -80,6 +89,39 @@ fn quick_demo_writes_a_complete_report() {
         !err.contains("$ misp train"),
         "a finished run was retrained:\n{err}"
     );
+    // The same folder with another training setting would mix runs: refused, naming it.
+    let other = Command::new(env!("CARGO_BIN_EXE_misp"))
+        .args([
+            "demo",
+            "--quick",
+            "--set",
+            "lr=5e-4",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .current_dir(root())
+        .output()
+        .expect("rerun misp demo with another setting");
+    assert!(!other.status.success());
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        err.contains("other settings") && err.contains("lr=5e-4"),
+        "{err}"
+    );
+    // A stamp from before settings were recorded: refused too, nothing deleted.
+    let stamp = out.join("demo_models.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&stamp).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("settings");
+    std::fs::write(&stamp, v.to_string()).unwrap();
+    let old = Command::new(env!("CARGO_BIN_EXE_misp"))
+        .args(["demo", "--quick", "--out", out.to_str().unwrap()])
+        .current_dir(root())
+        .output()
+        .expect("rerun misp demo on an older stamp");
+    assert!(!old.status.success());
+    let err = String::from_utf8_lossy(&old.stderr);
+    assert!(err.contains("did not record its training"), "{err}");
+    assert!(out.join("runs").is_dir(), "nothing was deleted");
     let _ = std::fs::remove_dir_all(&out);
 }
 
