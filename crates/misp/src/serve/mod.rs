@@ -12,13 +12,22 @@
 //!   evaluation); `max_tokens` (or `max_completion_tokens`) caps the answer.
 //! - `GET /v1/models`, `GET /health`.
 //! - `GET /health` also reports where a request's time went (`timings`): reading it, preparing
-//!   it (JSON, image decode, tokens), waiting in the queue, the batched forward, answering.
+//!   it (JSON, image decode, tokens), waiting in the queue, the prompt passes and decode steps,
+//!   answering.
 //! - Each connection has its own thread and is persistent (HTTP/1.1 keep-alive), so a
 //!   harness's client pays no connection setup per request; that thread parses the request,
 //!   decodes the image, tokenizes the prompt and, after the model, detokenizes the answer: the
-//!   model's thread does nothing but forwards. It takes up to `max_batch` queued requests at
-//!   once (holding the batch open while requests keep arriving less than `batch_wait` apart or
-//!   are being prepared) and answers them in one batched greedy forward. The queue is bounded: a request arriving when it is full gets 503. Bodies
+//!   model's thread does nothing but forwards.
+//! - Batching is continuous (iteration-level): the model's thread keeps one running greedy
+//!   decode of up to `max_batch` rows. Between two decode steps it admits the requests queued
+//!   meanwhile (one batched prompt pass for them, their KV rows merged into the running
+//!   batch), and a row that finishes (a stop id, or its own `max_tokens`) is answered at once
+//!   and leaves the batch. So a two-token answer does not wait for a caption sharing its
+//!   batch, and a client's next request joins the running decode instead of waiting for it to
+//!   drain. With nothing running the thread blocks for work and takes a batch as it forms
+//!   (holding it open while requests keep arriving less than `batch_wait` apart or are being
+//!   prepared). Greedy answers are the same as `misp generate`'s: no row attends to another.
+//!   The queue is bounded: a request arriving when it is full gets 503. Bodies
 //!   over the size limit get 413 (before they are read; a client that sent `Expect:
 //!   100-continue` gets `100 Continue` only for a body within the limit), malformed JSON 400, an
 //!   image path outside `--image-root` 403.
@@ -37,6 +46,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::data::paths::{DatasetRoot, ESCAPES_ROOT};
+use crate::model::generate::RunningDecode;
 use crate::model::vlm::{PreparedPrompt, Vlm};
 use http::{error_body, read_request, write_json, HttpError};
 
@@ -47,7 +57,7 @@ pub struct ServeConfig {
     pub model_name: String,
     /// Requests waiting for the model at most; more get 503.
     pub queue_size: usize,
-    /// Requests answered in one forward at most.
+    /// Rows decoded at once at most (running and newly admitted together).
     pub max_batch: usize,
     /// How long a batch stays open after the latest arrival (see `Queue::take_batch`).
     pub batch_wait: Duration,
@@ -79,17 +89,25 @@ type Answer = Result<Vec<u32>, String>;
 #[derive(Default)]
 struct Timings {
     requests: AtomicU64,
+    /// Batches admitted into the running decode (each one prompt pass).
     batches: AtomicU64,
-    /// Rows over all batches (their mean size is `batched_rows / batches`).
+    /// Rows over all admitted batches (their mean size is `batched_rows / batches`).
     batched_rows: AtomicU64,
+    /// Rows admitted while other rows were decoding (they joined a running decode).
+    joined_rows: AtomicU64,
     /// Nanoseconds per stage: the request's bytes from its first byte to its last.
     read_ns: AtomicU64,
     /// JSON parse, image bytes and decode, pixels, prompt tokens.
     prepare_ns: AtomicU64,
     /// In the queue until the model's thread took it.
     queue_ns: AtomicU64,
-    /// Batched forwards (per batch, not per request).
-    forward_ns: AtomicU64,
+    /// Decode steps, and the rows they ran (their mean is `step_rows / steps`).
+    steps: AtomicU64,
+    step_rows: AtomicU64,
+    /// Batched prompt passes (one per admitted batch, not per request).
+    prefill_ns: AtomicU64,
+    /// Decode steps, answering the rows that finish included.
+    decode_ns: AtomicU64,
     /// From the model's answer to the response's JSON: detokenizing, building it.
     respond_ns: AtomicU64,
 }
@@ -102,6 +120,7 @@ impl Timings {
     fn report(&self) -> Value {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let (requests, batches) = (get(&self.requests), get(&self.batches));
+        let steps = get(&self.steps);
         let mean_ms = |c: &AtomicU64, n: u64| get(c) as f64 / 1e6 / n.max(1) as f64;
         json!({
             "requests": requests,
@@ -113,12 +132,17 @@ impl Timings {
                 "queue": mean_ms(&self.queue_ns, requests),
                 "respond": mean_ms(&self.respond_ns, requests),
             },
-            "mean_ms_per_batch": {"forward": mean_ms(&self.forward_ns, batches)},
+            "joined_rows": get(&self.joined_rows),
+            "decode_steps": steps,
+            "mean_step_rows": get(&self.step_rows) as f64 / steps.max(1) as f64,
+            "mean_ms_per_batch": {"prefill": mean_ms(&self.prefill_ns, batches)},
+            "mean_ms_per_step": {"decode": mean_ms(&self.decode_ns, steps)},
             "total_ms": {
                 "read": get(&self.read_ns) as f64 / 1e6,
                 "prepare": get(&self.prepare_ns) as f64 / 1e6,
                 "queue": get(&self.queue_ns) as f64 / 1e6,
-                "forward": get(&self.forward_ns) as f64 / 1e6,
+                "prefill": get(&self.prefill_ns) as f64 / 1e6,
+                "decode": get(&self.decode_ns) as f64 / 1e6,
                 "respond": get(&self.respond_ns) as f64 / 1e6,
             },
         })
@@ -182,6 +206,13 @@ impl Queue {
             // The worker may be holding a batch open for this request.
             self.ready.notify_one();
         }
+    }
+
+    /// Up to `max` queued jobs without waiting (a running decode admits them between steps).
+    fn take_ready(&self, max: usize) -> Vec<Job> {
+        let mut q = self.lock();
+        let n = q.jobs.len().min(max);
+        q.jobs.drain(..n).collect()
     }
 
     /// Blocks for the first job, then gathers up to `max` of them. The batch stays open while
@@ -248,43 +279,73 @@ impl Server {
         Ok(())
     }
 
-    /// The model worker: batches of queued requests through one greedy forward each.
+    /// The model worker: one running greedy decode. Between its steps it admits what has been
+    /// queued (one batched prompt pass for them, merged into the running rows), and each step
+    /// answers the rows that finished at once, so no request waits for a longer answer than
+    /// its own. With nothing running it blocks for the next batch (`Queue::take_batch`).
     fn work(&self) {
+        let max = self.config.max_batch.max(1);
+        let lm = self.vlm.language_model();
+        let eos = self.vlm.stop_ids();
+        let mut running: RunningDecode<mpsc::Sender<Answer>> = RunningDecode::new();
         loop {
-            let jobs = self
-                .queue
-                .take_batch(self.config.max_batch.max(1), self.config.batch_wait);
-            let start = Instant::now();
-            let max_new = jobs.iter().map(|j| j.max_tokens).max().unwrap_or(0);
-            let mut prompts = Vec::with_capacity(jobs.len());
-            let mut waiting = Vec::with_capacity(jobs.len());
-            for job in jobs {
-                self.timings
-                    .queue_ns
-                    .fetch_add((start - job.queued).as_nanos() as u64, Ordering::Relaxed);
-                prompts.push(job.prompt);
-                waiting.push((job.max_tokens, job.reply));
+            let jobs = if running.is_empty() {
+                self.queue.take_batch(max, self.config.batch_wait)
+            } else {
+                self.queue.take_ready(max - running.len())
+            };
+            if !jobs.is_empty() {
+                self.admit(&mut running, jobs);
             }
-            let answers = self.vlm.generate_ids(&prompts, max_new);
-            add(&self.timings.forward_ns, start);
-            self.timings.batches.fetch_add(1, Ordering::Relaxed);
+            if running.is_empty() {
+                continue;
+            }
+            let start = Instant::now();
+            let rows = running.len() as u64;
+            let stepped = running.step(lm, eos, |reply, ids| {
+                let _ = reply.send(Ok(ids));
+            });
+            add(&self.timings.decode_ns, start);
+            self.timings.steps.fetch_add(1, Ordering::Relaxed);
+            self.timings.step_rows.fetch_add(rows, Ordering::Relaxed);
+            if let Err(e) = stepped {
+                for reply in running.abandon() {
+                    let _ = reply.send(Err(format!("generation failed: {e}")));
+                }
+            }
+        }
+    }
+
+    /// The prompt pass of `jobs`, batched, and their rows added to `running`; on an error
+    /// these jobs are answered with it and the running rows go on.
+    fn admit(&self, running: &mut RunningDecode<mpsc::Sender<Answer>>, jobs: Vec<Job>) {
+        let start = Instant::now();
+        let mut prompts = Vec::with_capacity(jobs.len());
+        let mut rows = Vec::with_capacity(jobs.len());
+        for job in jobs {
             self.timings
-                .batched_rows
-                .fetch_add(prompts.len() as u64, Ordering::Relaxed);
-            match answers {
-                Ok(ids) => {
-                    for ((max_tokens, reply), mut ids) in waiting.into_iter().zip(ids) {
-                        // Greedy decoding is causal: a row's first n tokens are what a run
-                        // with max n would have produced.
-                        ids.truncate(max_tokens);
-                        let _ = reply.send(Ok(ids));
-                    }
-                }
-                Err(e) => {
-                    for (_, reply) in waiting {
-                        let _ = reply.send(Err(format!("generation failed: {e}")));
-                    }
-                }
+                .queue_ns
+                .fetch_add((start - job.queued).as_nanos() as u64, Ordering::Relaxed);
+            prompts.push(job.prompt);
+            rows.push((job.reply, job.max_tokens));
+        }
+        let n = prompts.len() as u64;
+        if !running.is_empty() {
+            self.timings.joined_rows.fetch_add(n, Ordering::Relaxed);
+        }
+        let prefilled = self.vlm.prefill(&prompts);
+        add(&self.timings.prefill_ns, start);
+        self.timings.batches.fetch_add(1, Ordering::Relaxed);
+        self.timings.batched_rows.fetch_add(n, Ordering::Relaxed);
+        let failed = match prefilled {
+            Ok(p) => running.admit(p, rows).err().map(|e| (e, Vec::new())),
+            Err(e) => Some((e, rows)),
+        };
+        // A failed admission after a good prompt pass cannot happen (the rows match the
+        // prompts); its jobs' senders are then dropped, which answers them with 500.
+        if let Some((e, rows)) = failed {
+            for (reply, _) in rows {
+                let _ = reply.send(Err(format!("generation failed: {e}")));
             }
         }
     }
