@@ -368,7 +368,17 @@ fn requests_joining_a_running_decode_get_the_answers_of_misp_generate(model: &st
         ("coffee_cmyk.jpg", "Cup?", 16),
     ];
     let want = generate_answers(model, &cases, tag);
-    let served = serve_model(model, &["--batch-size", "8", "--batch-wait-ms", "0"]);
+    let served = serve_model(
+        model,
+        &[
+            "--batch-size",
+            "8",
+            "--batch-wait-ms",
+            "0",
+            "--join-group",
+            "1",
+        ],
+    );
     let port = served.port;
     let mut joined = 0;
     for round in 0..5 {

@@ -61,6 +61,9 @@ pub struct ServeConfig {
     pub max_batch: usize,
     /// How long a batch stays open after the latest arrival (see `Queue::take_batch`).
     pub batch_wait: Duration,
+    /// Requests that join a running decode together at least, unless arrivals pause (see
+    /// `Queue::take_ready`).
+    pub join_group: usize,
     /// Request bodies over this many bytes get 413.
     pub max_body: usize,
     /// `max_tokens` when a request gives none.
@@ -208,10 +211,22 @@ impl Queue {
         }
     }
 
-    /// Up to `max` queued jobs without waiting (a running decode admits them between steps).
-    fn take_ready(&self, max: usize) -> Vec<Job> {
+    /// Up to `max` queued jobs for a running decode to admit between two steps, without
+    /// waiting: once at least `min(max, group)` are queued, or fewer when the arrivals have
+    /// paused (none for `wait` and none being prepared). A prompt pass has a fixed cost (on a
+    /// small model about two decode steps, whatever its rows), so admitting each request the
+    /// step it arrives costs more passes than the decode saves; waiting for a group keeps the
+    /// passes few while the running rows go on decoding.
+    fn take_ready(&self, max: usize, group: usize, wait: Duration) -> Vec<Job> {
         let mut q = self.lock();
         let n = q.jobs.len().min(max);
+        if n == 0 {
+            return Vec::new();
+        }
+        let paused = self.preparing.load(Ordering::SeqCst) == 0 && q.last_arrival.elapsed() >= wait;
+        if n < max.min(group.max(1)) && !paused {
+            return Vec::new();
+        }
         q.jobs.drain(..n).collect()
     }
 
@@ -292,7 +307,11 @@ impl Server {
             let jobs = if running.is_empty() {
                 self.queue.take_batch(max, self.config.batch_wait)
             } else {
-                self.queue.take_ready(max - running.len())
+                self.queue.take_ready(
+                    max - running.len(),
+                    self.config.join_group,
+                    self.config.batch_wait,
+                )
             };
             if !jobs.is_empty() {
                 self.admit(&mut running, jobs);
@@ -649,6 +668,7 @@ mod tests {
             queue_size: 2,
             max_batch: 4,
             batch_wait: Duration::from_millis(1),
+            join_group: 1,
             max_body: 1000,
             default_max_tokens: 16,
             max_tokens_limit: 32,
@@ -671,6 +691,39 @@ mod tests {
         let rest = q.take_batch(8, Duration::from_millis(5));
         assert_eq!(rest.len(), 1);
         assert_eq!(q.len(), 0);
+    }
+
+    #[test]
+    fn a_running_decode_admits_groups_or_whatever_waits_once_arrivals_pause() {
+        let q = Queue::new(8);
+        let hour = Duration::from_secs(3600);
+        for n in 0..2 {
+            assert!(q.push(job(n)).is_ok());
+        }
+        // Two of a group of three, arrivals not paused (the latest just came): they wait.
+        assert!(q.take_ready(8, 3, hour).is_empty());
+        assert_eq!(q.len(), 2);
+        assert!(q.push(job(2)).is_ok());
+        let got = q.take_ready(8, 3, hour);
+        assert_eq!(
+            got.iter().map(|j| j.max_tokens).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        // No more room than the free rows: two free rows make a full group.
+        for n in 3..6 {
+            assert!(q.push(job(n)).is_ok());
+        }
+        assert_eq!(q.take_ready(2, 3, hour).len(), 2);
+        // One left, alone: it goes once arrivals have paused, and not while one is prepared.
+        q.preparing(true);
+        assert!(q.take_ready(8, 3, Duration::ZERO).is_empty());
+        q.preparing(false);
+        let got = q.take_ready(8, 3, Duration::ZERO);
+        assert_eq!(got.iter().map(|j| j.max_tokens).collect::<Vec<_>>(), [5]);
+        assert!(
+            q.take_ready(8, 1, Duration::ZERO).is_empty(),
+            "nothing queued"
+        );
     }
 
     fn job(n: usize) -> Job {

@@ -1031,6 +1031,9 @@ impl KvCache {
         Ok(())
     }
 
+    /// Leading padding columns [`Self::keep_rows`] leaves in place (below a quarter of the width).
+    const TRIM: usize = 16;
+
     /// Rows held.
     pub fn rows(&self) -> usize {
         self.seen.len()
@@ -1124,6 +1127,16 @@ impl KvCache {
         let w = mask.dim(1)?;
         let used: Vec<f32> = mask.sum(0)?.to_vec1()?;
         let lead = used.iter().position(|&u| u != 0.0).unwrap_or(w);
+        // Dropping columns rebuilds the buffers (a few copies per layer); a decode drops rows at
+        // most steps, so a few columns of padding stay until they are worth a rebuild.
+        if lead < Self::TRIM && 4 * lead < w {
+            self.mask = Some(mask);
+            for l in self.layers.iter_mut().flatten() {
+                l.k = l.k.index_select(&idx, 0)?;
+                l.v = l.v.index_select(&idx, 0)?;
+            }
+            return Ok(());
+        }
         self.mask = Some(mask.narrow(1, lead, w - lead)?);
         for slot in self.layers.iter_mut() {
             let Some(l) = slot.as_ref() else { continue };
