@@ -30,14 +30,9 @@ pub struct ServeArgs {
     queue_size: usize,
     /// With no decode running, a batch stays open this many milliseconds after its latest
     /// request arrived (and while requests are being prepared), up to --batch-size requests;
-    /// while one runs, queued requests join it between decode steps (up to --batch-size rows).
+    /// while one runs, what is queued joins it (up to --batch-size rows in all).
     #[arg(long, default_value_t = 5)]
     batch_wait_ms: u64,
-    /// Queued requests join a running decode in groups of at least this many (fewer once
-    /// arrivals pause for --batch-wait-ms): each group costs one prompt pass [default: a
-    /// quarter of --batch-size].
-    #[arg(long)]
-    join_group: Option<usize>,
     /// Request bodies over this many MiB are refused with 413.
     #[arg(long, default_value_t = 32)]
     max_body_mb: usize,
@@ -68,7 +63,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         model_name: name.clone(),
         queue_size: args.queue_size,
         max_batch: m.batch_size.max(1),
-        join_group: args.join_group.unwrap_or(m.batch_size / 4).max(1),
         batch_wait: Duration::from_millis(args.batch_wait_ms),
         max_body: args.max_body_mb * 1024 * 1024,
         default_max_tokens: args.default_max_tokens,

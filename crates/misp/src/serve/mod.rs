@@ -17,16 +17,19 @@
 //! - Each connection has its own thread and is persistent (HTTP/1.1 keep-alive), so a
 //!   harness's client pays no connection setup per request; that thread parses the request,
 //!   decodes the image, tokenizes the prompt and, after the model, detokenizes the answer: the
-//!   model's thread does nothing but forwards.
-//! - Batching is continuous (iteration-level): the model's thread keeps one running greedy
-//!   decode of up to `max_batch` rows. Between two decode steps it admits the requests queued
-//!   meanwhile (one batched prompt pass for them, their KV rows merged into the running
-//!   batch), and a row that finishes (a stop id, or its own `max_tokens`) is answered at once
-//!   and leaves the batch. So a two-token answer does not wait for a caption sharing its
-//!   batch, and a client's next request joins the running decode instead of waiting for it to
-//!   drain. With nothing running the thread blocks for work and takes a batch as it forms
-//!   (holding it open while requests keep arriving less than `batch_wait` apart or are being
-//!   prepared). Greedy answers are the same as `misp generate`'s: no row attends to another.
+//!   model's threads do nothing but forwards.
+//! - Batching is continuous (iteration-level), on two model threads. The decode thread keeps
+//!   one running greedy decode of up to `max_batch` rows; a row that finishes (a stop id, or
+//!   its own `max_tokens`) is answered at once and leaves the batch, so a two-token answer
+//!   does not wait for a caption sharing its batch. The prompt thread runs the prompt passes
+//!   of queued requests, batched, beside the decode (on the other core), and hands their KV
+//!   rows to the decode thread, which merges them into the running batch between two steps:
+//!   a client's next request joins the running decode instead of waiting for it to drain,
+//!   and a prompt pass does not stop the running rows. While a decode runs, the prompt thread
+//!   takes whatever is queued (the requests that arrive during one pass make the next batch),
+//!   up to the rows free; with nothing running it takes a batch as it forms (holding it open
+//!   while requests keep arriving less than `batch_wait` apart or are being prepared). Greedy
+//!   answers are the same as `misp generate`'s: no row attends to another.
 //!   The queue is bounded: a request arriving when it is full gets 503. Bodies
 //!   over the size limit get 413 (before they are read; a client that sent `Expect:
 //!   100-continue` gets `100 Continue` only for a body within the limit), malformed JSON 400, an
@@ -46,7 +49,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::data::paths::{DatasetRoot, ESCAPES_ROOT};
-use crate::model::generate::RunningDecode;
+use crate::model::generate::{Prefill, RunningDecode};
 use crate::model::vlm::{PreparedPrompt, Vlm};
 use http::{error_body, read_request, write_json, HttpError};
 
@@ -57,13 +60,10 @@ pub struct ServeConfig {
     pub model_name: String,
     /// Requests waiting for the model at most; more get 503.
     pub queue_size: usize,
-    /// Rows decoded at once at most (running and newly admitted together).
+    /// Rows decoded at once at most (running, in a prompt pass and waiting to join, together).
     pub max_batch: usize,
     /// How long a batch stays open after the latest arrival (see `Queue::take_batch`).
     pub batch_wait: Duration,
-    /// Requests that join a running decode together at least, unless arrivals pause (see
-    /// `Queue::take_ready`).
-    pub join_group: usize,
     /// Request bodies over this many bytes get 413.
     pub max_body: usize,
     /// `max_tokens` when a request gives none.
@@ -87,6 +87,65 @@ struct Job {
 /// The model's answer to one job: its token ids, or why it failed.
 type Answer = Result<Vec<u32>, String>;
 
+/// Prompts the prompt thread has run, for the decode thread to merge: their cache and first
+/// tokens, and each row's reply channel and `max_tokens`.
+struct Admission {
+    prefill: Prefill,
+    rows: Vec<(mpsc::Sender<Answer>, usize)>,
+}
+
+/// Answers every one of `replies` with the error `why`.
+fn fail(replies: impl Iterator<Item = mpsc::Sender<Answer>>, why: &str) {
+    for reply in replies {
+        let _ = reply.send(Err(why.to_string()));
+    }
+}
+
+/// The decode's rows, `max_batch` at most: running, being prefilled, or filled and waiting to
+/// join. The prompt thread takes slots, the decode thread frees them as rows finish.
+struct Slots {
+    used: Mutex<usize>,
+    freed: Condvar,
+    max: usize,
+}
+
+impl Slots {
+    fn new(max: usize) -> Self {
+        Self {
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+            max: max.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.used.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blocks until a slot is free: how many are, and whether none is in use (nothing
+    /// decoding). Only the prompt thread takes slots, so they stay free until it does.
+    fn wait_free(&self) -> (usize, bool) {
+        let mut used = self.lock();
+        while *used >= self.max {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        (self.max - *used, *used == 0)
+    }
+
+    fn take(&self, n: usize) {
+        *self.lock() += n;
+    }
+
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let mut used = self.lock();
+        *used = used.saturating_sub(n);
+        self.freed.notify_one();
+    }
+}
+
 /// Where requests' time went, summed since the start (`GET /health` reports them), so that a
 /// throughput gap can be pinned on a stage rather than guessed.
 #[derive(Default)]
@@ -96,7 +155,7 @@ struct Timings {
     batches: AtomicU64,
     /// Rows over all admitted batches (their mean size is `batched_rows / batches`).
     batched_rows: AtomicU64,
-    /// Rows admitted while other rows were decoding (they joined a running decode).
+    /// Rows prefilled while other rows were decoding (they joined a running decode).
     joined_rows: AtomicU64,
     /// Nanoseconds per stage: the request's bytes from its first byte to its last.
     read_ns: AtomicU64,
@@ -211,22 +270,14 @@ impl Queue {
         }
     }
 
-    /// Up to `max` queued jobs for a running decode to admit between two steps, without
-    /// waiting: once at least `min(max, group)` are queued, or fewer when the arrivals have
-    /// paused (none for `wait` and none being prepared). A prompt pass has a fixed cost (on a
-    /// small model about two decode steps, whatever its rows), so admitting each request the
-    /// step it arrives costs more passes than the decode saves; waiting for a group keeps the
-    /// passes few while the running rows go on decoding.
-    fn take_ready(&self, max: usize, group: usize, wait: Duration) -> Vec<Job> {
+    /// Blocks for the first job, then takes up to `max` of what waits, without holding the
+    /// batch open (a decode is running: the jobs that come meanwhile make the next batch).
+    fn take_waiting(&self, max: usize) -> Vec<Job> {
         let mut q = self.lock();
+        while q.jobs.is_empty() {
+            q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
         let n = q.jobs.len().min(max);
-        if n == 0 {
-            return Vec::new();
-        }
-        let paused = self.preparing.load(Ordering::SeqCst) == 0 && q.last_arrival.elapsed() >= wait;
-        if n < max.min(group.max(1)) && !paused {
-            return Vec::new();
-        }
         q.jobs.drain(..n).collect()
     }
 
@@ -266,6 +317,7 @@ pub struct Server {
     vlm: Arc<Vlm>,
     config: ServeConfig,
     queue: Arc<Queue>,
+    slots: Slots,
     next_id: AtomicU64,
     timings: Timings,
 }
@@ -275,17 +327,21 @@ impl Server {
         Arc::new(Self {
             vlm: Arc::new(vlm),
             queue: Arc::new(Queue::new(config.queue_size)),
+            slots: Slots::new(config.max_batch),
             config,
             next_id: AtomicU64::new(0),
             timings: Timings::default(),
         })
     }
 
-    /// Serves `listener` until the process ends: the model worker on one thread, one thread
-    /// per connection.
+    /// Serves `listener` until the process ends: the prompt passes on one thread, the decode on
+    /// another, one thread per connection.
     pub fn run(self: &Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
-        let worker = self.clone();
-        std::thread::spawn(move || worker.work());
+        let (tx, rx) = mpsc::channel();
+        let prefiller = self.clone();
+        std::thread::spawn(move || prefiller.prefill_loop(tx));
+        let decoder = self.clone();
+        std::thread::spawn(move || decoder.decode_loop(rx));
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
             let server = self.clone();
@@ -294,78 +350,107 @@ impl Server {
         Ok(())
     }
 
-    /// The model worker: one running greedy decode. Between its steps it admits what has been
-    /// queued (one batched prompt pass for them, merged into the running rows), and each step
-    /// answers the rows that finished at once, so no request waits for a longer answer than
-    /// its own. With nothing running it blocks for the next batch (`Queue::take_batch`).
-    fn work(&self) {
-        let max = self.config.max_batch.max(1);
-        let lm = self.vlm.language_model();
-        let eos = self.vlm.stop_ids();
-        let mut running: RunningDecode<mpsc::Sender<Answer>> = RunningDecode::new();
+    /// The prompt passes: takes queued requests as rows free up in the decode, runs them in one
+    /// batched pass and hands the filled cache to the decode thread, which merges it between
+    /// two steps. While a pass runs the next requests queue up, so passes batch by themselves:
+    /// with a decode running this thread takes whatever waits (at least one request); with
+    /// none it holds a batch open as `Queue::take_batch` says. It runs beside the decode, on
+    /// the other core, so a pass no longer stops every running row.
+    fn prefill_loop(&self, admitted: mpsc::Sender<Admission>) {
         loop {
-            let jobs = if running.is_empty() {
-                self.queue.take_batch(max, self.config.batch_wait)
+            let (free, idle) = self.slots.wait_free();
+            let jobs = if idle {
+                self.queue.take_batch(free, self.config.batch_wait)
             } else {
-                self.queue.take_ready(
-                    max - running.len(),
-                    self.config.join_group,
-                    self.config.batch_wait,
-                )
+                self.queue.take_waiting(free)
             };
-            if !jobs.is_empty() {
-                self.admit(&mut running, jobs);
-            }
-            if running.is_empty() {
-                continue;
-            }
+            self.slots.take(jobs.len());
             let start = Instant::now();
-            let rows = running.len() as u64;
-            let stepped = running.step(lm, eos, |reply, ids| {
-                let _ = reply.send(Ok(ids));
-            });
-            add(&self.timings.decode_ns, start);
-            self.timings.steps.fetch_add(1, Ordering::Relaxed);
-            self.timings.step_rows.fetch_add(rows, Ordering::Relaxed);
-            if let Err(e) = stepped {
-                for reply in running.abandon() {
-                    let _ = reply.send(Err(format!("generation failed: {e}")));
+            let mut prompts = Vec::with_capacity(jobs.len());
+            let mut rows = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                self.timings
+                    .queue_ns
+                    .fetch_add((start - job.queued).as_nanos() as u64, Ordering::Relaxed);
+                prompts.push(job.prompt);
+                rows.push((job.reply, job.max_tokens));
+            }
+            let n = rows.len();
+            if !idle {
+                self.timings
+                    .joined_rows
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            let prefilled = self.vlm.prefill(&prompts);
+            add(&self.timings.prefill_ns, start);
+            self.timings.batches.fetch_add(1, Ordering::Relaxed);
+            self.timings
+                .batched_rows
+                .fetch_add(n as u64, Ordering::Relaxed);
+            match prefilled {
+                Ok(prefill) => {
+                    if let Err(mpsc::SendError(a)) = admitted.send(Admission { prefill, rows }) {
+                        fail(a.rows.into_iter().map(|r| r.0), "the decode thread stopped");
+                        return;
+                    }
+                }
+                Err(e) => {
+                    fail(
+                        rows.into_iter().map(|r| r.0),
+                        &format!("generation failed: {e}"),
+                    );
+                    self.slots.release(n);
                 }
             }
         }
     }
 
-    /// The prompt pass of `jobs`, batched, and their rows added to `running`; on an error
-    /// these jobs are answered with it and the running rows go on.
-    fn admit(&self, running: &mut RunningDecode<mpsc::Sender<Answer>>, jobs: Vec<Job>) {
-        let start = Instant::now();
-        let mut prompts = Vec::with_capacity(jobs.len());
-        let mut rows = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            self.timings
-                .queue_ns
-                .fetch_add((start - job.queued).as_nanos() as u64, Ordering::Relaxed);
-            prompts.push(job.prompt);
-            rows.push((job.reply, job.max_tokens));
-        }
-        let n = prompts.len() as u64;
-        if !running.is_empty() {
-            self.timings.joined_rows.fetch_add(n, Ordering::Relaxed);
-        }
-        let prefilled = self.vlm.prefill(&prompts);
-        add(&self.timings.prefill_ns, start);
-        self.timings.batches.fetch_add(1, Ordering::Relaxed);
-        self.timings.batched_rows.fetch_add(n, Ordering::Relaxed);
-        let failed = match prefilled {
-            Ok(p) => running.admit(p, rows).err().map(|e| (e, Vec::new())),
-            Err(e) => Some((e, rows)),
-        };
-        // A failed admission after a good prompt pass cannot happen (the rows match the
-        // prompts); its jobs' senders are then dropped, which answers them with 500.
-        if let Some((e, rows)) = failed {
-            for (reply, _) in rows {
-                let _ = reply.send(Err(format!("generation failed: {e}")));
+    /// The decode: one running greedy decode. Between its steps it merges the rows the prompt
+    /// thread has filled; each step answers the rows that finished at once (no request waits
+    /// for a longer answer than its own) and frees their slots.
+    fn decode_loop(&self, admitted: mpsc::Receiver<Admission>) {
+        let lm = self.vlm.language_model();
+        let eos = self.vlm.stop_ids();
+        let mut running: RunningDecode<mpsc::Sender<Answer>> = RunningDecode::new();
+        loop {
+            if running.is_empty() {
+                let Ok(a) = admitted.recv() else { return };
+                self.admit(&mut running, a);
             }
+            while let Ok(a) = admitted.try_recv() {
+                self.admit(&mut running, a);
+            }
+            if running.is_empty() {
+                continue;
+            }
+            let start = Instant::now();
+            let rows = running.len();
+            let mut done = 0;
+            let stepped = running.step(lm, eos, |reply, ids| {
+                let _ = reply.send(Ok(ids));
+                done += 1;
+            });
+            if let Err(e) = stepped {
+                let lost = running.abandon();
+                done += lost.len();
+                fail(lost.into_iter(), &format!("generation failed: {e}"));
+            }
+            self.slots.release(done);
+            add(&self.timings.decode_ns, start);
+            self.timings.steps.fetch_add(1, Ordering::Relaxed);
+            self.timings
+                .step_rows
+                .fetch_add(rows as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn admit(&self, running: &mut RunningDecode<mpsc::Sender<Answer>>, a: Admission) {
+        let n = a.rows.len();
+        // The rows match the prompts they were filled from; an error here is a bug, answered
+        // rather than lost: the rows' senders are dropped with it, which answers them 500.
+        if let Err(e) = running.admit(a.prefill, a.rows) {
+            eprintln!("misp serve: admitting {n} rows: {e}");
+            self.slots.release(n);
         }
     }
 
@@ -668,7 +753,6 @@ mod tests {
             queue_size: 2,
             max_batch: 4,
             batch_wait: Duration::from_millis(1),
-            join_group: 1,
             max_body: 1000,
             default_max_tokens: 16,
             max_tokens_limit: 32,
@@ -694,36 +778,45 @@ mod tests {
     }
 
     #[test]
-    fn a_running_decode_admits_groups_or_whatever_waits_once_arrivals_pause() {
+    fn a_running_decode_takes_what_waits_within_the_free_slots() {
         let q = Queue::new(8);
-        let hour = Duration::from_secs(3600);
-        for n in 0..2 {
+        for n in 0..3 {
             assert!(q.push(job(n)).is_ok());
         }
-        // Two of a group of three, arrivals not paused (the latest just came): they wait.
-        assert!(q.take_ready(8, 3, hour).is_empty());
-        assert_eq!(q.len(), 2);
-        assert!(q.push(job(2)).is_ok());
-        let got = q.take_ready(8, 3, hour);
-        assert_eq!(
-            got.iter().map(|j| j.max_tokens).collect::<Vec<_>>(),
-            [0, 1, 2]
-        );
-        // No more room than the free rows: two free rows make a full group.
-        for n in 3..6 {
-            assert!(q.push(job(n)).is_ok());
-        }
-        assert_eq!(q.take_ready(2, 3, hour).len(), 2);
-        // One left, alone: it goes once arrivals have paused, and not while one is prepared.
-        q.preparing(true);
-        assert!(q.take_ready(8, 3, Duration::ZERO).is_empty());
-        q.preparing(false);
-        let got = q.take_ready(8, 3, Duration::ZERO);
-        assert_eq!(got.iter().map(|j| j.max_tokens).collect::<Vec<_>>(), [5]);
-        assert!(
-            q.take_ready(8, 1, Duration::ZERO).is_empty(),
-            "nothing queued"
-        );
+        // No batch held open: what waits, up to the free slots, at once.
+        let got = q.take_waiting(2);
+        assert_eq!(got.iter().map(|j| j.max_tokens).collect::<Vec<_>>(), [0, 1]);
+        // With nothing queued it blocks for the next arrival.
+        let got = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                assert!(q.push(job(3)).is_ok());
+            });
+            let mut got = q.take_waiting(8);
+            if got.len() == 1 {
+                got.extend(q.take_waiting(8));
+            }
+            got
+        });
+        assert_eq!(got.iter().map(|j| j.max_tokens).collect::<Vec<_>>(), [2, 3]);
+
+        // Slots: taken by the prompt thread, freed by the decode; a full decode blocks the
+        // prompt thread until rows finish.
+        let slots = Slots::new(4);
+        assert_eq!(slots.wait_free(), (4, true));
+        slots.take(3);
+        assert_eq!(slots.wait_free(), (1, false));
+        slots.take(1);
+        let free = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                slots.release(2);
+            });
+            slots.wait_free()
+        });
+        assert_eq!(free, (2, false));
+        slots.release(2);
+        assert_eq!(slots.wait_free(), (4, true));
     }
 
     fn job(n: usize) -> Job {
