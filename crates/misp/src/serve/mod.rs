@@ -786,7 +786,7 @@ mod tests {
         // No batch held open: what waits, up to the free slots, at once.
         let got = q.take_waiting(2);
         assert_eq!(got.iter().map(|j| j.max_tokens).collect::<Vec<_>>(), [0, 1]);
-        // With nothing queued it blocks for the next arrival.
+        // The one left; then, the queue empty, the next call blocks for the next arrival.
         let got = std::thread::scope(|s| {
             s.spawn(|| {
                 std::thread::sleep(Duration::from_millis(50));
