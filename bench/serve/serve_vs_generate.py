@@ -121,7 +121,8 @@ def time_serve(args, data):
     """(requests/s, sorted latencies, the server's /health timings) of one server run."""
     server = subprocess.Popen(shlex.split(args.wrap) + [args.misp, "serve", "--model", args.model, "--port", "0",
                                "--batch-size", str(args.batch_size),
-                               "--batch-wait-ms", str(args.batch_wait_ms)],
+                               "--batch-wait-ms", str(args.batch_wait_ms)]
+                              + shlex.split(args.serve_args),
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = server.stdout.readline()
@@ -177,6 +178,8 @@ def main():
     ap.add_argument("--no-keep-alive", dest="keep_alive", action="store_false",
                     help="a new connection per request")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--serve-args", default="",
+                    help="more flags for misp serve, e.g. '--join-group 8'")
     ap.add_argument("--wrap", default="",
                     help="command the server runs under, e.g. 'perf record -g -o serve.perf --'")
     args = ap.parse_args()

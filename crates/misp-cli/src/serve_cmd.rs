@@ -28,8 +28,9 @@ pub struct ServeArgs {
     /// Requests waiting for the model at most; more are refused with 503.
     #[arg(long, default_value_t = 64)]
     queue_size: usize,
-    /// A batch stays open this many milliseconds after its latest request arrived (and while
-    /// requests are being prepared), up to --batch-size requests.
+    /// With no decode running, a batch stays open this many milliseconds after its latest
+    /// request arrived (and while requests are being prepared), up to --batch-size requests;
+    /// while one runs, what is queued joins it (up to --batch-size rows in all).
     #[arg(long, default_value_t = 5)]
     batch_wait_ms: u64,
     /// Request bodies over this many MiB are refused with 413.
@@ -70,7 +71,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     // One line on stdout, flushed, so a script (or a test) can wait for it and read the port.
     println!(
-        "misp serve: {name} on http://{addr}/v1 (batches of up to {})",
+        "misp serve: {name} on http://{addr}/v1 (up to {} rows decoding at once)",
         m.batch_size
     );
     use std::io::Write;

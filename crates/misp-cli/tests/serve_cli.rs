@@ -287,9 +287,136 @@ fn concurrent_requests_get_the_greedy_answers_of_misp_generate() {
     );
     let batches = timings["batches"].as_u64().unwrap();
     assert!((1..=2 * cases.len() as u64).contains(&batches), "{health}");
+    for stage in ["prefill", "decode"] {
+        assert!(
+            timings["total_ms"][stage].as_f64().unwrap() > 0.0,
+            "{health}"
+        );
+    }
+    // Six-token answers (or shorter, at a stop id): at most six steps per request.
+    let steps = timings["decode_steps"].as_u64().unwrap();
     assert!(
-        timings["total_ms"]["forward"].as_f64().unwrap() > 0.0,
+        (1..=6 * 2 * cases.len() as u64).contains(&steps),
         "{health}"
+    );
+}
+
+/// Greedy answers of `misp generate` on `model` for `(image, prompt, max_new_tokens)` cases:
+/// one run per distinct length, each case's answer from the run of its own.
+fn generate_answers(model: &str, cases: &[(&str, &str, usize)], tag: &str) -> Vec<String> {
+    let dir = tmp_dir("serve", tag);
+    let mut want = vec![String::new(); cases.len()];
+    let mut lengths: Vec<usize> = cases.iter().map(|c| c.2).collect();
+    lengths.sort_unstable();
+    lengths.dedup();
+    for n in lengths {
+        let rows: String = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (img, p, _))| {
+                format!(
+                    "{}\n",
+                    json!({"id": i, "image": root().join(IMAGES).join(img), "prompt": p})
+                )
+            })
+            .collect();
+        let (data, out) = (
+            dir.join(format!("in{n}.jsonl")),
+            dir.join(format!("out{n}.jsonl")),
+        );
+        std::fs::write(&data, rows).unwrap();
+        let max = n.to_string();
+        ok(misp(&[
+            "generate",
+            "--model",
+            model,
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--max-new-tokens",
+            &max,
+            "--quiet",
+        ]));
+        for (i, r) in jsonl(&out).iter().enumerate() {
+            if cases[i].2 == n {
+                want[i] = r["text"].as_str().unwrap().to_string();
+            }
+        }
+    }
+    want
+}
+
+/// Continuous batching: requests sent a few milliseconds apart join the decode the first one
+/// started (the server counts them in `joined_rows`), with prompts of different lengths and
+/// different `max_tokens` sharing the batch and leaving it at different steps; every answer is
+/// `misp generate`'s. Rounds repeat until rows have joined a running decode (the first round
+/// almost always), so a slow machine cannot make the case pass without exercising it.
+fn requests_joining_a_running_decode_get_the_answers_of_misp_generate(model: &str, tag: &str) {
+    let cases: [(&str, &str, usize); 5] = [
+        // The first (the one the others join) has the longest prompt, its image the largest
+        // (Qwen2.5-VL's image tokens follow the size): the rows joining it are left-padded.
+        ("hopper.jpg", "Describe the picture in detail, please.", 24),
+        ("astronaut_small.png", "Is there a person?", 2),
+        ("camera_gray.png", "What is it?", 9),
+        (
+            "chelsea_rgba.png",
+            "Is there a cat sitting on the mat next to the door?",
+            5,
+        ),
+        ("coffee_cmyk.jpg", "Cup?", 16),
+    ];
+    let want = generate_answers(model, &cases, tag);
+    let served = serve_model(model, &["--batch-size", "8", "--batch-wait-ms", "0"]);
+    let port = served.port;
+    let mut joined = 0;
+    for round in 0..5 {
+        let answers: Vec<(u16, Value)> = std::thread::scope(|sc| {
+            let handles: Vec<_> = cases
+                .iter()
+                .enumerate()
+                .map(|(i, &(img, p, max))| {
+                    sc.spawn(move || {
+                        // The longest answer first, the others while it decodes.
+                        std::thread::sleep(Duration::from_millis(3 * i as u64));
+                        request(port, "POST", "/v1/chat/completions", "", &chat(img, p, max))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (i, ((status, body), want)) in answers.iter().zip(&want).enumerate() {
+            assert_eq!(*status, 200, "{body}");
+            assert_eq!(
+                body["choices"][0]["message"]["content"],
+                *want.as_str(),
+                "round {round}, request {i}"
+            );
+            let tokens = body["usage"]["completion_tokens"].as_u64().unwrap();
+            assert!(
+                (1..=cases[i].2 as u64).contains(&tokens),
+                "request {i}: {body}"
+            );
+        }
+        let (_, health) = request(port, "GET", "/health", "", b"");
+        joined = health["timings"]["joined_rows"].as_u64().unwrap();
+        if joined > 0 {
+            break;
+        }
+    }
+    assert!(joined > 0, "no request joined a running decode in 5 rounds");
+}
+
+#[test]
+fn llava_requests_joining_a_running_decode_get_the_answers_of_misp_generate() {
+    requests_joining_a_running_decode_get_the_answers_of_misp_generate(MODEL, "join-llava");
+}
+
+#[test]
+fn qwen_requests_joining_a_running_decode_get_the_answers_of_misp_generate() {
+    requests_joining_a_running_decode_get_the_answers_of_misp_generate(
+        "fixtures/qwen2_5_vl/tiny",
+        "join-qwen",
     );
 }
 

@@ -297,3 +297,120 @@ fn cached_forward_and_its_last_position_match_the_full_forward() {
         .unwrap();
     assert!(max_abs(&step, &full.narrow(1, t - 1, 1).unwrap()) < 1e-4);
 }
+
+/// Logits `[1, 1, V]` of `prompt` decoded alone, then after each of `steps` fed one at a time.
+fn decoded_alone(model: &Llama, prompt: &[u32], steps: &[u32]) -> Vec<Tensor> {
+    let dev = Device::Cpu;
+    let mut cache = model.new_cache(1);
+    let ids = Tensor::new(vec![prompt.to_vec()], &dev).unwrap();
+    let ones = Tensor::ones((1, prompt.len()), DType::U8, &dev).unwrap();
+    let embeds = model.embed_tokens(&ids).unwrap();
+    let mut out = vec![model
+        .forward_cached_last(&embeds, &ones, &mut cache)
+        .unwrap()];
+    for &tok in steps {
+        out.push(step(model, &mut cache, &[tok]));
+    }
+    out
+}
+
+/// One cached step feeding `tokens[i]` to row `i`: `[B, 1, V]`.
+fn step(model: &Llama, cache: &mut misp::model::llama::KvCache, tokens: &[u32]) -> Tensor {
+    let dev = Device::Cpu;
+    let ids = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), &dev).unwrap();
+    let ones = Tensor::ones((tokens.len(), 1), DType::U8, &dev).unwrap();
+    model
+        .forward_cached_last(&model.embed_tokens(&ids).unwrap(), &ones, cache)
+        .unwrap()
+}
+
+fn row(logits: &Tensor, i: usize) -> Tensor {
+    logits.narrow(0, i, 1).unwrap()
+}
+
+/// Continuous batching's cache operations: a row decoded in a batch that other rows joined
+/// (of other lengths, left-padded differently) and left (reordered, the common padding
+/// trimmed) gets the logits it gets decoded alone.
+#[test]
+fn a_row_decoded_in_a_merged_and_trimmed_batch_matches_the_row_alone() {
+    let model = load(DType::F32);
+    let dev = Device::Cpu;
+    let (a, b, c) = (
+        vec![1u32, 11, 64, 95, 15],
+        vec![1u32, 32, 89, 61, 83, 69, 7, 8, 9],
+        vec![1u32, 39, 50],
+    );
+    let (sa, sb, sc) = ([5u32, 17, 23, 42, 8], [3u32, 44, 60], [71u32, 2, 90]);
+    let (ra, rb, rc) = (
+        decoded_alone(&model, &a, &sa),
+        decoded_alone(&model, &b, &sb),
+        decoded_alone(&model, &c, &sc),
+    );
+    let close = |got: &Tensor, want: &Tensor, what: &str| {
+        let d = max_abs(got, want);
+        assert!(d < 1e-4, "{what}: max |diff| {d}");
+    };
+
+    // Row a runs alone for a step: its cache now holds one more position than its prompt.
+    let mut running = model.new_cache(1);
+    let ids = Tensor::new(vec![a.clone()], &dev).unwrap();
+    let ones = Tensor::ones((1, a.len()), DType::U8, &dev).unwrap();
+    let first = model
+        .forward_cached_last(&model.embed_tokens(&ids).unwrap(), &ones, &mut running)
+        .unwrap();
+    close(&first, &ra[0], "a's prompt");
+    close(&step(&model, &mut running, &[sa[0]]), &ra[1], "a, step 1");
+
+    // b and c are prefilled together (c left-padded to b's 9 positions), then join a's 6.
+    let mut joining = model.new_cache(2);
+    let padded = vec![b.clone(), [vec![0; b.len() - c.len()], c.clone()].concat()];
+    let mask: Vec<Vec<u8>> = padded
+        .iter()
+        .zip([b.len(), c.len()])
+        .map(|(p, n)| (0..p.len()).map(|t| u8::from(t >= p.len() - n)).collect())
+        .collect();
+    let logits = model
+        .forward_cached_last(
+            &model
+                .embed_tokens(&Tensor::new(padded, &dev).unwrap())
+                .unwrap(),
+            &Tensor::new(mask, &dev).unwrap(),
+            &mut joining,
+        )
+        .unwrap();
+    close(&row(&logits, 0), &rb[0], "b's prompt");
+    close(&row(&logits, 1), &rc[0], "c's prompt");
+    running.append_rows(joining).unwrap();
+    assert_eq!(running.rows(), 3);
+    let logits = step(&model, &mut running, &[sa[1], sb[0], sc[0]]);
+    close(&row(&logits, 0), &ra[2], "a, step 2, merged");
+    close(&row(&logits, 1), &rb[1], "b, step 1, merged");
+    close(&row(&logits, 2), &rc[1], "c, step 1, merged");
+
+    // b leaves; c and a go on, in that order (their leading padding columns are dropped).
+    running.keep_rows(&[2, 0]).unwrap();
+    assert_eq!(running.rows(), 2);
+    let logits = step(&model, &mut running, &[sc[1], sa[2]]);
+    close(&row(&logits, 0), &rc[2], "c, step 2, after b left");
+    close(&row(&logits, 1), &ra[3], "a, step 3, after b left");
+    // d, shorter than the running rows, joins them (now the joining rows are padded).
+    let d = [1u32, 45];
+    let sd = [12u32];
+    let rd = decoded_alone(&model, &d, &sd);
+    let mut joining = model.new_cache(1);
+    let ones = Tensor::ones((1, d.len()), DType::U8, &dev).unwrap();
+    let ids = Tensor::new(vec![d.to_vec()], &dev).unwrap();
+    let first = model
+        .forward_cached_last(&model.embed_tokens(&ids).unwrap(), &ones, &mut joining)
+        .unwrap();
+    close(&first, &rd[0], "d's prompt");
+    running.append_rows(joining).unwrap();
+    let logits = step(&model, &mut running, &[sc[2], sa[3], sd[0]]);
+    close(&row(&logits, 0), &rc[3], "c, step 3, after d joined");
+    close(&row(&logits, 2), &rd[1], "d, step 1, joined");
+    // a and c leave; d alone in the batch.
+    running.keep_rows(&[2]).unwrap();
+    assert_eq!(running.rows(), 1);
+
+    assert!(running.keep_rows(&[1]).is_err(), "a row the cache lacks");
+}

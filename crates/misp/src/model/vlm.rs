@@ -24,7 +24,7 @@ use image::RgbImage;
 
 use super::adapter::{load_peft_adapter, load_peft_adapter_into, save_peft_adapter_of, PeftBase};
 use super::clip::image_processor::{ImageDecodeError, ImageProcessor};
-use super::generate::greedy;
+use super::generate::{decode_all, prefill, Prefill};
 use super::llama::{Llama, RopeTables, Scored};
 use super::llava::processor::{EncodeError, LlavaProcessor, DEFAULT_TEMPLATE};
 use super::llava::Llava;
@@ -758,23 +758,28 @@ impl Vlm {
         items: &[PreparedPrompt],
         max_new_tokens: usize,
     ) -> Result<Vec<Vec<u32>>, ModelError> {
-        if items.is_empty() {
-            return Ok(Vec::new());
+        if items.is_empty() || max_new_tokens == 0 {
+            return Ok(vec![Vec::new(); items.len()]);
         }
+        let prefill = self.prefill(items)?;
+        decode_all(
+            self.language_model(),
+            prefill,
+            self.stop_ids(),
+            max_new_tokens,
+        )
+    }
+
+    /// The prompt pass of prepared prompts, batched (left-padded): the cache and each row's
+    /// first new token, ready for [`RunningDecode::admit`](super::generate::RunningDecode).
+    pub fn prefill(&self, items: &[PreparedPrompt]) -> Result<Prefill, ModelError> {
         let prompts: Vec<Vec<u32>> = items.iter().map(|i| i.prompt_ids.clone()).collect();
         match &self.backbone {
             Backbone::Llava { processor, .. } => {
                 let pixels: Vec<&[f32]> = items.iter().map(|i| i.pixels.as_slice()).collect();
                 let pixels = self.pixel_tensor(&pixels)?;
                 let model = self.llava().expect("LLaVA backbone");
-                greedy(
-                    model,
-                    &prompts,
-                    &pixels,
-                    processor.eos(),
-                    processor.pad(),
-                    max_new_tokens,
-                )
+                prefill(model, &prompts, &pixels, processor.pad())
             }
             Backbone::Qwen2_5Vl {
                 model, processor, ..
@@ -784,14 +789,7 @@ impl Vlm {
                     .map(|i| patches_of(&i.pixels, i.grid))
                     .collect::<Result<Vec<_>, _>>()?;
                 let images: Vec<Vec<&ImagePatches>> = patches.iter().map(|p| vec![p]).collect();
-                model.greedy(
-                    &prompts,
-                    &images,
-                    processor.stop(),
-                    processor.pad(),
-                    max_new_tokens,
-                    &self.device,
-                )
+                model.prefill(&prompts, &images, processor.pad(), &self.device)
             }
         }
     }

@@ -12,13 +12,25 @@
 //!   evaluation); `max_tokens` (or `max_completion_tokens`) caps the answer.
 //! - `GET /v1/models`, `GET /health`.
 //! - `GET /health` also reports where a request's time went (`timings`): reading it, preparing
-//!   it (JSON, image decode, tokens), waiting in the queue, the batched forward, answering.
+//!   it (JSON, image decode, tokens), waiting in the queue, the prompt passes and decode steps,
+//!   answering.
 //! - Each connection has its own thread and is persistent (HTTP/1.1 keep-alive), so a
 //!   harness's client pays no connection setup per request; that thread parses the request,
 //!   decodes the image, tokenizes the prompt and, after the model, detokenizes the answer: the
-//!   model's thread does nothing but forwards. It takes up to `max_batch` queued requests at
-//!   once (holding the batch open while requests keep arriving less than `batch_wait` apart or
-//!   are being prepared) and answers them in one batched greedy forward. The queue is bounded: a request arriving when it is full gets 503. Bodies
+//!   model's threads do nothing but forwards.
+//! - Batching is continuous (iteration-level), on two model threads. The decode thread keeps
+//!   one running greedy decode of up to `max_batch` rows; a row that finishes (a stop id, or
+//!   its own `max_tokens`) is answered at once and leaves the batch, so a two-token answer
+//!   does not wait for a caption sharing its batch. The prompt thread runs the prompt passes
+//!   of queued requests, batched, beside the decode (on the other core), and hands their KV
+//!   rows to the decode thread, which merges them into the running batch between two steps:
+//!   a client's next request joins the running decode instead of waiting for it to drain,
+//!   and a prompt pass does not stop the running rows. While a decode runs, the prompt thread
+//!   takes whatever is queued (the requests that arrive during one pass make the next batch),
+//!   up to the rows free; with nothing running it takes a batch as it forms (holding it open
+//!   while requests keep arriving less than `batch_wait` apart or are being prepared). Greedy
+//!   answers are the same as `misp generate`'s: no row attends to another.
+//!   The queue is bounded: a request arriving when it is full gets 503. Bodies
 //!   over the size limit get 413 (before they are read; a client that sent `Expect:
 //!   100-continue` gets `100 Continue` only for a body within the limit), malformed JSON 400, an
 //!   image path outside `--image-root` 403.
@@ -37,6 +49,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::data::paths::{DatasetRoot, ESCAPES_ROOT};
+use crate::model::generate::{Prefill, RunningDecode};
 use crate::model::vlm::{PreparedPrompt, Vlm};
 use http::{error_body, read_request, write_json, HttpError};
 
@@ -47,7 +60,7 @@ pub struct ServeConfig {
     pub model_name: String,
     /// Requests waiting for the model at most; more get 503.
     pub queue_size: usize,
-    /// Requests answered in one forward at most.
+    /// Rows decoded at once at most (running, in a prompt pass and waiting to join, together).
     pub max_batch: usize,
     /// How long a batch stays open after the latest arrival (see `Queue::take_batch`).
     pub batch_wait: Duration,
@@ -74,22 +87,89 @@ struct Job {
 /// The model's answer to one job: its token ids, or why it failed.
 type Answer = Result<Vec<u32>, String>;
 
+/// Prompts the prompt thread has run, for the decode thread to merge: their cache and first
+/// tokens, and each row's reply channel and `max_tokens`.
+struct Admission {
+    prefill: Prefill,
+    rows: Vec<(mpsc::Sender<Answer>, usize)>,
+}
+
+/// Answers every one of `replies` with the error `why`.
+fn fail(replies: impl Iterator<Item = mpsc::Sender<Answer>>, why: &str) {
+    for reply in replies {
+        let _ = reply.send(Err(why.to_string()));
+    }
+}
+
+/// The decode's rows, `max_batch` at most: running, being prefilled, or filled and waiting to
+/// join. The prompt thread takes slots, the decode thread frees them as rows finish.
+struct Slots {
+    used: Mutex<usize>,
+    freed: Condvar,
+    max: usize,
+}
+
+impl Slots {
+    fn new(max: usize) -> Self {
+        Self {
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+            max: max.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.used.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blocks until a slot is free: how many are, and whether none is in use (nothing
+    /// decoding). Only the prompt thread takes slots, so they stay free until it does.
+    fn wait_free(&self) -> (usize, bool) {
+        let mut used = self.lock();
+        while *used >= self.max {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        (self.max - *used, *used == 0)
+    }
+
+    fn take(&self, n: usize) {
+        *self.lock() += n;
+    }
+
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let mut used = self.lock();
+        *used = used.saturating_sub(n);
+        self.freed.notify_one();
+    }
+}
+
 /// Where requests' time went, summed since the start (`GET /health` reports them), so that a
 /// throughput gap can be pinned on a stage rather than guessed.
 #[derive(Default)]
 struct Timings {
     requests: AtomicU64,
+    /// Batches admitted into the running decode (each one prompt pass).
     batches: AtomicU64,
-    /// Rows over all batches (their mean size is `batched_rows / batches`).
+    /// Rows over all admitted batches (their mean size is `batched_rows / batches`).
     batched_rows: AtomicU64,
+    /// Rows prefilled while other rows were decoding (they joined a running decode).
+    joined_rows: AtomicU64,
     /// Nanoseconds per stage: the request's bytes from its first byte to its last.
     read_ns: AtomicU64,
     /// JSON parse, image bytes and decode, pixels, prompt tokens.
     prepare_ns: AtomicU64,
     /// In the queue until the model's thread took it.
     queue_ns: AtomicU64,
-    /// Batched forwards (per batch, not per request).
-    forward_ns: AtomicU64,
+    /// Decode steps, and the rows they ran (their mean is `step_rows / steps`).
+    steps: AtomicU64,
+    step_rows: AtomicU64,
+    /// Batched prompt passes (one per admitted batch, not per request).
+    prefill_ns: AtomicU64,
+    /// Decode steps, answering the rows that finish included.
+    decode_ns: AtomicU64,
     /// From the model's answer to the response's JSON: detokenizing, building it.
     respond_ns: AtomicU64,
 }
@@ -102,6 +182,7 @@ impl Timings {
     fn report(&self) -> Value {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let (requests, batches) = (get(&self.requests), get(&self.batches));
+        let steps = get(&self.steps);
         let mean_ms = |c: &AtomicU64, n: u64| get(c) as f64 / 1e6 / n.max(1) as f64;
         json!({
             "requests": requests,
@@ -113,12 +194,17 @@ impl Timings {
                 "queue": mean_ms(&self.queue_ns, requests),
                 "respond": mean_ms(&self.respond_ns, requests),
             },
-            "mean_ms_per_batch": {"forward": mean_ms(&self.forward_ns, batches)},
+            "joined_rows": get(&self.joined_rows),
+            "decode_steps": steps,
+            "mean_step_rows": get(&self.step_rows) as f64 / steps.max(1) as f64,
+            "mean_ms_per_batch": {"prefill": mean_ms(&self.prefill_ns, batches)},
+            "mean_ms_per_step": {"decode": mean_ms(&self.decode_ns, steps)},
             "total_ms": {
                 "read": get(&self.read_ns) as f64 / 1e6,
                 "prepare": get(&self.prepare_ns) as f64 / 1e6,
                 "queue": get(&self.queue_ns) as f64 / 1e6,
-                "forward": get(&self.forward_ns) as f64 / 1e6,
+                "prefill": get(&self.prefill_ns) as f64 / 1e6,
+                "decode": get(&self.decode_ns) as f64 / 1e6,
                 "respond": get(&self.respond_ns) as f64 / 1e6,
             },
         })
@@ -184,6 +270,17 @@ impl Queue {
         }
     }
 
+    /// Blocks for the first job, then takes up to `max` of what waits, without holding the
+    /// batch open (a decode is running: the jobs that come meanwhile make the next batch).
+    fn take_waiting(&self, max: usize) -> Vec<Job> {
+        let mut q = self.lock();
+        while q.jobs.is_empty() {
+            q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+        let n = q.jobs.len().min(max);
+        q.jobs.drain(..n).collect()
+    }
+
     /// Blocks for the first job, then gathers up to `max` of them. The batch stays open while
     /// requests keep coming: until `wait` has passed since the latest arrival with none being
     /// prepared, and `max * wait` at most. Timing from the latest arrival rather than the
@@ -220,6 +317,7 @@ pub struct Server {
     vlm: Arc<Vlm>,
     config: ServeConfig,
     queue: Arc<Queue>,
+    slots: Slots,
     next_id: AtomicU64,
     timings: Timings,
 }
@@ -229,17 +327,21 @@ impl Server {
         Arc::new(Self {
             vlm: Arc::new(vlm),
             queue: Arc::new(Queue::new(config.queue_size)),
+            slots: Slots::new(config.max_batch),
             config,
             next_id: AtomicU64::new(0),
             timings: Timings::default(),
         })
     }
 
-    /// Serves `listener` until the process ends: the model worker on one thread, one thread
-    /// per connection.
+    /// Serves `listener` until the process ends: the prompt passes on one thread, the decode on
+    /// another, one thread per connection.
     pub fn run(self: &Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
-        let worker = self.clone();
-        std::thread::spawn(move || worker.work());
+        let (tx, rx) = mpsc::channel();
+        let prefiller = self.clone();
+        std::thread::spawn(move || prefiller.prefill_loop(tx));
+        let decoder = self.clone();
+        std::thread::spawn(move || decoder.decode_loop(rx));
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
             let server = self.clone();
@@ -248,44 +350,107 @@ impl Server {
         Ok(())
     }
 
-    /// The model worker: batches of queued requests through one greedy forward each.
-    fn work(&self) {
+    /// The prompt passes: takes queued requests as rows free up in the decode, runs them in one
+    /// batched pass and hands the filled cache to the decode thread, which merges it between
+    /// two steps. While a pass runs the next requests queue up, so passes batch by themselves:
+    /// with a decode running this thread takes whatever waits (at least one request); with
+    /// none it holds a batch open as `Queue::take_batch` says. It runs beside the decode, on
+    /// the other core, so a pass no longer stops every running row.
+    fn prefill_loop(&self, admitted: mpsc::Sender<Admission>) {
         loop {
-            let jobs = self
-                .queue
-                .take_batch(self.config.max_batch.max(1), self.config.batch_wait);
+            let (free, idle) = self.slots.wait_free();
+            let jobs = if idle {
+                self.queue.take_batch(free, self.config.batch_wait)
+            } else {
+                self.queue.take_waiting(free)
+            };
+            self.slots.take(jobs.len());
             let start = Instant::now();
-            let max_new = jobs.iter().map(|j| j.max_tokens).max().unwrap_or(0);
             let mut prompts = Vec::with_capacity(jobs.len());
-            let mut waiting = Vec::with_capacity(jobs.len());
+            let mut rows = Vec::with_capacity(jobs.len());
             for job in jobs {
                 self.timings
                     .queue_ns
                     .fetch_add((start - job.queued).as_nanos() as u64, Ordering::Relaxed);
                 prompts.push(job.prompt);
-                waiting.push((job.max_tokens, job.reply));
+                rows.push((job.reply, job.max_tokens));
             }
-            let answers = self.vlm.generate_ids(&prompts, max_new);
-            add(&self.timings.forward_ns, start);
+            let n = rows.len();
+            if !idle {
+                self.timings
+                    .joined_rows
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            let prefilled = self.vlm.prefill(&prompts);
+            add(&self.timings.prefill_ns, start);
             self.timings.batches.fetch_add(1, Ordering::Relaxed);
             self.timings
                 .batched_rows
-                .fetch_add(prompts.len() as u64, Ordering::Relaxed);
-            match answers {
-                Ok(ids) => {
-                    for ((max_tokens, reply), mut ids) in waiting.into_iter().zip(ids) {
-                        // Greedy decoding is causal: a row's first n tokens are what a run
-                        // with max n would have produced.
-                        ids.truncate(max_tokens);
-                        let _ = reply.send(Ok(ids));
+                .fetch_add(n as u64, Ordering::Relaxed);
+            match prefilled {
+                Ok(prefill) => {
+                    if let Err(mpsc::SendError(a)) = admitted.send(Admission { prefill, rows }) {
+                        fail(a.rows.into_iter().map(|r| r.0), "the decode thread stopped");
+                        return;
                     }
                 }
                 Err(e) => {
-                    for (_, reply) in waiting {
-                        let _ = reply.send(Err(format!("generation failed: {e}")));
-                    }
+                    fail(
+                        rows.into_iter().map(|r| r.0),
+                        &format!("generation failed: {e}"),
+                    );
+                    self.slots.release(n);
                 }
             }
+        }
+    }
+
+    /// The decode: one running greedy decode. Between its steps it merges the rows the prompt
+    /// thread has filled; each step answers the rows that finished at once (no request waits
+    /// for a longer answer than its own) and frees their slots.
+    fn decode_loop(&self, admitted: mpsc::Receiver<Admission>) {
+        let lm = self.vlm.language_model();
+        let eos = self.vlm.stop_ids();
+        let mut running: RunningDecode<mpsc::Sender<Answer>> = RunningDecode::new();
+        loop {
+            if running.is_empty() {
+                let Ok(a) = admitted.recv() else { return };
+                self.admit(&mut running, a);
+            }
+            while let Ok(a) = admitted.try_recv() {
+                self.admit(&mut running, a);
+            }
+            if running.is_empty() {
+                continue;
+            }
+            let start = Instant::now();
+            let rows = running.len();
+            let mut done = 0;
+            let stepped = running.step(lm, eos, |reply, ids| {
+                let _ = reply.send(Ok(ids));
+                done += 1;
+            });
+            if let Err(e) = stepped {
+                let lost = running.abandon();
+                done += lost.len();
+                fail(lost.into_iter(), &format!("generation failed: {e}"));
+            }
+            self.slots.release(done);
+            add(&self.timings.decode_ns, start);
+            self.timings.steps.fetch_add(1, Ordering::Relaxed);
+            self.timings
+                .step_rows
+                .fetch_add(rows as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn admit(&self, running: &mut RunningDecode<mpsc::Sender<Answer>>, a: Admission) {
+        let n = a.rows.len();
+        // The rows match the prompts they were filled from; an error here is a bug, answered
+        // rather than lost: the rows' senders are dropped with it, which answers them 500.
+        if let Err(e) = running.admit(a.prefill, a.rows) {
+            eprintln!("misp serve: admitting {n} rows: {e}");
+            self.slots.release(n);
         }
     }
 
@@ -610,6 +775,48 @@ mod tests {
         let rest = q.take_batch(8, Duration::from_millis(5));
         assert_eq!(rest.len(), 1);
         assert_eq!(q.len(), 0);
+    }
+
+    #[test]
+    fn a_running_decode_takes_what_waits_within_the_free_slots() {
+        let q = Queue::new(8);
+        for n in 0..3 {
+            assert!(q.push(job(n)).is_ok());
+        }
+        // No batch held open: what waits, up to the free slots, at once.
+        let got = q.take_waiting(2);
+        assert_eq!(got.iter().map(|j| j.max_tokens).collect::<Vec<_>>(), [0, 1]);
+        // The one left; then, the queue empty, the next call blocks for the next arrival.
+        let got = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                assert!(q.push(job(3)).is_ok());
+            });
+            let mut got = q.take_waiting(8);
+            if got.len() == 1 {
+                got.extend(q.take_waiting(8));
+            }
+            got
+        });
+        assert_eq!(got.iter().map(|j| j.max_tokens).collect::<Vec<_>>(), [2, 3]);
+
+        // Slots: taken by the prompt thread, freed by the decode; a full decode blocks the
+        // prompt thread until rows finish.
+        let slots = Slots::new(4);
+        assert_eq!(slots.wait_free(), (4, true));
+        slots.take(3);
+        assert_eq!(slots.wait_free(), (1, false));
+        slots.take(1);
+        let free = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                slots.release(2);
+            });
+            slots.wait_free()
+        });
+        assert_eq!(free, (2, false));
+        slots.release(2);
+        assert_eq!(slots.wait_free(), (4, true));
     }
 
     fn job(n: usize) -> Job {

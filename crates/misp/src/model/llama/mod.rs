@@ -547,6 +547,11 @@ impl Llama {
         self.embed_tokens.dtype()
     }
 
+    /// The weights' device.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
     /// `ids [B, T]` (u32) -> `[B, T, D]` in the weights' dtype.
     pub fn embed_tokens(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
@@ -1025,6 +1030,126 @@ impl KvCache {
         self.offsets = offsets;
         Ok(())
     }
+
+    /// Leading padding columns [`Self::keep_rows`] leaves in place (below a quarter of the width).
+    const TRIM: usize = 16;
+
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Positions held per row, left padding included.
+    fn width(&self) -> candle_core::Result<usize> {
+        self.mask.as_ref().map_or(Ok(0), |m| m.dim(1))
+    }
+
+    /// Appends `other`'s rows after this cache's (continuous batching admits newly prefilled
+    /// prompts into a running decode). The two may hold different position counts: the
+    /// shorter one is left-padded with masked positions, which no query attends to; each
+    /// row's positions come from its own count and offset, not from its column, and its keys
+    /// are stored after RoPE, so moving them right changes nothing a row computes.
+    pub fn append_rows(&mut self, other: KvCache) -> candle_core::Result<()> {
+        if other.rows() == 0 {
+            return Ok(());
+        }
+        if self.rows() == 0 {
+            *self = other;
+            return Ok(());
+        }
+        if self.layers.len() != other.layers.len() {
+            candle_core::bail!(
+                "merging caches of {} and {} layers",
+                self.layers.len(),
+                other.layers.len()
+            );
+        }
+        let (wa, wb) = (self.width()?, other.width()?);
+        let (Some(ma), Some(mb)) = (&self.mask, &other.mask) else {
+            candle_core::bail!("merging a cache that holds no positions yet");
+        };
+        let w = wa.max(wb);
+        self.mask = Some(Tensor::cat(
+            &[
+                &ma.pad_with_zeros(1, w - wa, 0)?,
+                &mb.pad_with_zeros(1, w - wb, 0)?,
+            ],
+            0,
+        )?);
+        for (a, b) in self.layers.iter_mut().zip(other.layers) {
+            let (Some(la), Some(lb)) = (a.as_ref(), b) else {
+                candle_core::bail!("merging a cache that holds no positions yet");
+            };
+            let (fa, fb) = (la.filled()?, lb.filled()?);
+            let k = Tensor::cat(
+                &[
+                    &fa.0.pad_with_zeros(2, w - wa, 0)?,
+                    &fb.0.pad_with_zeros(2, w - wb, 0)?,
+                ],
+                0,
+            )?;
+            let v = Tensor::cat(
+                &[
+                    &fa.1.pad_with_zeros(2, w - wa, 0)?,
+                    &fb.1.pad_with_zeros(2, w - wb, 0)?,
+                ],
+                0,
+            )?;
+            *a = Some(LayerKv::with_room(&k, &v)?);
+        }
+        self.seen.extend(other.seen);
+        self.offsets.extend(other.offsets);
+        Ok(())
+    }
+
+    /// Keeps only `rows` (indices into this cache, in the order given): a decode drops the
+    /// rows that have finished. Leading positions that are padding in every kept row go too,
+    /// so the width follows the longest row still running, not every row ever admitted.
+    pub fn keep_rows(&mut self, rows: &[usize]) -> candle_core::Result<()> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows()) {
+            candle_core::bail!("keeping row {bad} of a cache of {} rows", self.rows());
+        }
+        self.seen = rows.iter().map(|&r| self.seen[r]).collect();
+        self.offsets = rows.iter().map(|&r| self.offsets[r]).collect();
+        let Some(mask) = self.mask.take() else {
+            return Ok(());
+        };
+        if rows.is_empty() {
+            self.layers.iter_mut().for_each(|l| *l = None);
+            return Ok(());
+        }
+        let idx = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            mask.device(),
+        )?;
+        let mask = mask.index_select(&idx, 0)?;
+        let w = mask.dim(1)?;
+        let used: Vec<f32> = mask.sum(0)?.to_vec1()?;
+        let lead = used.iter().position(|&u| u != 0.0).unwrap_or(w);
+        // Dropping columns rebuilds the buffers (a few copies per layer); a decode drops rows at
+        // most steps, so a few columns of padding stay until they are worth a rebuild.
+        if lead < Self::TRIM && 4 * lead < w {
+            self.mask = Some(mask);
+            for l in self.layers.iter_mut().flatten() {
+                l.k = l.k.index_select(&idx, 0)?;
+                l.v = l.v.index_select(&idx, 0)?;
+            }
+            return Ok(());
+        }
+        self.mask = Some(mask.narrow(1, lead, w - lead)?);
+        for slot in self.layers.iter_mut() {
+            let Some(l) = slot.as_ref() else { continue };
+            let (k, v) = l.filled()?;
+            let keep = |y: Tensor| -> candle_core::Result<Tensor> {
+                y.narrow(2, lead, l.len - lead)?
+                    .contiguous()?
+                    .index_select(&idx, 0)
+            };
+            *slot = Some(LayerKv::with_room(&keep(k)?, &keep(v)?)?);
+        }
+        Ok(())
+    }
 }
 
 /// One layer's cached keys and values: `[B, kv, capacity, hd]` buffers filled along dim 2 up to
@@ -1038,6 +1163,26 @@ struct LayerKv {
 }
 
 impl LayerKv {
+    /// Free positions a rebuilt buffer starts with, so the next steps append in place.
+    const ROOM: usize = 32;
+
+    /// A buffer holding `k, v [B, kv, len, hd]` with [`Self::ROOM`] free positions after them.
+    fn with_room(k: &Tensor, v: &Tensor) -> candle_core::Result<Self> {
+        Ok(Self {
+            len: k.dim(2)?,
+            k: k.pad_with_zeros(2, 0, Self::ROOM)?,
+            v: v.pad_with_zeros(2, 0, Self::ROOM)?,
+        })
+    }
+
+    /// The positions written so far: views of `[B, kv, len, hd]`.
+    fn filled(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((
+            self.k.narrow(2, 0, self.len)?,
+            self.v.narrow(2, 0, self.len)?,
+        ))
+    }
+
     /// Appends `k, v [B, kv, t, hd]` to `slot` (growing it by doubling when full) and returns
     /// every position so far.
     fn append(

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use self::image_processor::ImagePatches;
 use self::vision::{VisionConfig, VisionTower};
+use super::generate::Prefill;
 use super::llama::{Llama, LlamaConfig, RopeParameters, RopeTables};
 use crate::checkpoint;
 pub use crate::checkpoint::ModelError;
@@ -548,11 +549,23 @@ impl Qwen2_5Vl {
         max_new_tokens: usize,
         dev: &Device,
     ) -> Result<Vec<Vec<u32>>, ModelError> {
-        let b = prompts.len();
-        let out = vec![Vec::new(); b];
-        if b == 0 || max_new_tokens == 0 {
-            return Ok(out);
+        if prompts.is_empty() || max_new_tokens == 0 {
+            return Ok(vec![Vec::new(); prompts.len()]);
         }
+        let prefill = self.prefill(prompts, images, pad, dev)?;
+        crate::model::generate::decode_all(&self.language_model, prefill, eos, max_new_tokens)
+    }
+
+    /// The prompt pass of [`Self::greedy`]: left-padded prompts with multimodal positions, the
+    /// cache then set to continue each row `rope_delta` past its token count.
+    pub fn prefill(
+        &self,
+        prompts: &[Vec<u32>],
+        images: &[Vec<&ImagePatches>],
+        pad: u32,
+        dev: &Device,
+    ) -> Result<Prefill, ModelError> {
+        let b = prompts.len();
         let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(b);
         let mut mask = Vec::with_capacity(b);
@@ -584,6 +597,6 @@ impl Qwen2_5Vl {
         let logits =
             lm.forward_cached_last_with_rope(&x.embeds, &x.mask, &mut cache, Some(&x.rope))?;
         cache.set_position_offsets(deltas)?;
-        crate::model::generate::decode_from(lm, &mut cache, logits, eos, pad, max_new_tokens, out)
+        Prefill::new(cache, &logits)
     }
 }
