@@ -39,7 +39,7 @@ pub enum ModelError {
     },
     #[error("{}: tokenizer: {message}", path.display())]
     Tokenizer { path: PathBuf, message: String },
-    #[error("CLIP input `{field}`: {message}")]
+    #[error("model input `{field}`: {message}")]
     Input {
         field: &'static str,
         message: String,
