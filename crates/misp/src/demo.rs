@@ -1004,15 +1004,23 @@ fn negative_diversity(pool: &PoolEmbeddings, neg_file: &Path) -> Option<f64> {
     mean_pairwise_distance(&groups)
 }
 
+/// The world's scene graphs by image path relative to the world (`images/test/00042.png`, as
+/// negatives files and CHAIR's captions name images); lines that do not parse are left out.
+pub fn scenes_by_image(world: &Path) -> Option<HashMap<String, Scene>> {
+    Some(
+        std::fs::read_to_string(world.join("scenes.jsonl"))
+            .ok()?
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Scene>(l).ok())
+            .map(|s| (s.image.clone(), s))
+            .collect(),
+    )
+}
+
 /// Negative validity: the share of a strategy's selected negatives on which the chosen answer
 /// is in fact wrong (a claim of it fails on the negative's scene graph).
 fn negative_validity(world: &Path, neg_file: &Path) -> Option<(f64, usize)> {
-    let scenes: HashMap<String, Scene> = std::fs::read_to_string(world.join("scenes.jsonl"))
-        .ok()?
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Scene>(l).ok())
-        .map(|s| (s.image.clone(), s))
-        .collect();
+    let scenes = scenes_by_image(world)?;
     let claims: HashMap<String, Vec<Claim>> = std::fs::read_to_string(world.join("records.jsonl"))
         .ok()?
         .lines()

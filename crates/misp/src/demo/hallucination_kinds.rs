@@ -16,19 +16,15 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::world::scene::{Prior, Scene, Shape};
+use crate::world::scene::{Prior, Shape};
 
 /// The shapes of each scene, by its image path relative to the world (`images/test/00042.png`,
 /// as CHAIR's `captions.jsonl` names images).
 pub fn scene_shapes(world: &Path) -> Option<HashMap<String, Vec<Shape>>> {
-    let text = std::fs::read_to_string(world.join("scenes.jsonl")).ok()?;
     Some(
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<Scene>(l).ok())
-            .map(|s| {
-                let shapes = s.shapes();
-                (s.image, shapes)
-            })
+        super::scenes_by_image(world)?
+            .into_iter()
+            .map(|(image, scene)| (image, scene.shapes()))
             .collect(),
     )
 }
